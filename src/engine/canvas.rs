@@ -1,0 +1,308 @@
+//! The reply canvas: a fixed-length row of tokens that starts all-[MASK] and is unmasked step by
+//! step, block by block, until every position before the first end token holds a token.
+//!
+//! The canvas owns the sampling (greedy or seeded temperature sampling over one position's
+//! logits) and the bookkeeping of the fixed schedule; which positions to unmask is decided by
+//! [`policy`](super::policy). Engines only supply logits for [`Canvas::active_positions`].
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::policy::{self, Candidate, Schedule, Selection};
+use super::DecodeOptions;
+
+/// A reply being denoised.
+pub struct Canvas {
+    tokens: Vec<i32>,
+    mask: i32,
+    end_tokens: Vec<i32>,
+    block_length: usize,
+    steps_per_block: usize,
+    schedule: Schedule,
+    selection: Selection,
+    temperature: f32,
+    rng: StdRng,
+    /// Block the fixed schedule is counting steps for, and how many it has used there.
+    block: usize,
+    steps_in_block: usize,
+    steps: usize,
+}
+
+impl Canvas {
+    /// A fully masked canvas of `options.max_tokens` positions. `end_tokens` end the reply
+    /// (end-of-text and end-of-turn); `mask` is the model's mask token.
+    pub fn new(options: &DecodeOptions, mask: i32, end_tokens: Vec<i32>) -> Self {
+        let blocks = options.max_tokens.div_ceil(options.block_length);
+        Self {
+            tokens: vec![mask; options.max_tokens],
+            mask,
+            end_tokens,
+            block_length: options.block_length,
+            steps_per_block: (options.steps / blocks).max(1),
+            schedule: options.schedule,
+            selection: options.selection,
+            temperature: options.temperature,
+            rng: StdRng::seed_from_u64(options.seed),
+            block: 0,
+            steps_in_block: 0,
+            steps: 0,
+        }
+    }
+
+    /// All canvas tokens, masked positions holding the mask token.
+    pub fn tokens(&self) -> &[i32] {
+        &self.tokens
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Length of the reply: the position of the first unmasked end token, or the canvas length.
+    pub fn reply_len(&self) -> usize {
+        self.tokens
+            .iter()
+            .position(|t| *t != self.mask && self.end_tokens.contains(t))
+            .unwrap_or(self.tokens.len())
+    }
+
+    /// Masked positions inside the reply. Never increases: tokens are never re-masked and the
+    /// reply only gets shorter when an earlier end token appears.
+    pub fn masked(&self) -> usize {
+        self.tokens[..self.reply_len()]
+            .iter()
+            .filter(|t| **t == self.mask)
+            .count()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.masked() == 0
+    }
+
+    /// The masked positions of the current block (the first block with a masked position inside
+    /// the reply): the positions whose logits the next step needs.
+    pub fn active_positions(&self) -> Vec<usize> {
+        let len = self.reply_len();
+        let Some(first) = self.tokens[..len].iter().position(|t| *t == self.mask) else {
+            return Vec::new();
+        };
+        let block = first / self.block_length;
+        let end = ((block + 1) * self.block_length).min(len);
+        (first..end).filter(|p| self.tokens[*p] == self.mask).collect()
+    }
+
+    /// Runs one denoising step given the logits of each active position (same order as
+    /// [`Self::active_positions`]). Returns how many positions were unmasked.
+    pub fn step(&mut self, active: &[usize], logits: &[&[f32]]) -> usize {
+        debug_assert_eq!(active.len(), logits.len());
+        if active.is_empty() {
+            return 0;
+        }
+        let block = active[0] / self.block_length;
+        if block != self.block {
+            self.block = block;
+            self.steps_in_block = 0;
+        }
+        let candidates: Vec<Candidate> = active
+            .iter()
+            .zip(logits)
+            .map(|(&position, row)| self.sample(position, row))
+            .collect();
+        let quota = policy::fixed_quota(active.len(), self.steps_per_block.saturating_sub(self.steps_in_block));
+        let chosen = policy::choose(self.schedule, self.selection, candidates, quota);
+        for c in &chosen {
+            self.tokens[c.position] = c.token;
+        }
+        self.steps_in_block += 1;
+        self.steps += 1;
+        chosen.len()
+    }
+
+    /// Samples a token for one position. The mask token is never proposed.
+    fn sample(&mut self, position: usize, logits: &[f32]) -> Candidate {
+        let temperature = if self.temperature > 0.0 { self.temperature } else { 1.0 };
+        let mask = self.mask as usize;
+        let max = logits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != mask)
+            .map(|(_, l)| *l)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == mask {
+                    0.0
+                } else {
+                    ((l - max) / temperature).exp()
+                }
+            })
+            .collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+
+        let token = if self.temperature > 0.0 {
+            let mut r: f32 = self.rng.random();
+            probs
+                .iter()
+                .position(|p| {
+                    r -= p;
+                    r < 0.0
+                })
+                .unwrap_or_else(|| argmax(&probs))
+        } else {
+            argmax(&probs)
+        };
+        let prob = probs[token];
+        let runner_up = probs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != token)
+            .map(|(_, p)| *p)
+            .fold(0.0, f32::max);
+        let entropy = -probs.iter().filter(|p| **p > 0.0).map(|p| p * p.ln()).sum::<f32>();
+        Candidate {
+            position,
+            token: token as i32,
+            prob,
+            runner_up,
+            entropy,
+        }
+    }
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// Renders the reply part of `tokens` (up to `reply_len`) as text: runs of unmasked tokens are
+/// decoded from their bytes, each masked position shows `placeholder`.
+pub fn render(tokens: &[i32], reply_len: usize, mask: i32, pieces: &[Vec<u8>], placeholder: &str) -> String {
+    let mut text = String::new();
+    let mut run: Vec<u8> = Vec::new();
+    for &t in &tokens[..reply_len] {
+        if t == mask {
+            text.push_str(&String::from_utf8_lossy(&run));
+            run.clear();
+            text.push_str(placeholder);
+        } else if let Some(piece) = pieces.get(t as usize) {
+            run.extend_from_slice(piece);
+        }
+    }
+    text.push_str(&String::from_utf8_lossy(&run));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MASK: i32 = 9;
+    const END: i32 = 8;
+
+    fn options(max_tokens: usize, steps: usize, block_length: usize, schedule: Schedule) -> DecodeOptions {
+        DecodeOptions {
+            max_tokens,
+            steps,
+            block_length,
+            schedule,
+            selection: Selection::Confidence,
+            temperature: 0.0,
+            seed: 1,
+        }
+    }
+
+    /// Logits that strongly prefer `token`.
+    fn peaked(token: usize, strength: f32) -> Vec<f32> {
+        let mut l = vec![0.0; 10];
+        l[token] = strength;
+        l
+    }
+
+    fn run_step(c: &mut Canvas, f: impl Fn(usize) -> Vec<f32>) -> usize {
+        let active = c.active_positions();
+        let rows: Vec<Vec<f32>> = active.iter().map(|p| f(*p)).collect();
+        let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+        c.step(&active, &refs)
+    }
+
+    #[test]
+    fn fixed_schedule_walks_blocks_left_to_right() {
+        let mut c = Canvas::new(&options(8, 8, 4, Schedule::Fixed), MASK, vec![END]);
+        assert_eq!(c.active_positions(), vec![0, 1, 2, 3]);
+        // Later positions are more confident, but only the first block is active.
+        for _ in 0..4 {
+            assert_eq!(run_step(&mut c, |p| peaked(p % 8, 1.0 + p as f32)), 1);
+        }
+        assert_eq!(c.active_positions(), vec![4, 5, 6, 7]);
+        assert_eq!(c.masked(), 4);
+    }
+
+    #[test]
+    fn fewer_steps_unmask_more_per_step() {
+        let mut c = Canvas::new(&options(8, 2, 4, Schedule::Fixed), MASK, vec![END]);
+        assert_eq!(run_step(&mut c, |p| peaked(p % 8, 5.0)), 4);
+        assert_eq!(run_step(&mut c, |p| peaked(p % 8, 5.0)), 4);
+        assert!(c.is_complete());
+        assert_eq!(c.steps(), 2);
+    }
+
+    #[test]
+    fn end_token_cuts_the_reply_and_masked_never_grows() {
+        let mut c = Canvas::new(&options(8, 8, 8, Schedule::Threshold { tau: 0.9 }), MASK, vec![END]);
+        let mut last = c.masked();
+        // Position 3 confidently predicts the end token, everything else is unsure.
+        while !c.is_complete() {
+            run_step(&mut c, |p| {
+                if p == 3 {
+                    peaked(END as usize, 20.0)
+                } else {
+                    peaked(p, 0.5)
+                }
+            });
+            assert!(c.masked() <= last);
+            last = c.masked();
+        }
+        assert_eq!(c.reply_len(), 3);
+    }
+
+    #[test]
+    fn mask_token_is_never_sampled() {
+        let mut c = Canvas::new(&options(2, 2, 2, Schedule::Fixed), MASK, vec![END]);
+        run_step(&mut c, |_| peaked(MASK as usize, 50.0));
+        assert!(c.tokens().iter().filter(|t| **t != MASK).all(|t| *t != MASK));
+        assert_eq!(c.masked(), 1);
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        let sample_all = |seed| {
+            let mut o = options(6, 6, 6, Schedule::Fixed);
+            o.temperature = 1.0;
+            o.seed = seed;
+            let mut c = Canvas::new(&o, MASK, vec![]);
+            while !c.is_complete() {
+                run_step(&mut c, |_| vec![0.0; 9]);
+            }
+            c.tokens().to_vec()
+        };
+        assert_eq!(sample_all(7), sample_all(7));
+        assert_ne!(sample_all(7), sample_all(8));
+    }
+
+    #[test]
+    fn render_shows_placeholders_and_joins_bytes() {
+        // "é" split over two tokens still renders once both are unmasked.
+        let pieces = vec![b"h".to_vec(), b"i".to_vec(), vec![0xC3], vec![0xA9]];
+        assert_eq!(render(&[0, 1, 2, 3], 4, MASK, &pieces, "_"), "hié");
+        assert_eq!(render(&[0, MASK, 1, MASK], 4, MASK, &pieces, "_"), "h_i_");
+        assert_eq!(render(&[0, 1, 2, 3], 2, MASK, &pieces, "_"), "hi");
+    }
+}

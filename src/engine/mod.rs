@@ -1,0 +1,167 @@
+//! The diffusion engine behind a trait: the service hands it a conversation and decode options
+//! and gets back a stream of whole-reply revisions.
+//!
+//! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels to
+//! that thread on a channel; each reply gets its own event channel back. Dropping the
+//! [`ReplyStream`] or cancelling its token stops the reply at the next step.
+//!
+//! - [`policy`]: which positions to unmask each step (fixed, threshold, factor).
+//! - [`canvas`]: the reply canvas, sampling and rendering, shared by all engines.
+//! - [`reference`]: llama.cpp's own diffusion path, recomputing `[prompt + canvas]` every step.
+//! - [`prompt`]: chat-template rendering and history truncation to the context window.
+
+pub mod canvas;
+pub mod policy;
+pub mod prompt;
+pub mod reference;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use policy::{Schedule, Selection};
+
+/// One message of the conversation as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+/// Validated decode options for one reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOptions {
+    /// Canvas length: the most tokens the reply can have.
+    pub max_tokens: usize,
+    /// Total denoising steps budget of the fixed schedule (spread over the blocks).
+    pub steps: usize,
+    /// Positions per block; blocks are decoded left to right.
+    pub block_length: usize,
+    pub schedule: Schedule,
+    pub selection: Selection,
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+/// A reply to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// System prompt, kept when history is truncated.
+    pub system: String,
+    /// The conversation, oldest first, ending with the user's new message.
+    pub turns: Vec<ChatTurn>,
+    pub options: DecodeOptions,
+}
+
+/// What an engine reports about a reply, in order: `Started`, `Revision`s, then `Finished` or
+/// `Failed`.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    Started {
+        prompt_tokens: usize,
+        /// Oldest turns left out to fit the context window.
+        dropped_turns: usize,
+        queue_wait: Duration,
+    },
+    Revision(Revision),
+    Finished(Completion),
+    Failed(EngineError),
+}
+
+/// The whole reply after one denoising step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revision {
+    pub step: usize,
+    /// The reply so far, masked positions shown as the placeholder.
+    pub text: String,
+    /// Masked positions left in the reply.
+    pub masked: usize,
+    /// Positions unmasked by this step.
+    pub unmasked: usize,
+}
+
+/// Why a reply stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Completed,
+    Cancelled,
+}
+
+/// A finished (or cancelled) reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub reason: StopReason,
+    /// The final text; for a cancelled reply, the unmasked tokens so far.
+    pub text: String,
+    pub completion_tokens: usize,
+    pub steps: usize,
+}
+
+/// Errors from engines.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model file {path:?} could not be loaded: {reason}")]
+    Load { path: String, reason: String },
+    #[error("the model is not a diffusion model (architecture {0:?}); use a LLaDA or Dream GGUF")]
+    NotDiffusion(String),
+    #[error("the model has no mask token (tokenizer.ggml.mask_token_id)")]
+    NoMaskToken,
+    #[error("the prompt needs {needed} tokens with the reply but the context holds {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("{waiting} replies are already waiting; try again later")]
+    Overloaded { waiting: usize },
+    #[error("the chat template could not be applied: {0}")]
+    Template(String),
+    #[error("llama.cpp failed to decode: {0}")]
+    Decode(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// The receiving end of one reply.
+pub struct ReplyStream {
+    pub events: mpsc::UnboundedReceiver<EngineEvent>,
+    /// Cancels the reply; the engine answers with `Finished` and [`StopReason::Cancelled`].
+    pub cancel: CancellationToken,
+}
+
+/// Facts about the loaded model.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    /// Which engine implementation runs.
+    pub engine: &'static str,
+    pub model_path: String,
+    pub architecture: String,
+    /// Tokens of context each reply may use (prompt + canvas).
+    pub context_length: usize,
+}
+
+/// A diffusion engine.
+pub trait Engine: Send + Sync {
+    /// Queues a reply. Fails fast with [`EngineError::Overloaded`] when the wait queue is full.
+    fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError>;
+    fn info(&self) -> &EngineInfo;
+}
+
+/// Starts the engine `config.model` selects, loading the model on its own thread. Blocks until
+/// the model is loaded: call it from a blocking context.
+pub fn start(
+    config: &crate::config::Config,
+    model_path: std::path::PathBuf,
+) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
+    match config.model.engine {
+        crate::config::EngineKind::Reference => {
+            let engine = reference::ReferenceEngine::start(reference::ReferenceConfig {
+                model_path,
+                threads: config.model.threads,
+                context_length: config.model.context_length,
+                max_running: config.limits.max_running_replies,
+                max_waiting: config.limits.max_waiting_replies,
+                mask_placeholder: config.prompt.mask_placeholder.clone(),
+            })?;
+            Ok(std::sync::Arc::new(engine))
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The `dllm-chat` binary: `serve` runs the chat service, `generate` runs one reply from the
+//! command line and prints every revision.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dllm_chat::config::{Config, EngineKind};
+use dllm_chat::engine::{self, ChatTurn, EngineEvent, GenerateRequest};
+use dllm_chat::protocol::MessageOptions;
+use serde_json::{json, Map, Value};
+
+#[derive(Parser)]
+#[command(version, about = "Real-time chat service for diffusion language models")]
+struct Cli {
+    /// Configuration file (TOML); the built-in defaults apply to anything it leaves out.
+    #[arg(long, global = true, env = "DLLM_CONFIG")]
+    config: Option<PathBuf>,
+    /// GGUF model path, or `builtin:fixture`.
+    #[arg(long, global = true)]
+    model: Option<String>,
+    /// Engine implementation.
+    #[arg(long, global = true, value_enum)]
+    engine: Option<EngineKind>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the WebSocket chat endpoint and the HTTP endpoints.
+    Serve {
+        /// Address to listen on.
+        #[arg(long)]
+        bind: Option<String>,
+        /// Session store: `memory` or a `redis://` URL.
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Generate one reply and print each revision and a timing line.
+    Generate {
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        block_length: Option<usize>,
+        #[arg(long)]
+        threshold: Option<f32>,
+        #[arg(long)]
+        temperature: Option<f32>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama_cpp_2=warn,llama-cpp-2=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut patch = Map::new();
+    let mut section = |name: &str, key: &str, value: Value| {
+        let entry = patch.entry(name).or_insert_with(|| json!({}));
+        entry[key] = value;
+    };
+    if let Some(m) = &cli.model {
+        section("model", "path", json!(m));
+    }
+    if let Some(e) = cli.engine {
+        section("model", "engine", serde_json::to_value(e)?);
+    }
+    if let Command::Serve { bind, store } = &cli.command {
+        if let Some(b) = bind {
+            section("server", "bind", json!(b));
+        }
+        if let Some(s) = store {
+            section("store", "url", json!(s));
+        }
+    }
+    let config = Config::load(cli.config.as_deref())?.merged(Value::Object(patch))?;
+    config.validate()?;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Serve { .. } => runtime.block_on(serve(config)),
+        Command::Generate {
+            prompt,
+            max_tokens,
+            steps,
+            block_length,
+            threshold,
+            temperature,
+            seed,
+        } => {
+            let options = MessageOptions {
+                max_tokens,
+                steps,
+                block_length,
+                threshold,
+                temperature,
+                seed,
+                ..Default::default()
+            };
+            runtime.block_on(generate(config, prompt, options))
+        }
+    }
+}
+
+async fn start_engine(config: &Config) -> anyhow::Result<std::sync::Arc<dyn engine::Engine>> {
+    let model_path = dllm_chat::models::resolve(&config.model.path)?;
+    tracing::info!(model = %model_path.display(), "loading model");
+    let config = config.clone();
+    let started = Instant::now();
+    let engine = tokio::task::spawn_blocking(move || engine::start(&config, model_path)).await??;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "model loaded");
+    Ok(engine)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let system_prompt = config.system_prompt()?;
+    let engine = start_engine(&config).await?;
+    let store = dllm_chat::sessions::open(&config.store)
+        .await
+        .with_context(|| format!("opening the session store {}", config.store.url))?;
+    let listener = tokio::net::TcpListener::bind(config.server.bind)
+        .await
+        .with_context(|| format!("binding {}", config.server.bind))?;
+    let services = dllm_chat::Services {
+        config,
+        store,
+        engine,
+        system_prompt,
+    };
+    dllm_chat::run(listener, services, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}
+
+async fn generate(config: Config, prompt: String, options: MessageOptions) -> anyhow::Result<()> {
+    let options = options
+        .resolve(&config.decode, &config.limits)
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let engine = start_engine(&config).await?;
+    let request = GenerateRequest {
+        system: config.system_prompt()?,
+        turns: vec![ChatTurn {
+            role: "user".into(),
+            content: prompt,
+        }],
+        options,
+    };
+    let started = Instant::now();
+    let mut stream = engine.submit(request)?;
+    let mut first = None;
+    while let Some(event) = stream.events.recv().await {
+        match event {
+            EngineEvent::Started { prompt_tokens, .. } => println!("prompt: {prompt_tokens} tokens"),
+            EngineEvent::Revision(r) => {
+                first.get_or_insert_with(|| started.elapsed());
+                println!("[step {:>3} masked {:>3}] {}", r.step, r.masked, r.text);
+            }
+            EngineEvent::Finished(c) => {
+                let total = started.elapsed();
+                println!("\n{}", c.text);
+                println!(
+                    "timing: first revision {:.1} ms, total {:.1} ms, {} steps, {} tokens, {:.1} tokens/s",
+                    first.unwrap_or_default().as_secs_f64() * 1e3,
+                    total.as_secs_f64() * 1e3,
+                    c.steps,
+                    c.completion_tokens,
+                    c.completion_tokens as f64 / total.as_secs_f64()
+                );
+                return Ok(());
+            }
+            EngineEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("the engine stopped before the reply finished")
+}

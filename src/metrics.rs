@@ -1,0 +1,110 @@
+//! Prometheus metrics: names, buckets and the recorder.
+//!
+//! Names follow what people already chart for LLM servers (time to first token, end-to-end
+//! latency, queue time, running/waiting requests) with "revision" in place of "token", since a
+//! diffusion reply is streamed as whole revisions. Histograms get explicit buckets so Prometheus
+//! can aggregate them across replicas. Every failure counts once in `dllm_errors_total{code}`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const TIME_TO_FIRST_REVISION: &str = "dllm_time_to_first_revision_seconds";
+pub const REPLY_LATENCY: &str = "dllm_reply_latency_seconds";
+pub const QUEUE_TIME: &str = "dllm_queue_time_seconds";
+pub const STEPS_PER_REPLY: &str = "dllm_steps_per_reply";
+pub const TOKENS_PER_STEP: &str = "dllm_tokens_per_step";
+pub const REPLY_TOKENS_PER_SECOND: &str = "dllm_reply_tokens_per_second";
+pub const ACTIVE_CONNECTIONS: &str = "dllm_active_connections";
+pub const REPLIES_RUNNING: &str = "dllm_replies_running";
+pub const REPLIES_WAITING: &str = "dllm_replies_waiting";
+pub const REPLIES_TOTAL: &str = "dllm_replies_total";
+pub const ERRORS_TOTAL: &str = "dllm_errors_total";
+pub const REVISIONS_SKIPPED: &str = "dllm_revisions_skipped_total";
+
+const SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const RATES: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+/// Installs the process-wide recorder once and returns the handle `/metrics` renders.
+/// Several servers in one process (tests) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = [
+                (TIME_TO_FIRST_REVISION, SECONDS),
+                (REPLY_LATENCY, SECONDS),
+                (QUEUE_TIME, SECONDS),
+                (STEPS_PER_REPLY, COUNTS),
+                (TOKENS_PER_STEP, COUNTS),
+                (REPLY_TOKENS_PER_SECOND, RATES),
+            ]
+            .into_iter()
+            .fold(PrometheusBuilder::new(), |b, (name, buckets)| {
+                b.set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                    .expect("buckets are non-empty")
+            });
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application); then our
+            // handle renders only what it records itself, which is still correct.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn error(code: &'static str) {
+    counter!(ERRORS_TOTAL, "code" => code).increment(1);
+}
+
+pub fn connection_opened() {
+    gauge!(ACTIVE_CONNECTIONS).increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!(ACTIVE_CONNECTIONS).decrement(1.0);
+}
+
+/// Engine gauges; `None` leaves a figure unchanged.
+pub fn engine_load(running: Option<usize>, waiting: Option<usize>) {
+    if let Some(r) = running {
+        gauge!(REPLIES_RUNNING).set(r as f64);
+    }
+    if let Some(w) = waiting {
+        gauge!(REPLIES_WAITING).set(w as f64);
+    }
+}
+
+pub fn queue_time(wait: Duration) {
+    histogram!(QUEUE_TIME).record(wait.as_secs_f64());
+}
+
+pub fn first_revision(latency: Duration) {
+    histogram!(TIME_TO_FIRST_REVISION).record(latency.as_secs_f64());
+}
+
+pub fn step(tokens_unmasked: usize) {
+    histogram!(TOKENS_PER_STEP).record(tokens_unmasked as f64);
+}
+
+pub fn revision_skipped() {
+    counter!(REVISIONS_SKIPPED).increment(1);
+}
+
+/// A reply ended with `status` (completed, cancelled, failed).
+pub fn reply_done(status: &'static str, total: Duration, steps: usize, tokens: usize) {
+    counter!(REPLIES_TOTAL, "status" => status).increment(1);
+    if status == "completed" {
+        histogram!(REPLY_LATENCY).record(total.as_secs_f64());
+        histogram!(STEPS_PER_REPLY).record(steps as f64);
+        if total > Duration::ZERO {
+            histogram!(REPLY_TOKENS_PER_SECOND).record(tokens as f64 / total.as_secs_f64());
+        }
+    }
+}

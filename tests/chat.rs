@@ -1,0 +1,266 @@
+//! End to end over a real WebSocket: a session, a reply streamed as whole revisions, history
+//! that survives a reconnect, cancel, idempotent resends, Redis persistence, HTTP endpoints and
+//! graceful shutdown.
+
+mod common;
+
+use common::{http_get, revisions, test_config, TestServer};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Checks the invariants every reply must hold and returns the final text.
+fn check_reply(events: &[serde_json::Value], placeholder: &str) -> String {
+    let revs = revisions(events);
+    assert!(revs.len() >= 2, "at least two revisions: {events:?}");
+    let masked: Vec<u64> = revs.iter().map(|r| r["masked"].as_u64().unwrap()).collect();
+    assert!(
+        masked.windows(2).all(|w| w[1] <= w[0]),
+        "masked never increases: {masked:?}"
+    );
+    assert_eq!(*masked.last().unwrap(), 0, "masked reaches 0");
+    assert!(masked[0] > 0, "the first revision still has masks");
+    // Every revision is the whole reply: the first one shows placeholders for what is masked.
+    assert!(revs[0]["text"].as_str().unwrap().contains(placeholder));
+    let numbers: Vec<u64> = revs.iter().map(|r| r["revision"].as_u64().unwrap()).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] > w[0]),
+        "revision numbers increase: {numbers:?}"
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.done");
+    assert_eq!(done["status"], "completed", "{done}");
+    let last = revs.last().unwrap()["text"].as_str().unwrap();
+    let text = done["text"].as_str().unwrap();
+    assert_eq!(
+        text,
+        last.replace(placeholder, ""),
+        "final text equals the last revision"
+    );
+    assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(done["timings"]["steps"].as_u64().unwrap() as usize, revs.len());
+    assert!(done["timings"]["total_ms"].as_f64().unwrap() >= done["timings"]["first_revision_ms"].as_f64().unwrap());
+    text.to_owned()
+}
+
+#[tokio::test]
+async fn reply_streams_revisions_and_history_survives_reconnect() {
+    let server = TestServer::start(test_config()).await;
+    let placeholder = server.config.prompt.mask_placeholder.clone();
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+
+    let events = client
+        .exchange(&session, "Where is my order NW-12345?", json!({"steps": 16}))
+        .await;
+    assert_eq!(events[0]["type"], "message.accepted");
+    assert_eq!(events[1]["type"], "response.created");
+    let text = check_reply(&events, &placeholder);
+    drop(client);
+
+    let mut again = server.connect().await;
+    again
+        .send(json!({"type": "session.resume", "session_id": session, "event_id": "r1"}))
+        .await;
+    let resumed = again.recv().await;
+    assert_eq!(resumed["type"], "session.resumed", "{resumed}");
+    assert_eq!(resumed["event_id"], "r1");
+    let messages = resumed["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[0]["content"], "Where is my order NW-12345?");
+    assert_eq!(messages[0]["id"], events[0]["message_id"]);
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["content"], text.as_str());
+    assert_eq!(messages[1]["status"], "completed");
+
+    // "Messages after my last seen id" for widgets that already hold part of the history.
+    let first_id = messages[0]["id"].as_str().unwrap();
+    again
+        .send(json!({"type": "session.resume", "session_id": session, "after": first_id}))
+        .await;
+    let tail = again.recv().await;
+    assert_eq!(tail["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(tail["messages"][0]["role"], "assistant");
+
+    // The same connection goes on with a second turn.
+    let events = again
+        .exchange(&session, "And can I still cancel it?", json!({"threshold": 0.5}))
+        .await;
+    check_reply(&events, &placeholder);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn threshold_policy_needs_fewer_steps_than_one_token_per_step() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    let fixed = client
+        .exchange(&session, "hello", json!({"steps": 16, "max_tokens": 16}))
+        .await;
+    let adaptive = client
+        .exchange(&session, "hello", json!({"threshold": 0.05, "max_tokens": 16}))
+        .await;
+    let steps = |events: &[serde_json::Value]| events.last().unwrap()["timings"]["steps"].as_u64().unwrap();
+    assert_eq!(fixed.last().unwrap()["status"], "completed");
+    assert_eq!(adaptive.last().unwrap()["status"], "completed");
+    assert!(
+        steps(&adaptive) < steps(&fixed),
+        "threshold {} vs fixed {}",
+        steps(&adaptive),
+        steps(&fixed)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_the_reply_and_marks_it() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    client
+        .send(
+            json!({"type": "message.create", "session_id": session, "content": "long please",
+                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
+        )
+        .await;
+    let created = client.until("response.created").await;
+    let response_id = created.last().unwrap()["response_id"].as_str().unwrap().to_owned();
+    client
+        .send(json!({"type": "response.cancel", "response_id": response_id}))
+        .await;
+    let events = client.until("response.done").await;
+    let done = events.last().unwrap();
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(done["timings"]["steps"].as_u64().unwrap() < 256);
+
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = client.recv().await;
+    assert_eq!(resumed["messages"][1]["status"], "cancelled");
+
+    // Cancelling again names the response as not running.
+    client
+        .send(json!({"type": "response.cancel", "response_id": response_id, "event_id": "c2"}))
+        .await;
+    let e = client.recv().await;
+    assert_eq!(e["error"]["code"], "response_not_found");
+    assert_eq!(e["error"]["event_id"], "c2");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resent_message_is_stored_once_and_answered_once() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    let msg = json!({"type": "message.create", "session_id": session, "content": "hi", "client_message_id": "m-1"});
+    client.send(msg.clone()).await;
+    let first = client.until("response.done").await;
+    client.send(msg).await;
+    let accepted = client.recv().await;
+    assert_eq!(accepted["type"], "message.accepted");
+    assert_eq!(accepted["duplicate"], true);
+    assert_eq!(accepted["message_id"], first[0]["message_id"]);
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = client.recv().await;
+    assert_eq!(
+        resumed["type"], "session.resumed",
+        "no second reply was generated: {resumed}"
+    );
+    assert_eq!(resumed["messages"].as_array().unwrap().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_the_conversation_for_another_replica() {
+    let mut config = test_config();
+    config.store.url = common::redis_url();
+    let server = TestServer::start(config.clone()).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    let events = client.exchange(&session, "hello from replica one", json!({})).await;
+    assert_eq!(events.last().unwrap()["status"], "completed");
+    server.stop().await;
+
+    // The messages are in Redis under the documented keys.
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}:{{{}}}:messages", config.store.key_prefix, session);
+    let raw: Vec<String> = redis::AsyncCommands::lrange(&mut conn, &key, 0, -1).await.unwrap();
+    assert_eq!(raw.len(), 2);
+    assert!(raw[0].contains("hello from replica one"));
+    let ttl: i64 = redis::AsyncCommands::ttl(&mut conn, &key).await.unwrap();
+    assert!(ttl > 0 && ttl <= config.store.session_ttl_secs as i64, "ttl {ttl}");
+
+    // A second server on the same Redis resumes the session.
+    let other = TestServer::start(config).await;
+    let mut client = other.connect().await;
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = client.recv().await;
+    assert_eq!(resumed["messages"].as_array().unwrap().len(), 2, "{resumed}");
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let server = TestServer::start(test_config()).await;
+    let (status, body) = http_get(&server.http_url("/health")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_get(&server.http_url("/ready")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ready\""), "{body}");
+
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    client.exchange(&session, "hi", json!({})).await;
+    client.send(json!({"type": "bogus"})).await;
+    client.recv().await;
+    let (status, text) = http_get(&server.http_url("/metrics")).await;
+    assert_eq!(status, 200);
+    for name in [
+        "dllm_time_to_first_revision_seconds_bucket",
+        "dllm_reply_latency_seconds_bucket",
+        "dllm_queue_time_seconds_bucket",
+        "dllm_steps_per_reply_bucket",
+        "dllm_tokens_per_step_bucket",
+        "dllm_reply_tokens_per_second_bucket",
+        "dllm_active_connections",
+        "dllm_replies_running",
+        "dllm_replies_waiting",
+        "dllm_errors_total{code=\"unknown_type\"}",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_replies_finish_and_sends_a_close_frame() {
+    let mut config = test_config();
+    config.server.shutdown_grace_ms = 20_000;
+    let mut server = TestServer::start(config).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    client
+        .send(json!({"type": "message.create", "session_id": session, "content": "hi", "options": {"max_tokens": 64, "steps": 64}}))
+        .await;
+    client.until("response.revision").await;
+    server.begin_stop();
+    let events = client.until("response.done").await;
+    assert_eq!(
+        events.last().unwrap()["status"],
+        "completed",
+        "the running reply finished within the grace period"
+    );
+    match client.next_frame().await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    server.stop().await;
+}

@@ -1,0 +1,205 @@
+//! Shared helpers for the black-box tests: a real server on 127.0.0.1:0 with the real reference
+//! engine on the fixture GGUF, a real WebSocket client, and a real Redis.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dllm_chat::config::Config;
+use dllm_chat::engine::{self, Engine};
+use dllm_chat::sessions::{self, SessionStore};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The random-weight fixture model, written once per machine.
+pub fn fixture_model() -> PathBuf {
+    dllm_chat::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).expect("fixture model")
+}
+
+/// The Redis the tests use: `DLLM_TEST_REDIS_URL`, else the default local port. `.ci/run` starts it.
+pub fn redis_url() -> String {
+    std::env::var("DLLM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A config for tests: memory store, small replies, a unique Redis key prefix.
+pub fn test_config() -> Config {
+    let mut c = Config::defaults();
+    c.server.bind = "127.0.0.1:0".parse().unwrap();
+    c.model.path = fixture_model().display().to_string();
+    c.model.context_length = 1024;
+    // One ggml thread per engine: tests run in parallel on small machines, and spinning worker
+    // threads of several engines would fight over the cores.
+    c.model.threads = 1;
+    c.decode.max_tokens = 16;
+    c.decode.steps = 16;
+    c.decode.block_length = 8;
+    c.store.key_prefix = format!("dllm-test-{}", uuid::Uuid::new_v4().simple());
+    c
+}
+
+pub async fn start_engine(config: &Config) -> Arc<dyn Engine> {
+    let config = config.clone();
+    let path = PathBuf::from(&config.model.path);
+    tokio::task::spawn_blocking(move || engine::start(&config, path))
+        .await
+        .unwrap()
+        .expect("engine starts")
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub store: Arc<dyn SessionStore>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        config.validate().expect("test config is valid");
+        let engine = start_engine(&config).await;
+        let store = sessions::open(&config.store).await.expect("store opens");
+        let listener = tokio::net::TcpListener::bind(config.server.bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let services = dllm_chat::Services {
+            config: config.clone(),
+            store: store.clone(),
+            engine,
+            system_prompt: config.system_prompt().unwrap(),
+        };
+        let task = tokio::spawn(async move {
+            dllm_chat::run(listener, services, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        Self {
+            addr,
+            config,
+            store,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&format!("ws://{}/v1/chat", self.addr)).await
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops in time")
+                .unwrap();
+        }
+    }
+
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A real WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Self { ws }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next JSON event (pings are skipped); panics on close or timeout.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("event in time");
+            match m {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of any kind, or `None` when the stream ended.
+    pub async fn next_frame(&mut self) -> Option<Message> {
+        tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("frame in time")
+            .and_then(|r| r.ok())
+    }
+
+    /// Events until one of type `kind` (inclusive).
+    pub async fn until(&mut self, kind: &str) -> Vec<Value> {
+        let mut events = vec![];
+        loop {
+            let e = self.recv().await;
+            let done = e["type"] == kind;
+            events.push(e);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    pub async fn create_session(&mut self) -> String {
+        self.send(json!({"type": "session.create"})).await;
+        let e = self.recv().await;
+        assert_eq!(e["type"], "session.created", "{e}");
+        e["session_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends a message and returns every event up to and including `response.done`.
+    pub async fn exchange(&mut self, session_id: &str, content: &str, options: Value) -> Vec<Value> {
+        self.send(json!({"type": "message.create", "session_id": session_id, "content": content, "options": options}))
+            .await;
+        self.until("response.done").await
+    }
+}
+
+/// The revisions and the done event of one exchange.
+pub fn revisions(events: &[Value]) -> Vec<&Value> {
+    events.iter().filter(|e| e["type"] == "response.revision").collect()
+}
+
+/// GET over loopback; returns (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    let r = tokio::time::timeout(WAIT, reqwest::get(url))
+        .await
+        .expect("response in time")
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}

@@ -1,0 +1,187 @@
+//! The reference engine on a real GGUF (the fixture) through llama.cpp: schedules, seeds,
+//! context limits, cancellation and the wait queue.
+
+mod common;
+
+use std::time::Duration;
+
+use dllm_chat::engine::{
+    ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest, Schedule, Selection, StopReason,
+};
+
+fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
+    GenerateRequest {
+        system: "You are a test.".into(),
+        turns: vec![ChatTurn {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        options,
+    }
+}
+
+fn options(max_tokens: usize, steps: usize, schedule: Schedule) -> DecodeOptions {
+    DecodeOptions {
+        max_tokens,
+        steps,
+        block_length: 8,
+        schedule,
+        selection: Selection::Confidence,
+        temperature: 0.0,
+        seed: 3,
+    }
+}
+
+/// Runs one reply to the end and returns (revisions, final event).
+async fn run(engine: &dyn Engine, req: GenerateRequest) -> (Vec<dllm_chat::engine::Revision>, EngineEvent) {
+    let mut stream = engine.submit(req).unwrap();
+    let mut revisions = vec![];
+    loop {
+        let event = tokio::time::timeout(common::WAIT, stream.events.recv())
+            .await
+            .unwrap()
+            .expect("event");
+        match event {
+            EngineEvent::Revision(r) => revisions.push(r),
+            EngineEvent::Started { .. } => {}
+            other => return (revisions, other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn fixed_schedule_takes_exactly_its_steps_unless_an_end_token_comes_first() {
+    let config = common::test_config();
+    let engine = common::start_engine(&config).await;
+    assert_eq!(engine.info().architecture, "llada");
+    let (revs, done) = run(engine.as_ref(), request("hello", options(16, 16, Schedule::Fixed))).await;
+    let EngineEvent::Finished(c) = done else {
+        panic!("{done:?}")
+    };
+    assert_eq!(c.reason, StopReason::Completed);
+    assert_eq!(c.steps, revs.len());
+    assert!(revs.iter().all(|r| r.unmasked == 1), "one token per step");
+    // 16 steps at most: fewer only if an end token cut the reply short.
+    assert!(revs.len() <= 16);
+    assert_eq!(revs.len() == 16, c.completion_tokens == 16);
+    let (revs, _) = run(engine.as_ref(), request("hello", options(16, 4, Schedule::Fixed))).await;
+    assert!(revs.len() <= 4, "4 steps unmask 4 positions each: {}", revs.len());
+}
+
+#[tokio::test]
+async fn same_seed_same_reply_and_temperature_changes_it() {
+    let config = common::test_config();
+    let engine = common::start_engine(&config).await;
+    let mut o = options(24, 24, Schedule::Threshold { tau: 0.9 });
+    o.temperature = 1.0;
+    let text = |event: EngineEvent| match event {
+        EngineEvent::Finished(c) => c.text,
+        other => panic!("{other:?}"),
+    };
+    let a = text(run(engine.as_ref(), request("hi", o.clone())).await.1);
+    let b = text(run(engine.as_ref(), request("hi", o.clone())).await.1);
+    assert_eq!(a, b, "same seed, same reply");
+    let mut texts = std::collections::HashSet::new();
+    for seed in 0..5 {
+        o.seed = seed;
+        texts.insert(text(run(engine.as_ref(), request("hi", o.clone())).await.1));
+    }
+    assert!(texts.len() > 1, "different seeds sample different replies");
+}
+
+#[tokio::test]
+async fn prompt_that_cannot_fit_is_context_overflow() {
+    let mut config = common::test_config();
+    config.model.context_length = 64;
+    let engine = common::start_engine(&config).await;
+    assert_eq!(engine.info().context_length, 64);
+    let (_, done) = run(
+        engine.as_ref(),
+        request(&"word ".repeat(100), options(16, 16, Schedule::Fixed)),
+    )
+    .await;
+    match done {
+        EngineEvent::Failed(EngineError::ContextOverflow { needed, limit }) => {
+            assert_eq!(limit, 48);
+            assert!(needed > 48);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cancel_and_dropped_receiver_stop_the_reply() {
+    let config = common::test_config();
+    let engine = common::start_engine(&config).await;
+    let mut stream = engine
+        .submit(request("hi", options(256, 256, Schedule::Fixed)))
+        .unwrap();
+    loop {
+        if let EngineEvent::Revision(_) = stream.events.recv().await.unwrap() {
+            break;
+        }
+    }
+    stream.cancel.cancel();
+    let finished = loop {
+        match tokio::time::timeout(common::WAIT, stream.events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            EngineEvent::Finished(c) => break c,
+            EngineEvent::Revision(_) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(finished.reason, StopReason::Cancelled);
+    assert!(finished.steps < 256);
+
+    // A dropped receiver frees the engine for the next reply.
+    drop(
+        engine
+            .submit(request("hi", options(256, 256, Schedule::Fixed)))
+            .unwrap(),
+    );
+    let (_, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+    assert!(matches!(done, EngineEvent::Finished(_)), "{done:?}");
+}
+
+#[tokio::test]
+async fn full_wait_queue_fails_fast_with_overloaded() {
+    let mut config = common::test_config();
+    config.limits.max_running_replies = 1;
+    config.limits.max_waiting_replies = 2;
+    let engine = common::start_engine(&config).await;
+    let mut accepted = vec![];
+    let mut overloaded = 0;
+    for _ in 0..10 {
+        match engine.submit(request("hi", options(256, 256, Schedule::Fixed))) {
+            Ok(s) => accepted.push(s),
+            Err(EngineError::Overloaded { .. }) => overloaded += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(overloaded >= 7 - 1, "overloaded {overloaded}");
+    assert!(accepted.len() <= 4, "accepted {}", accepted.len());
+    for s in &accepted {
+        s.cancel.cancel();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test]
+async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama.gguf");
+    let spec = ggml_ext::FixtureSpec {
+        architecture: ggml_ext::fixture::Architecture::Llama,
+        ..Default::default()
+    };
+    ggml_ext::write_llada_fixture(&path, &spec).unwrap();
+    let config = common::test_config();
+    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&config, path).err())
+        .await
+        .unwrap()
+        .expect("refused");
+    assert!(matches!(err, EngineError::NotDiffusion(ref a) if a == "llama"), "{err}");
+}
