@@ -1,0 +1,683 @@
+//! Dialog generation: turns a validated [`Domain`] into seeded, reproducible multi-turn dialogs, writes them as
+//! JSONL (`train.jsonl`, `heldout.jsonl`, plus `manifest.json`), reads them back, and renders them as ChatML.
+//! Train and held-out dialogs draw from disjoint pools (phrasings, order numbers, products), so an eval on the
+//! held-out split measures generalisation rather than recall.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{fill, Domain, Intent, Position, Product, SlotKind};
+
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+
+pub const TRAIN_FILE: &str = "train.jsonl";
+pub const HELDOUT_FILE: &str = "heldout.jsonl";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    #[error("corpus setting {field}: {problem}")]
+    Config { field: &'static str, problem: String },
+    #[error("{path:?}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path:?} line {line}: {source}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Heldout,
+}
+
+impl Split {
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Heldout => "heldout",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dialog {
+    pub id: String,
+    pub split: Split,
+    pub turns: Vec<Turn>,
+}
+
+/// One message. User turns carry the labels a later eval needs; assistant turns only the reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum Turn {
+    User {
+        content: String,
+        intent: String,
+        /// Strings the assistant's reply must contain.
+        facts: Vec<String>,
+        /// Slot values this turn uses, whether named in it or carried over from an earlier turn.
+        slots: BTreeMap<String, String>,
+    },
+    Assistant {
+        content: String,
+    },
+}
+
+impl Turn {
+    pub fn role(&self) -> &'static str {
+        match self {
+            Turn::User { .. } => "user",
+            Turn::Assistant { .. } => "assistant",
+        }
+    }
+
+    pub fn content(&self) -> &str {
+        match self {
+            Turn::User { content, .. } | Turn::Assistant { content } => content,
+        }
+    }
+}
+
+/// Knobs of the generator; [`CorpusConfig::validate`] checks them before any dialog is made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorpusConfig {
+    pub seed: u64,
+    /// Dialogs in both splits together.
+    pub dialogs: usize,
+    /// Share of `dialogs` that goes to the held-out split.
+    pub heldout_fraction: f64,
+    /// Each dialog has between 1 and this many user turns.
+    pub max_user_turns: usize,
+    /// Chance that a turn is a follow-up when one is possible.
+    pub follow_up_rate: f64,
+    /// Chance that a phrasing is typed casually (lowercase start, no final punctuation).
+    pub casual_rate: f64,
+}
+
+impl CorpusConfig {
+    fn validate(&self) -> Result<(), CorpusError> {
+        if self.max_user_turns == 0 {
+            return Err(CorpusError::Config {
+                field: "max_user_turns",
+                problem: "must be at least 1".into(),
+            });
+        }
+        for (field, value) in [
+            ("heldout_fraction", self.heldout_fraction),
+            ("follow_up_rate", self.follow_up_rate),
+            ("casual_rate", self.casual_rate),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(CorpusError::Config {
+                    field,
+                    problem: format!("{value} is not between 0 and 1"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many of `dialogs` are held out.
+    pub fn heldout_dialogs(&self) -> usize {
+        ((self.dialogs as f64) * self.heldout_fraction).round() as usize
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Corpus {
+    pub train: Vec<Dialog>,
+    pub heldout: Vec<Dialog>,
+}
+
+/// Generates both splits. The same domain and config always give the same dialogs.
+pub fn generate(domain: &Domain, config: &CorpusConfig) -> Result<Corpus, CorpusError> {
+    config.validate()?;
+    // Intents do not repeat within a dialog, and every turn can fall back to a standalone intent.
+    let standalone = domain
+        .intents
+        .iter()
+        .filter(|i| !i.is_contextual() && i.position == Position::Any)
+        .count();
+    if standalone < config.max_user_turns {
+        return Err(CorpusError::Config {
+            field: "max_user_turns",
+            problem: format!("the domain has only {standalone} standalone intents to fill a dialog"),
+        });
+    }
+    let heldout_count = config.heldout_dialogs();
+    // Each split gets its own stream, so the held-out dialogs do not shift when the train count changes.
+    let mut master = StdRng::seed_from_u64(config.seed);
+    let mut train_rng = StdRng::from_rng(&mut master);
+    let mut heldout_rng = StdRng::from_rng(&mut master);
+    let train_pool = Pool::new(domain, Split::Train);
+    let heldout_pool = Pool::new(domain, Split::Heldout);
+    Ok(Corpus {
+        train: (0..config.dialogs - heldout_count)
+            .map(|i| train_pool.dialog(i, config, &mut train_rng))
+            .collect(),
+        heldout: (0..heldout_count)
+            .map(|i| heldout_pool.dialog(i, config, &mut heldout_rng))
+            .collect(),
+    })
+}
+
+/// What one split may draw from.
+struct Pool<'a> {
+    domain: &'a Domain,
+    split: Split,
+    products: &'a [Product],
+    orders: RangeInclusive<u32>,
+}
+
+/// The thing an earlier turn named, which follow-ups refer back to.
+enum Referent<'a> {
+    Order(String),
+    Product(&'a Product),
+}
+
+impl Referent<'_> {
+    fn kind(&self) -> SlotKind {
+        match self {
+            Referent::Order(_) => SlotKind::Order,
+            Referent::Product(_) => SlotKind::Product,
+        }
+    }
+
+    fn slots(&self) -> BTreeMap<String, String> {
+        match self {
+            Referent::Order(number) => BTreeMap::from([("order".to_owned(), number.clone())]),
+            Referent::Product(product) => BTreeMap::from([
+                ("product".to_owned(), product.name.clone()),
+                ("warranty".to_owned(), product.warranty.clone()),
+            ]),
+        }
+    }
+}
+
+impl<'a> Pool<'a> {
+    fn new(domain: &'a Domain, split: Split) -> Self {
+        let (products, [lo, hi]) = match split {
+            Split::Train => (&domain.catalog.products, domain.orders.train_range),
+            Split::Heldout => (&domain.catalog.heldout_products, domain.orders.heldout_range),
+        };
+        Pool {
+            domain,
+            split,
+            products,
+            orders: lo..=hi,
+        }
+    }
+
+    fn phrasings(&self, intent: &'a Intent) -> &'a [String] {
+        match self.split {
+            Split::Train => &intent.phrasings,
+            Split::Heldout => &intent.heldout_phrasings,
+        }
+    }
+
+    fn referent(&self, kind: SlotKind, rng: &mut StdRng) -> Referent<'a> {
+        match kind {
+            SlotKind::Order => Referent::Order(self.domain.orders.format(rng.random_range(self.orders.clone()))),
+            SlotKind::Product => Referent::Product(self.products.choose(rng).expect("validated: products not empty")),
+        }
+    }
+
+    fn dialog(&self, index: usize, config: &CorpusConfig, rng: &mut StdRng) -> Dialog {
+        let user_turns = rng.random_range(1..=config.max_user_turns);
+        let mut turns = Vec::with_capacity(2 * user_turns);
+        let mut context: Option<Referent<'a>> = None;
+        let mut asked: Vec<&str> = Vec::with_capacity(user_turns);
+        for turn in 0..user_turns {
+            let intent = self.pick_intent(turn, user_turns, &asked, context.as_ref(), config, rng);
+            if let Some(kind) = intent.slot {
+                context = Some(self.referent(kind, rng));
+            }
+            // pick_intent offers a `needs` intent only when the context holds that kind.
+            let slots = match (intent.referent(), &context) {
+                (Some(_), Some(referent)) => referent.slots(),
+                _ => BTreeMap::new(),
+            };
+            let phrasing = self
+                .phrasings(intent)
+                .choose(rng)
+                .expect("validated: phrasings not empty");
+            let phrasing = if rng.random_bool(config.casual_rate) {
+                casual(phrasing)
+            } else {
+                phrasing.clone()
+            };
+            let answer = fill(&intent.answer, &slots);
+            turns.push(Turn::User {
+                content: fill(&phrasing, &slots),
+                intent: intent.name.clone(),
+                facts: intent.facts.iter().map(|fact| fill(fact, &slots)).collect(),
+                slots,
+            });
+            turns.push(Turn::Assistant { content: answer });
+            asked.push(&intent.name);
+        }
+        Dialog {
+            id: format!("{}-{index:06}", self.split.name()),
+            split: self.split,
+            turns,
+        }
+    }
+
+    /// Picks the intent of user turn `turn` (0-based) of `user_turns`, never one already `asked` in this dialog.
+    /// When a follow-up is possible it is taken with probability `follow_up_rate`; otherwise a standalone intent
+    /// is drawn uniformly.
+    fn pick_intent(
+        &self,
+        turn: usize,
+        user_turns: usize,
+        asked: &[&str],
+        context: Option<&Referent<'a>>,
+        config: &CorpusConfig,
+        rng: &mut StdRng,
+    ) -> &'a Intent {
+        let eligible = |intent: &&Intent| {
+            let placed = match intent.position {
+                Position::Any => true,
+                Position::First => turn == 0,
+                Position::Last => turn > 0 && turn + 1 == user_turns,
+            };
+            let fresh = !asked.contains(&intent.name.as_str());
+            let follows = intent.after.is_empty() || asked.last().is_some_and(|p| intent.after.iter().any(|a| a == p));
+            let has_context = intent
+                .needs
+                .is_none_or(|kind| context.is_some_and(|c| c.kind() == kind));
+            placed && fresh && follows && has_context
+        };
+        let (contextual, standalone): (Vec<&Intent>, Vec<&Intent>) = self
+            .domain
+            .intents
+            .iter()
+            .filter(eligible)
+            .partition(|intent| intent.is_contextual());
+        let pool = if !contextual.is_empty() && (standalone.is_empty() || rng.random_bool(config.follow_up_rate)) {
+            contextual
+        } else {
+            standalone
+        };
+        pool.choose(rng)
+            .expect("checked in generate: enough standalone intents")
+    }
+}
+
+/// A casually typed variant: lowercase first letter, no final punctuation. It normalizes like the original,
+/// so held-out checks still hold.
+fn casual(phrasing: &str) -> String {
+    let trimmed = phrasing.trim_end_matches(['?', '.', '!']);
+    let mut chars = trimmed.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Renders a dialog as ChatML, the format the service prompts the model with.
+pub fn render_chatml(system: &str, turns: &[Turn]) -> String {
+    let mut text = String::new();
+    let messages = std::iter::once(("system", system)).chain(turns.iter().map(|turn| (turn.role(), turn.content())));
+    for (role, content) in messages {
+        text.push_str(IM_START);
+        text.push_str(role);
+        text.push('\n');
+        text.push_str(content);
+        text.push_str(IM_END);
+        text.push('\n');
+    }
+    text
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitStats {
+    pub dialogs: usize,
+    pub user_turns: usize,
+    pub distinct_user_utterances: usize,
+    /// Dialog count by number of user turns (index 0 = one turn).
+    pub dialogs_by_user_turns: Vec<usize>,
+}
+
+impl SplitStats {
+    pub fn of(dialogs: &[Dialog], max_user_turns: usize) -> Self {
+        let mut by_turns = vec![0; max_user_turns];
+        let mut distinct = BTreeSet::new();
+        let mut user_turns = 0;
+        for dialog in dialogs {
+            let users: Vec<&Turn> = dialog.turns.iter().filter(|t| matches!(t, Turn::User { .. })).collect();
+            user_turns += users.len();
+            distinct.extend(users.iter().map(|t| t.content()));
+            if let Some(count) = users.len().checked_sub(1).and_then(|i| by_turns.get_mut(i)) {
+                *count += 1;
+            }
+        }
+        SplitStats {
+            dialogs: dialogs.len(),
+            user_turns,
+            distinct_user_utterances: distinct.len(),
+            dialogs_by_user_turns: by_turns,
+        }
+    }
+}
+
+/// Describes a written corpus; the tokenizer step reads the system prompt from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub domain: String,
+    pub config: CorpusConfig,
+    pub system_prompt: String,
+    pub train: SplitStats,
+    pub heldout: SplitStats,
+}
+
+/// Writes `train.jsonl`, `heldout.jsonl` and `manifest.json` into `dir`, creating it if needed.
+pub fn write_corpus(
+    dir: &Path,
+    domain_path: &str,
+    domain: &Domain,
+    config: &CorpusConfig,
+    corpus: &Corpus,
+) -> Result<Manifest, CorpusError> {
+    std::fs::create_dir_all(dir).map_err(|source| CorpusError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_jsonl(&dir.join(TRAIN_FILE), &corpus.train)?;
+    write_jsonl(&dir.join(HELDOUT_FILE), &corpus.heldout)?;
+    let manifest = Manifest {
+        domain: domain_path.to_owned(),
+        config: config.clone(),
+        system_prompt: domain.assistant.system_prompt.clone(),
+        train: SplitStats::of(&corpus.train, config.max_user_turns),
+        heldout: SplitStats::of(&corpus.heldout, config.max_user_turns),
+    };
+    let path = dir.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(&path, json + "\n").map_err(|source| CorpusError::Io { path, source })?;
+    Ok(manifest)
+}
+
+pub fn write_jsonl(path: &Path, dialogs: &[Dialog]) -> Result<(), CorpusError> {
+    let io_error = |source| CorpusError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut out = BufWriter::new(File::create(path).map_err(io_error)?);
+    for dialog in dialogs {
+        serde_json::to_writer(&mut out, dialog).expect("dialogs serialize");
+        out.write_all(b"\n").map_err(io_error)?;
+    }
+    out.flush().map_err(io_error)
+}
+
+pub fn read_jsonl(path: &Path) -> Result<Vec<Dialog>, CorpusError> {
+    let io_error = |source| CorpusError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let reader = BufReader::new(File::open(path).map_err(io_error)?);
+    let mut dialogs = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(io_error)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        dialogs.push(serde_json::from_str(&line).map_err(|source| CorpusError::Json {
+            path: path.to_owned(),
+            line: index + 1,
+            source,
+        })?);
+    }
+    Ok(dialogs)
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CorpusError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| CorpusError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| CorpusError::Json { path, line: 1, source })
+}
+
+#[cfg(test)]
+pub(crate) fn test_config(seed: u64, dialogs: usize) -> CorpusConfig {
+    CorpusConfig {
+        seed,
+        dialogs,
+        heldout_fraction: 0.25,
+        max_user_turns: 4,
+        follow_up_rate: 0.6,
+        casual_rate: 0.25,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{normalize, northwind};
+
+    fn jsonl(dialogs: &[Dialog]) -> String {
+        dialogs
+            .iter()
+            .map(|d| serde_json::to_string(d).unwrap() + "\n")
+            .collect()
+    }
+
+    fn user_turns(dialog: &Dialog) -> impl Iterator<Item = (&str, &str, &BTreeMap<String, String>)> {
+        dialog.turns.iter().filter_map(|turn| match turn {
+            Turn::User {
+                content, intent, slots, ..
+            } => Some((content.as_str(), intent.as_str(), slots)),
+            Turn::Assistant { .. } => None,
+        })
+    }
+
+    #[test]
+    fn generation_is_deterministic_per_seed_and_differs_across_seeds() {
+        let domain = northwind();
+        let a = generate(&domain, &test_config(7, 300)).unwrap();
+        let b = generate(&domain, &test_config(7, 300)).unwrap();
+        let c = generate(&domain, &test_config(8, 300)).unwrap();
+        assert_eq!(jsonl(&a.train), jsonl(&b.train));
+        assert_eq!(jsonl(&a.heldout), jsonl(&b.heldout));
+        assert_ne!(jsonl(&a.train), jsonl(&c.train));
+        assert_ne!(jsonl(&a.heldout), jsonl(&c.heldout));
+        assert_eq!((a.train.len(), a.heldout.len()), (225, 75));
+    }
+
+    #[test]
+    fn dialogs_alternate_roles_within_the_turn_limit() {
+        let domain = northwind();
+        let config = test_config(3, 400);
+        let corpus = generate(&domain, &config).unwrap();
+        let mut lengths = BTreeSet::new();
+        for dialog in corpus.train.iter().chain(&corpus.heldout) {
+            let roles: Vec<&str> = dialog.turns.iter().map(Turn::role).collect();
+            let intents: BTreeSet<&str> = user_turns(dialog).map(|(_, intent, _)| intent).collect();
+            assert_eq!(intents.len(), roles.len() / 2, "{}: an intent repeats", dialog.id);
+            assert_eq!(roles.len() % 2, 0, "{}", dialog.id);
+            assert!(
+                roles.chunks(2).all(|pair| pair == ["user", "assistant"]),
+                "{}",
+                dialog.id
+            );
+            lengths.insert(roles.len() / 2);
+        }
+        assert_eq!(lengths, (1..=config.max_user_turns).collect());
+    }
+
+    #[test]
+    fn heldout_dialogs_use_no_train_phrasing_order_or_product() {
+        let domain = northwind();
+        let corpus = generate(&domain, &test_config(11, 800)).unwrap();
+        let train_phrasings: BTreeSet<String> = domain
+            .intents
+            .iter()
+            .flat_map(|i| i.phrasings.iter().map(|p| normalize(p)))
+            .collect();
+        let train_orders: BTreeSet<&str> = corpus
+            .train
+            .iter()
+            .flat_map(user_turns)
+            .filter_map(|(_, _, slots)| slots.get("order").map(String::as_str))
+            .collect();
+        let [lo, hi] = domain.orders.train_range;
+        let train_products: Vec<&str> = domain.catalog.products.iter().map(|p| p.name.as_str()).collect();
+        let mut orders_seen = 0;
+        for dialog in &corpus.heldout {
+            assert_eq!(dialog.split, Split::Heldout);
+            for (content, intent, slots) in user_turns(dialog) {
+                // Undo the slot filling to recover the template the turn was written from.
+                let mut template = content.to_owned();
+                for (name, value) in slots {
+                    template = template.replace(value.as_str(), &format!("{{{name}}}"));
+                }
+                assert!(
+                    !train_phrasings.contains(&normalize(&template)),
+                    "{intent}: {content:?} is a train phrasing"
+                );
+                if let Some(order) = slots.get("order") {
+                    orders_seen += 1;
+                    assert!(!train_orders.contains(order.as_str()), "{order} also appears in train");
+                    let n: u32 = order.trim_start_matches(domain.orders.prefix.as_str()).parse().unwrap();
+                    assert!(!(lo..=hi).contains(&n), "{order} is in the train range");
+                }
+                if let Some(product) = slots.get("product") {
+                    assert!(
+                        !train_products.contains(&product.as_str()),
+                        "{product} is a train product"
+                    );
+                }
+            }
+        }
+        assert!(orders_seen > 0 && !train_orders.is_empty());
+    }
+
+    #[test]
+    fn follow_ups_reuse_the_earlier_order_or_product() {
+        let domain = northwind();
+        let corpus = generate(&domain, &test_config(5, 1000)).unwrap();
+        let (mut order_follow_ups, mut product_follow_ups) = (0, 0);
+        for dialog in corpus.train.iter().chain(&corpus.heldout) {
+            let mut introduced: Vec<(SlotKind, String)> = Vec::new();
+            for pair in dialog.turns.chunks(2) {
+                let (
+                    Turn::User {
+                        content, intent, slots, ..
+                    },
+                    Turn::Assistant { content: answer },
+                ) = (&pair[0], &pair[1])
+                else {
+                    panic!("{}: turns do not pair up", dialog.id);
+                };
+                let intent = domain.intent(intent).unwrap();
+                if let Some(kind) = intent.slot {
+                    let value = &slots[kind.placeholder()];
+                    assert!(
+                        content.contains(value.as_str()),
+                        "{}: {content:?} lacks {value}",
+                        dialog.id
+                    );
+                    introduced.push((kind, value.clone()));
+                }
+                if let Some(kind) = intent.needs {
+                    let (last_kind, value) = introduced.last().expect("follow-up without an earlier referent");
+                    assert_eq!(
+                        *last_kind, kind,
+                        "{}: follow-up refers to the wrong referent",
+                        dialog.id
+                    );
+                    assert_eq!(&slots[kind.placeholder()], value, "{}", dialog.id);
+                    assert!(
+                        answer.contains(value.as_str()),
+                        "{}: {answer:?} lacks {value}",
+                        dialog.id
+                    );
+                    match kind {
+                        SlotKind::Order => order_follow_ups += 1,
+                        SlotKind::Product => product_follow_ups += 1,
+                    }
+                }
+            }
+        }
+        assert!(
+            order_follow_ups > 20 && product_follow_ups > 20,
+            "{order_follow_ups} {product_follow_ups}"
+        );
+    }
+
+    #[test]
+    fn chatml_rendering() {
+        let turns = [
+            Turn::User {
+                content: "Hi".into(),
+                intent: "greeting".into(),
+                facts: vec![],
+                slots: BTreeMap::new(),
+            },
+            Turn::Assistant {
+                content: "Hello!".into(),
+            },
+        ];
+        assert_eq!(
+            render_chatml("Be kind.", &turns),
+            "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nHello!<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn jsonl_round_trips_with_the_documented_shape() {
+        let domain = northwind();
+        let corpus = generate(&domain, &test_config(2, 40)).unwrap();
+        let dir = std::env::temp_dir().join(format!("dllm-train-corpus-{}", std::process::id()));
+        let manifest = write_corpus(&dir, "northwind.toml", &domain, &test_config(2, 40), &corpus).unwrap();
+        assert_eq!(read_jsonl(&dir.join(TRAIN_FILE)).unwrap(), corpus.train);
+        assert_eq!(read_jsonl(&dir.join(HELDOUT_FILE)).unwrap(), corpus.heldout);
+        assert_eq!(read_manifest(&dir).unwrap(), manifest);
+        let first_line = std::fs::read_to_string(dir.join(TRAIN_FILE)).unwrap();
+        let value: serde_json::Value = serde_json::from_str(first_line.lines().next().unwrap()).unwrap();
+        assert_eq!(value["split"], "train");
+        assert_eq!(value["turns"][0]["role"], "user");
+        assert!(value["turns"][0]["facts"].is_array() && value["turns"][0]["slots"].is_object());
+        assert_eq!(
+            value["turns"][1].as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["content", "role"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_config_is_rejected() {
+        let mut config = test_config(1, 10);
+        config.follow_up_rate = 1.5;
+        assert!(matches!(
+            generate(&northwind(), &config),
+            Err(CorpusError::Config {
+                field: "follow_up_rate",
+                ..
+            })
+        ));
+    }
+}

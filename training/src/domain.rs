@@ -1,0 +1,583 @@
+//! The domain file (`config/domains/*.toml`): its typed schema, loading, and the validation that makes the
+//! generated corpus trustworthy. Validation rejects anything the generator or a later eval would silently get
+//! wrong (a fact missing from its answer, a held-out phrasing that also appears in training, a placeholder no
+//! slot fills, a business fact no intent covers), and every error names the offending field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a domain file was rejected. `field` is a dotted path such as `intents.track_order.phrasings[2]`.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain file {path:?} could not be read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("domain file does not match the schema: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{field} must not be empty")]
+    Empty { field: String },
+    #[error("{field}: {value:?} appears more than once")]
+    Duplicate { field: String, value: String },
+    #[error("{field}: placeholder {{{placeholder}}} is not provided by this intent's slot")]
+    UnknownPlaceholder { field: String, placeholder: String },
+    #[error("{field}: expected exactly the placeholders {expected:?}")]
+    SlotMismatch { field: String, expected: Vec<String> },
+    #[error("{field}: fact {fact:?} does not appear verbatim in the answer")]
+    FactNotInAnswer { field: String, fact: String },
+    #[error("{field}: held-out phrasing {phrasing:?} is also a training phrasing")]
+    HeldoutOverlap { field: String, phrasing: String },
+    #[error("{field}: {name:?} does not name a known entry")]
+    UnknownReference { field: String, name: String },
+    #[error("knowledge.{fact} is covered by no intent")]
+    Uncovered { fact: String },
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    pub assistant: Assistant,
+    pub orders: Orders,
+    pub catalog: Catalog,
+    /// Business facts by id; each must be listed in some intent's `covers`.
+    pub knowledge: BTreeMap<String, String>,
+    pub intents: Vec<Intent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assistant {
+    /// Sent by the service ahead of every dialog; the corpus uses it only to render ChatML.
+    pub system_prompt: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Orders {
+    pub prefix: String,
+    /// Numbers are zero-padded to this many digits.
+    pub digits: u32,
+    /// Inclusive range of training order numbers.
+    pub train_range: [u32; 2],
+    /// Inclusive range of held-out order numbers; must not overlap `train_range`.
+    pub heldout_range: [u32; 2],
+}
+
+impl Orders {
+    /// The order number for `n`, such as `NW-04217`.
+    pub fn format(&self, n: u32) -> String {
+        format!("{}{:0width$}", self.prefix, n, width = self.digits as usize)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub products: Vec<Product>,
+    /// Products that appear only in held-out dialogs.
+    pub heldout_products: Vec<Product>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
+    pub name: String,
+    /// Fills `{warranty}`, worded to follow "a" ("1-year", "lifetime").
+    pub warranty: String,
+}
+
+/// What a turn refers to. An order provides `{order}`; a product provides `{product}` and `{warranty}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotKind {
+    Order,
+    Product,
+}
+
+impl SlotKind {
+    /// The placeholder every phrasing of an intent with this `slot` must contain.
+    pub fn placeholder(self) -> &'static str {
+        match self {
+            SlotKind::Order => "order",
+            SlotKind::Product => "product",
+        }
+    }
+
+    /// Every placeholder a referent of this kind can fill in answers and facts.
+    pub fn provides(self) -> &'static [&'static str] {
+        match self {
+            SlotKind::Order => &["order"],
+            SlotKind::Product => &["product", "warranty"],
+        }
+    }
+}
+
+/// Where in a dialog an intent may be used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Position {
+    #[default]
+    Any,
+    /// Only as the opening turn.
+    First,
+    /// Only as the closing turn of a dialog with more than one user turn.
+    Last,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intent {
+    pub name: String,
+    /// Ids from `[knowledge]` this intent teaches.
+    pub covers: Vec<String>,
+    /// The referent every phrasing names; it becomes the dialog's context for later follow-ups.
+    #[serde(default)]
+    pub slot: Option<SlotKind>,
+    /// The referent this follow-up takes from an earlier turn; its phrasings name nothing.
+    #[serde(default)]
+    pub needs: Option<SlotKind>,
+    /// If not empty, the intent may only directly follow one of these intents.
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub position: Position,
+    pub phrasings: Vec<String>,
+    /// Used only by held-out dialogs, so an eval measures generalisation to unseen wording.
+    pub heldout_phrasings: Vec<String>,
+    pub answer: String,
+    /// Strings (templates, like the answer) a correct reply must contain.
+    pub facts: Vec<String>,
+}
+
+impl Intent {
+    /// The referent kind whose values fill this intent's templates, if any.
+    pub fn referent(&self) -> Option<SlotKind> {
+        self.slot.or(self.needs)
+    }
+
+    /// Whether the intent depends on the turn before it or on the dialog's context.
+    pub fn is_contextual(&self) -> bool {
+        self.needs.is_some() || !self.after.is_empty()
+    }
+}
+
+impl Domain {
+    /// Reads, parses and validates a domain file.
+    pub fn load(path: &Path) -> Result<Self, DomainError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DomainError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and validates domain TOML.
+    pub fn from_toml(text: &str) -> Result<Self, DomainError> {
+        let domain: Domain = toml::from_str(text)?;
+        domain.validate()?;
+        Ok(domain)
+    }
+
+    pub fn intent(&self, name: &str) -> Option<&Intent> {
+        self.intents.iter().find(|intent| intent.name == name)
+    }
+
+    fn validate(&self) -> Result<(), DomainError> {
+        non_empty("assistant.system_prompt", &self.assistant.system_prompt)?;
+        self.validate_orders()?;
+        self.validate_catalog()?;
+        if self.knowledge.is_empty() {
+            return Err(DomainError::Empty {
+                field: "knowledge".into(),
+            });
+        }
+        for (id, statement) in &self.knowledge {
+            non_empty(&format!("knowledge.{id}"), statement)?;
+        }
+        if self.intents.is_empty() {
+            return Err(DomainError::Empty {
+                field: "intents".into(),
+            });
+        }
+        let mut names = BTreeSet::new();
+        for intent in &self.intents {
+            if !names.insert(intent.name.as_str()) {
+                return Err(DomainError::Duplicate {
+                    field: "intents.name".into(),
+                    value: intent.name.clone(),
+                });
+            }
+        }
+        for intent in &self.intents {
+            self.validate_intent(intent, &names)?;
+        }
+        // The generator needs something to say in an opening turn of any dialog.
+        if !self
+            .intents
+            .iter()
+            .any(|i| !i.is_contextual() && i.position == Position::Any)
+        {
+            return Err(DomainError::Empty {
+                field: "intents (without needs, after or position)".into(),
+            });
+        }
+        self.validate_heldout_disjoint()?;
+        let covered: BTreeSet<&str> = self
+            .intents
+            .iter()
+            .flat_map(|i| i.covers.iter().map(String::as_str))
+            .collect();
+        if let Some(fact) = self.knowledge.keys().find(|id| !covered.contains(id.as_str())) {
+            return Err(DomainError::Uncovered { fact: fact.clone() });
+        }
+        Ok(())
+    }
+
+    fn validate_orders(&self) -> Result<(), DomainError> {
+        let orders = &self.orders;
+        non_empty("orders.prefix", &orders.prefix)?;
+        // 10^9 is the largest power of ten below u32::MAX, so numbers always fit.
+        if !(1..=9).contains(&orders.digits) {
+            return Err(invalid("orders.digits", "must be between 1 and 9"));
+        }
+        let limit = 10u32.pow(orders.digits);
+        for (field, [lo, hi]) in [
+            ("orders.train_range", orders.train_range),
+            ("orders.heldout_range", orders.heldout_range),
+        ] {
+            if lo > hi {
+                return Err(invalid(field, "start is above end"));
+            }
+            if hi >= limit {
+                return Err(invalid(field, &format!("end does not fit in {} digits", orders.digits)));
+            }
+        }
+        let [a_lo, a_hi] = orders.train_range;
+        let [b_lo, b_hi] = orders.heldout_range;
+        if a_lo <= b_hi && b_lo <= a_hi {
+            return Err(invalid("orders.heldout_range", "overlaps orders.train_range"));
+        }
+        Ok(())
+    }
+
+    fn validate_catalog(&self) -> Result<(), DomainError> {
+        let mut seen = BTreeSet::new();
+        for (field, products) in [
+            ("catalog.products", &self.catalog.products),
+            ("catalog.heldout_products", &self.catalog.heldout_products),
+        ] {
+            if products.is_empty() {
+                return Err(DomainError::Empty { field: field.into() });
+            }
+            for (i, product) in products.iter().enumerate() {
+                non_empty(&format!("{field}[{i}].name"), &product.name)?;
+                non_empty(&format!("{field}[{i}].warranty"), &product.warranty)?;
+                if !seen.insert(product.name.as_str()) {
+                    return Err(DomainError::Duplicate {
+                        field: format!("{field}[{i}].name"),
+                        value: product.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_intent(&self, intent: &Intent, names: &BTreeSet<&str>) -> Result<(), DomainError> {
+        let base = format!("intents.{}", intent.name);
+        if intent.slot.is_some() && intent.needs.is_some() {
+            return Err(invalid(&base, "sets both `slot` and `needs`"));
+        }
+        if intent.covers.is_empty() {
+            return Err(DomainError::Empty {
+                field: format!("{base}.covers"),
+            });
+        }
+        for id in &intent.covers {
+            if !self.knowledge.contains_key(id) {
+                return Err(DomainError::UnknownReference {
+                    field: format!("{base}.covers"),
+                    name: id.clone(),
+                });
+            }
+        }
+        for name in &intent.after {
+            if !names.contains(name.as_str()) {
+                return Err(DomainError::UnknownReference {
+                    field: format!("{base}.after"),
+                    name: name.clone(),
+                });
+            }
+        }
+
+        let expected: Vec<String> = intent
+            .slot
+            .map(|kind| kind.placeholder().to_owned())
+            .into_iter()
+            .collect();
+        let mut seen = BTreeSet::new();
+        for (list, phrasings) in [
+            ("phrasings", &intent.phrasings),
+            ("heldout_phrasings", &intent.heldout_phrasings),
+        ] {
+            if phrasings.is_empty() {
+                return Err(DomainError::Empty {
+                    field: format!("{base}.{list}"),
+                });
+            }
+            for (i, phrasing) in phrasings.iter().enumerate() {
+                let field = format!("{base}.{list}[{i}]");
+                non_empty(&field, phrasing)?;
+                let found: BTreeSet<&str> = placeholders(phrasing).collect();
+                if found.iter().copied().ne(expected.iter().map(String::as_str)) {
+                    return Err(DomainError::SlotMismatch { field, expected });
+                }
+                if !seen.insert(normalize(phrasing)) {
+                    return Err(DomainError::Duplicate {
+                        field,
+                        value: phrasing.clone(),
+                    });
+                }
+            }
+        }
+
+        let provided = intent.referent().map_or(&[][..], SlotKind::provides);
+        non_empty(&format!("{base}.answer"), &intent.answer)?;
+        check_placeholders(&format!("{base}.answer"), &intent.answer, provided)?;
+        if intent.facts.is_empty() {
+            return Err(DomainError::Empty {
+                field: format!("{base}.facts"),
+            });
+        }
+        for (i, fact) in intent.facts.iter().enumerate() {
+            let field = format!("{base}.facts[{i}]");
+            non_empty(&field, fact)?;
+            check_placeholders(&field, fact, provided)?;
+            if !intent.answer.contains(fact.as_str()) {
+                return Err(DomainError::FactNotInAnswer {
+                    field,
+                    fact: fact.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// No held-out phrasing of any intent may equal (after [`normalize`]) a training phrasing of any intent,
+    /// otherwise "unseen wording" in the eval would be a lie.
+    fn validate_heldout_disjoint(&self) -> Result<(), DomainError> {
+        let train: BTreeSet<String> = self
+            .intents
+            .iter()
+            .flat_map(|i| i.phrasings.iter().map(|p| normalize(p)))
+            .collect();
+        for intent in &self.intents {
+            for (i, phrasing) in intent.heldout_phrasings.iter().enumerate() {
+                if train.contains(&normalize(phrasing)) {
+                    return Err(DomainError::HeldoutOverlap {
+                        field: format!("intents.{}.heldout_phrasings[{i}]", intent.name),
+                        phrasing: phrasing.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The comparison form of a phrasing: lowercase, single-spaced, without trailing punctuation. The generator's
+/// casual variants (lowercase start, no final punctuation) normalize to the same string as their template.
+pub fn normalize(text: &str) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.join(" ").trim_end_matches(['?', '.', '!']).to_lowercase()
+}
+
+/// Names between `{` and `}` in a template. An unclosed `{` yields the rest of the text, which no slot
+/// provides, so validation reports it.
+pub fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    template
+        .split('{')
+        .skip(1)
+        .map(|rest| rest.split_once('}').map_or(rest, |(name, _)| name))
+}
+
+/// Replaces each `{name}` with its value from `slots`.
+pub fn fill(template: &str, slots: &BTreeMap<String, String>) -> String {
+    let mut text = template.to_owned();
+    for (name, value) in slots {
+        text = text.replace(&format!("{{{name}}}"), value);
+    }
+    text
+}
+
+fn check_placeholders(field: &str, template: &str, provided: &[&str]) -> Result<(), DomainError> {
+    match placeholders(template).find(|name| !provided.contains(name)) {
+        Some(name) => Err(DomainError::UnknownPlaceholder {
+            field: field.to_owned(),
+            placeholder: name.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), DomainError> {
+    if value.trim().is_empty() {
+        return Err(DomainError::Empty {
+            field: field.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn invalid(field: &str, problem: &str) -> DomainError {
+    DomainError::Invalid {
+        field: field.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+/// The shipped Northwind domain, for tests across the crate.
+#[cfg(test)]
+pub(crate) const NORTHWIND_TOML: &str = include_str!("../../config/domains/northwind.toml");
+
+#[cfg(test)]
+pub(crate) fn northwind() -> Domain {
+    Domain::from_toml(NORTHWIND_TOML).expect("northwind.toml is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn northwind_parses_and_validates() {
+        let domain = northwind();
+        assert!(domain.intents.len() >= 30, "only {} intents", domain.intents.len());
+        assert!(domain.catalog.products.len() + domain.catalog.heldout_products.len() >= 20);
+        for intent in &domain.intents {
+            assert!(
+                intent.phrasings.len() >= 8,
+                "{} has {} phrasings",
+                intent.name,
+                intent.phrasings.len()
+            );
+            assert!(
+                !intent.heldout_phrasings.is_empty(),
+                "{} has no held-out phrasings",
+                intent.name
+            );
+            for fact in &intent.facts {
+                assert!(
+                    intent.answer.contains(fact.as_str()),
+                    "{}: {fact:?} not in answer",
+                    intent.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn northwind_heldout_phrasings_are_unseen_and_knowledge_is_covered() {
+        let domain = northwind();
+        let train: BTreeSet<String> = domain
+            .intents
+            .iter()
+            .flat_map(|i| i.phrasings.iter().map(|p| normalize(p)))
+            .collect();
+        for intent in &domain.intents {
+            for phrasing in &intent.heldout_phrasings {
+                assert!(
+                    !train.contains(&normalize(phrasing)),
+                    "{}: {phrasing:?} is also trained",
+                    intent.name
+                );
+            }
+        }
+        for id in domain.knowledge.keys() {
+            assert!(
+                domain.intents.iter().any(|i| i.covers.contains(id)),
+                "knowledge.{id} is uncovered"
+            );
+        }
+    }
+
+    #[test]
+    fn follow_ups_reuse_a_referent_some_intent_introduces() {
+        let domain = northwind();
+        for intent in domain.intents.iter().filter(|i| i.needs.is_some()) {
+            assert!(
+                domain.intents.iter().any(|other| other.slot == intent.needs),
+                "{} needs a slot no intent introduces",
+                intent.name
+            );
+            let kind = intent.needs.unwrap();
+            assert!(
+                intent.answer.contains(&format!("{{{}}}", kind.placeholder())),
+                "{}",
+                intent.name
+            );
+        }
+    }
+
+    #[test]
+    fn heldout_phrasing_that_is_trained_elsewhere_is_rejected() {
+        let broken = NORTHWIND_TOML.replacen("\"Good evening\",", "\"Tell me a joke!\",", 1);
+        match Domain::from_toml(&broken) {
+            Err(DomainError::HeldoutOverlap { field, .. }) => {
+                assert_eq!(field, "intents.greeting.heldout_phrasings[0]")
+            }
+            other => panic!("expected HeldoutOverlap, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fact_missing_from_answer_is_rejected() {
+        let broken = NORTHWIND_TOML.replacen("facts = [\"US and Canada only\"]", "facts = [\"worldwide\"]", 1);
+        match Domain::from_toml(&broken) {
+            Err(DomainError::FactNotInAnswer { field, fact }) => {
+                assert_eq!(field, "intents.shipping_regions.facts[0]");
+                assert_eq!(fact, "worldwide");
+            }
+            other => panic!("expected FactNotInAnswer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn phrasing_without_its_slot_is_rejected() {
+        let broken = NORTHWIND_TOML.replacen("\"Can you track {order}?\"", "\"Can you track it?\"", 1);
+        match Domain::from_toml(&broken) {
+            Err(DomainError::SlotMismatch { field, .. }) => assert_eq!(field, "intents.track_order.phrasings[1]"),
+            other => panic!("expected SlotMismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_field_and_overlapping_order_ranges_are_rejected() {
+        let typo = NORTHWIND_TOML.replacen("heldout_range", "held_out_range", 1);
+        assert!(matches!(Domain::from_toml(&typo), Err(DomainError::Parse(_))));
+        let overlap = NORTHWIND_TOML.replacen("heldout_range = [80000, 99999]", "heldout_range = [70000, 99999]", 1);
+        match Domain::from_toml(&overlap) {
+            Err(DomainError::Invalid { field, .. }) => assert_eq!(field, "orders.heldout_range"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn normalize_and_fill() {
+        assert_eq!(normalize("  Where is   my Order?! "), "where is my order");
+        let slots = BTreeMap::from([("order".to_owned(), "NW-01234".to_owned())]);
+        assert_eq!(
+            fill("Order {order} ships {order}.", &slots),
+            "Order NW-01234 ships NW-01234."
+        );
+        assert_eq!(placeholders("a {b} c {d").collect::<Vec<_>>(), ["b", "d"]);
+        let orders = northwind().orders;
+        assert_eq!(orders.format(4217), "NW-04217");
+    }
+}

@@ -1,0 +1,12 @@
+//! Training-data tooling for small dllm-chat domain models: a seeded dialog generator and a byte-level BPE
+//! tokenizer trainer, driven by one domain file per business (`config/domains/*.toml`).
+//!
+//! Layout:
+//! - [`domain`]: the domain file's schema, loading and validation.
+//! - [`corpus`]: seeded dialog generation for the train and held-out splits, JSONL I/O, ChatML rendering.
+//! - [`tokenizer`]: byte-level BPE training, `tokenizer.json` I/O, and the vocabulary/merges export for GGUF.
+//! - `main.rs`: the `dllm-train` CLI (`corpus`, `tokenizer`).
+
+pub mod corpus;
+pub mod domain;
+pub mod tokenizer;
