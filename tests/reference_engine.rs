@@ -174,7 +174,7 @@ async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("llama.gguf");
     let spec = ggml_ext::FixtureSpec {
-        architecture: ggml_ext::fixture::Architecture::Llama,
+        architecture: ggml_ext::Architecture::Llama,
         ..Default::default()
     };
     ggml_ext::write_llada_fixture(&path, &spec).unwrap();
@@ -184,4 +184,34 @@ async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
         .unwrap()
         .expect("refused");
     assert!(matches!(err, EngineError::NotDiffusion(ref a) if a == "llama"), "{err}");
+}
+
+#[tokio::test]
+async fn quantized_models_load_and_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config();
+    for (weight_type, name) in [
+        (ggml_ext::WeightType::Q8_0, "q8_0.gguf"),
+        (ggml_ext::WeightType::Q4_0, "q4_0.gguf"),
+    ] {
+        let out = dir.path().join(name);
+        ggml_ext::quantize(&common::fixture_model(), &out, weight_type, 1).unwrap();
+        let f32_size = std::fs::metadata(common::fixture_model()).unwrap().len();
+        assert!(
+            std::fs::metadata(&out).unwrap().len() < f32_size / 2,
+            "{name} is smaller than F32"
+        );
+        config.model.path = out.display().to_string();
+        let engine = common::start_engine(&config).await;
+        let (revs, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+        assert!(!revs.is_empty());
+        assert!(matches!(done, EngineEvent::Finished(_)), "{name}: {done:?}");
+    }
+    let err = ggml_ext::quantize(
+        &dir.path().join("missing.gguf"),
+        &dir.path().join("x.gguf"),
+        ggml_ext::WeightType::F16,
+        1,
+    );
+    assert!(matches!(err, Err(ggml_ext::QuantizeError::Failed { .. })));
 }

@@ -9,38 +9,14 @@
 
 use std::path::Path;
 
-use crate::gguf::{GgufError, GgufWriter};
+use crate::gguf::GgufError;
+use crate::model::{write_model, Architecture, Hyperparams, Vocabulary, CHATML_TEMPLATE, TOKEN_CONTROL, TOKEN_NORMAL};
 
 /// Control tokens appended after the byte and merge tokens, in this order.
 pub const SPECIAL_TOKENS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mdm_mask|>"];
 
-/// A ChatML template that llama.cpp's built-in template detection recognises.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// A few merges so the BPE path is exercised; llama.cpp refuses a `gpt2` vocabulary without any.
+/// A few merges so the BPE path is exercised.
 const MERGES: [(&str, &str); 6] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "u")];
-
-/// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_NORMAL: i32 = 1;
-const TOKEN_CONTROL: i32 = 3;
-
-/// Which architecture name the tensors are written under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    /// `llada`: llama.cpp's diffusion path (non-causal, no KV cache).
-    Llada,
-    /// `llama`: the same graph, causal by default, with a KV cache.
-    Llama,
-}
-
-impl Architecture {
-    pub fn name(self) -> &'static str {
-        match self {
-            Architecture::Llada => "llada",
-            Architecture::Llama => "llama",
-        }
-    }
-}
 
 /// Shape and seed of a fixture model.
 #[derive(Debug, Clone)]
@@ -89,7 +65,7 @@ pub fn byte_to_unicode() -> [char; 256] {
 }
 
 /// The fixture vocabulary: 256 byte tokens, one token per merge, then [`SPECIAL_TOKENS`].
-pub fn vocabulary() -> (Vec<String>, Vec<i32>, Vec<String>) {
+pub fn vocabulary() -> Vocabulary {
     let mut tokens: Vec<String> = byte_to_unicode().iter().map(|c| c.to_string()).collect();
     let mut types = vec![TOKEN_NORMAL; tokens.len()];
     let mut merges = Vec::new();
@@ -102,7 +78,16 @@ pub fn vocabulary() -> (Vec<String>, Vec<i32>, Vec<String>) {
         tokens.push(special.to_owned());
         types.push(TOKEN_CONTROL);
     }
-    (tokens, types, merges)
+    let id = |name: &str| tokens.iter().position(|t| t == name).expect("special token present") as u32;
+    Vocabulary {
+        end_of_text: id("<|endoftext|>"),
+        end_of_turn: id("<|im_end|>"),
+        mask: id("<|mdm_mask|>"),
+        pre: "default".into(),
+        tokens,
+        types,
+        merges,
+    }
 }
 
 /// Deterministic xorshift64* stream of uniform values in [-1, 1).
@@ -126,83 +111,39 @@ impl Rng {
 
 /// Writes a random-weight fixture model to `path`.
 pub fn write_llada_fixture(path: &Path, spec: &FixtureSpec) -> Result<(), GgufError> {
-    let (tokens, types, merges) = vocabulary();
-    let n_vocab = tokens.len();
-    let special_id = |name: &str| (tokens.iter().position(|t| t == name).expect("special token present")) as u32;
-    let arch = spec.architecture.name();
-    let head_dim = spec.n_embd / spec.n_head;
-    let n_embd_kv = head_dim * spec.n_head_kv;
-
-    let mut w = GgufWriter::new();
-    w.set_str("general.architecture", arch)?
-        .set_str("general.name", "dllm-chat random fixture")?
-        .set_u32(&format!("{arch}.context_length"), spec.context_length as u32)?
-        .set_u32(&format!("{arch}.embedding_length"), spec.n_embd as u32)?
-        .set_u32(&format!("{arch}.block_count"), spec.n_layer as u32)?
-        .set_u32(&format!("{arch}.feed_forward_length"), spec.n_ff as u32)?
-        .set_u32(&format!("{arch}.attention.head_count"), spec.n_head as u32)?
-        .set_u32(&format!("{arch}.attention.head_count_kv"), spec.n_head_kv as u32)?
-        .set_f32(&format!("{arch}.rope.freq_base"), 10_000.0)?
-        .set_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-5)?
-        .set_u32(&format!("{arch}.vocab_size"), n_vocab as u32)?
-        .set_str("tokenizer.ggml.model", "gpt2")?
-        .set_str("tokenizer.ggml.pre", "default")?
-        .set_str_array("tokenizer.ggml.tokens", &tokens)?
-        .set_i32_array("tokenizer.ggml.token_type", &types)?
-        .set_str_array("tokenizer.ggml.merges", &merges)?
-        .set_u32("tokenizer.ggml.bos_token_id", special_id("<|endoftext|>"))?
-        .set_u32("tokenizer.ggml.eos_token_id", special_id("<|endoftext|>"))?
-        .set_u32("tokenizer.ggml.eot_token_id", special_id("<|im_end|>"))?
-        .set_u32("tokenizer.ggml.padding_token_id", special_id("<|endoftext|>"))?
-        .set_u32("tokenizer.ggml.mask_token_id", special_id("<|mdm_mask|>"))?
-        .set_bool("tokenizer.ggml.add_bos_token", false)?
-        .set_bool("tokenizer.ggml.add_eos_token", false)?
-        .set_str("tokenizer.chat_template", CHATML_TEMPLATE)?;
-
+    let vocab = vocabulary();
+    let hp = Hyperparams {
+        architecture: spec.architecture,
+        n_embd: spec.n_embd,
+        n_head: spec.n_head,
+        n_head_kv: spec.n_head_kv,
+        n_ff: spec.n_ff,
+        n_layer: spec.n_layer,
+        context_length: spec.context_length,
+        rope_freq_base: 10_000.0,
+        rms_eps: 1e-5,
+    };
     let mut rng = Rng(spec.seed.max(1));
-    let e = spec.n_embd;
-    let proj = |rng: &mut Rng, n_in: usize, n_out: usize| rng.fill(n_in * n_out, 1.0 / (n_in as f32).sqrt());
-    w.add_f32("token_embd.weight", &[e, n_vocab], rng.fill(e * n_vocab, 1.0))?;
-    for l in 0..spec.n_layer {
-        w.add_f32(&format!("blk.{l}.attn_norm.weight"), &[e], vec![1.0; e])?
-            .add_f32(&format!("blk.{l}.attn_q.weight"), &[e, e], proj(&mut rng, e, e))?
-            .add_f32(
-                &format!("blk.{l}.attn_k.weight"),
-                &[e, n_embd_kv],
-                proj(&mut rng, e, n_embd_kv),
-            )?
-            .add_f32(
-                &format!("blk.{l}.attn_v.weight"),
-                &[e, n_embd_kv],
-                proj(&mut rng, e, n_embd_kv),
-            )?
-            .add_f32(&format!("blk.{l}.attn_output.weight"), &[e, e], proj(&mut rng, e, e))?
-            .add_f32(&format!("blk.{l}.ffn_norm.weight"), &[e], vec![1.0; e])?
-            .add_f32(
-                &format!("blk.{l}.ffn_gate.weight"),
-                &[e, spec.n_ff],
-                proj(&mut rng, e, spec.n_ff),
-            )?
-            .add_f32(
-                &format!("blk.{l}.ffn_up.weight"),
-                &[e, spec.n_ff],
-                proj(&mut rng, e, spec.n_ff),
-            )?
-            .add_f32(
-                &format!("blk.{l}.ffn_down.weight"),
-                &[spec.n_ff, e],
-                proj(&mut rng, spec.n_ff, e),
-            )?;
-    }
-    w.add_f32("output_norm.weight", &[e], vec![1.0; e])?;
-    // A larger output scale makes the random model's distributions peaked, so confidence-based
-    // policies see a realistic spread of confidences instead of a flat distribution.
-    w.add_f32(
-        "output.weight",
-        &[e, n_vocab],
-        rng.fill(e * n_vocab, 4.0 / (e as f32).sqrt()),
-    )?;
-    w.write(path)
+    let tensors = hp
+        .tensor_shapes(vocab.tokens.len())
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data = if shape.len() == 1 {
+                vec![1.0; n]
+            } else if name == "token_embd.weight" {
+                rng.fill(n, 1.0)
+            } else if name == "output.weight" {
+                // A larger output scale makes the random model's distributions peaked, so
+                // confidence-based policies see a realistic spread of confidences.
+                rng.fill(n, 4.0 / (shape[0] as f32).sqrt())
+            } else {
+                rng.fill(n, 1.0 / (shape[0] as f32).sqrt())
+            };
+            (name, shape, data)
+        })
+        .collect();
+    write_model(path, &hp, &vocab, CHATML_TEMPLATE, tensors)
 }
 
 #[cfg(test)]
@@ -220,13 +161,14 @@ mod tests {
 
     #[test]
     fn vocabulary_ends_with_specials_and_has_merge_tokens() {
-        let (tokens, types, merges) = vocabulary();
-        assert_eq!(tokens.len(), 256 + MERGES.len() + SPECIAL_TOKENS.len());
-        assert_eq!(&tokens[tokens.len() - 4..], &SPECIAL_TOKENS.map(String::from));
-        assert_eq!(types.iter().filter(|t| **t == TOKEN_CONTROL).count(), 4);
-        for m in &merges {
+        let v = vocabulary();
+        assert_eq!(v.tokens.len(), 256 + MERGES.len() + SPECIAL_TOKENS.len());
+        assert_eq!(&v.tokens[v.tokens.len() - 4..], &SPECIAL_TOKENS.map(String::from));
+        assert_eq!(v.types.iter().filter(|t| **t == TOKEN_CONTROL).count(), 4);
+        for m in &v.merges {
             let joined: String = m.split(' ').collect();
-            assert!(tokens.contains(&joined), "merge {m} has no token");
+            assert!(v.tokens.contains(&joined), "merge {m} has no token");
         }
+        assert_eq!(v.tokens[v.mask as usize], "<|mdm_mask|>");
     }
 }

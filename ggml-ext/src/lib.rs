@@ -1,16 +1,21 @@
 //! Diffusion extensions over ggml, and the only crate in the workspace with `unsafe` code.
 //!
 //! The service talks to llama.cpp through `llama-cpp-2`; whatever that crate does not wrap and we
-//! need (the `gguf_*` writer today, our own diffusion graph later) is wrapped here once, behind a
-//! small safe API, with a `// SAFETY:` note on every unsafe block.
+//! need (the `gguf_*` writer, the quantizer, our own diffusion graph later) is wrapped here once,
+//! behind a small safe API, with a `// SAFETY:` note on every unsafe block.
 //!
 //! Layout:
 //! - [`gguf`]: a safe writer for GGUF files (metadata and F32 tensors).
-//! - [`fixture`]: small random-weight `llada` models with a real byte-level BPE vocabulary and a
-//!   ChatML template, for tests and benchmarks that must not depend on downloaded weights.
+//! - [`model`]: complete model files (hyper-parameters, BPE vocabulary, chat template, weights).
+//! - [`quantize`]: F16 / Q8_0 / Q4_0 re-encoding with llama.cpp's quantizer.
+//! - [`fixture`]: small random-weight `llada` models for tests and benchmarks.
 
 pub mod fixture;
 pub mod gguf;
+pub mod model;
+pub mod quantize;
 
 pub use fixture::{write_llada_fixture, FixtureSpec};
 pub use gguf::{GgufError, GgufWriter};
+pub use model::{write_model, Architecture, Hyperparams, Vocabulary};
+pub use quantize::{quantize, QuantizeError, WeightType};
