@@ -10,6 +10,7 @@
 //! - [`protocol`]: the JSON events of `/v1/chat` and the validation of decode options.
 //! - [`sessions`]: conversation history behind the `SessionStore` trait (Redis, in-memory).
 //! - [`engine`]: diffusion engines behind the `Engine` trait, unmasking policies, the canvas.
+//! - [`eval`]: held-out quality evaluation through the real inference paths.
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
@@ -19,6 +20,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod metrics;
 pub mod models;
 pub mod protocol;

@@ -42,19 +42,57 @@ enum Command {
     Generate {
         #[arg(long)]
         prompt: String,
-        #[arg(long)]
-        max_tokens: Option<usize>,
-        #[arg(long)]
-        steps: Option<usize>,
-        #[arg(long)]
-        block_length: Option<usize>,
-        #[arg(long)]
-        threshold: Option<f32>,
-        #[arg(long)]
-        temperature: Option<f32>,
-        #[arg(long)]
-        seed: Option<u64>,
+        #[command(flatten)]
+        decode: DecodeArgs,
     },
+    /// Score held-out dialogs through the real inference path and print a table.
+    Eval {
+        /// Held-out dialogs (JSONL from `dllm-train corpus`).
+        #[arg(long)]
+        heldout: PathBuf,
+        /// Reference dialogs whose replies define each intent's answers (the train split).
+        #[arg(long)]
+        reference: PathBuf,
+        /// The autoregressive twin (a `llama` GGUF) to score beside the diffusion model.
+        #[arg(long)]
+        twin: Option<PathBuf>,
+        /// Score only the first N held-out dialogs.
+        #[arg(long)]
+        max_dialogs: Option<usize>,
+        #[command(flatten)]
+        decode: DecodeArgs,
+    },
+}
+
+/// Decode options on the command line; unset ones come from `[decode]`.
+#[derive(clap::Args)]
+struct DecodeArgs {
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    block_length: Option<usize>,
+    #[arg(long)]
+    threshold: Option<f32>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl DecodeArgs {
+    fn options(self) -> MessageOptions {
+        MessageOptions {
+            max_tokens: self.max_tokens,
+            steps: self.steps,
+            block_length: self.block_length,
+            threshold: self.threshold,
+            temperature: self.temperature,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,26 +129,14 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve { .. } => runtime.block_on(serve(config)),
-        Command::Generate {
-            prompt,
-            max_tokens,
-            steps,
-            block_length,
-            threshold,
-            temperature,
-            seed,
-        } => {
-            let options = MessageOptions {
-                max_tokens,
-                steps,
-                block_length,
-                threshold,
-                temperature,
-                seed,
-                ..Default::default()
-            };
-            runtime.block_on(generate(config, prompt, options))
-        }
+        Command::Generate { prompt, decode } => runtime.block_on(generate(config, prompt, decode.options())),
+        Command::Eval {
+            heldout,
+            reference,
+            twin,
+            max_dialogs,
+            decode,
+        } => runtime.block_on(eval(config, heldout, reference, twin, max_dialogs, decode.options())),
     }
 }
 
@@ -203,4 +229,40 @@ async fn generate(config: Config, prompt: String, options: MessageOptions) -> an
         }
     }
     anyhow::bail!("the engine stopped before the reply finished")
+}
+
+async fn eval(
+    config: Config,
+    heldout: PathBuf,
+    reference: PathBuf,
+    twin: Option<PathBuf>,
+    max_dialogs: Option<usize>,
+    options: MessageOptions,
+) -> anyhow::Result<()> {
+    use dllm_chat::eval;
+    let options = options
+        .resolve(&config.decode, &config.limits)
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let mut dialogs = eval::read_dialogs(&heldout)?;
+    dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
+    let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
+    let system = config.system_prompt()?;
+    let engine = start_engine(&config).await?;
+    let diffusion = eval::evaluate_engine(engine.as_ref(), &system, &dialogs, &classifier, &options).await?;
+    println!("{}", eval::TABLE_HEADER);
+    let name = format!(
+        "{} ({:?}, {} tokens)",
+        config.model.path, options.schedule, options.max_tokens
+    );
+    println!("{}", diffusion.row(&name));
+    if let Some(twin) = twin {
+        let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);
+        let rows = tokio::task::spawn_blocking(move || {
+            eval::evaluate_autoregressive(&twin, threads, ctx, max_tokens, &system, &dialogs, &classifier)
+                .map(|r| r.row(&format!("{} (autoregressive, greedy)", twin.display())))
+        })
+        .await??;
+        println!("{rows}");
+    }
+    Ok(())
 }

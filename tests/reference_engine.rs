@@ -173,10 +173,8 @@ async fn full_wait_queue_fails_fast_with_overloaded() {
 async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("llama.gguf");
-    let spec = ggml_ext::FixtureSpec {
-        architecture: ggml_ext::Architecture::Llama,
-        ..Default::default()
-    };
+    let mut spec = ggml_ext::FixtureSpec::default();
+    spec.hyperparams.architecture = ggml_ext::Architecture::Llama;
     ggml_ext::write_llada_fixture(&path, &spec).unwrap();
     let config = common::test_config();
     let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&config, path).err())

@@ -21,26 +21,24 @@ const MERGES: [(&str, &str); 6] = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i",
 /// Shape and seed of a fixture model.
 #[derive(Debug, Clone)]
 pub struct FixtureSpec {
-    pub architecture: Architecture,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub n_ff: usize,
-    pub n_layer: usize,
-    pub context_length: usize,
+    pub hyperparams: Hyperparams,
     pub seed: u64,
 }
 
 impl Default for FixtureSpec {
     fn default() -> Self {
         Self {
-            architecture: Architecture::Llada,
-            n_embd: 64,
-            n_head: 4,
-            n_head_kv: 4,
-            n_ff: 128,
-            n_layer: 2,
-            context_length: 2048,
+            hyperparams: Hyperparams {
+                architecture: Architecture::Llada,
+                n_embd: 64,
+                n_head: 4,
+                n_head_kv: 4,
+                n_ff: 128,
+                n_layer: 2,
+                context_length: 2048,
+                rope_freq_base: 10_000.0,
+                rms_eps: 1e-5,
+            },
             seed: 42,
         }
     }
@@ -112,17 +110,7 @@ impl Rng {
 /// Writes a random-weight fixture model to `path`.
 pub fn write_llada_fixture(path: &Path, spec: &FixtureSpec) -> Result<(), GgufError> {
     let vocab = vocabulary();
-    let hp = Hyperparams {
-        architecture: spec.architecture,
-        n_embd: spec.n_embd,
-        n_head: spec.n_head,
-        n_head_kv: spec.n_head_kv,
-        n_ff: spec.n_ff,
-        n_layer: spec.n_layer,
-        context_length: spec.context_length,
-        rope_freq_base: 10_000.0,
-        rms_eps: 1e-5,
-    };
+    let hp = &spec.hyperparams;
     let mut rng = Rng(spec.seed.max(1));
     let tensors = hp
         .tensor_shapes(vocab.tokens.len())
@@ -143,7 +131,7 @@ pub fn write_llada_fixture(path: &Path, spec: &FixtureSpec) -> Result<(), GgufEr
             (name, shape, data)
         })
         .collect();
-    write_model(path, &hp, &vocab, CHATML_TEMPLATE, tensors)
+    write_model(path, hp, &vocab, CHATML_TEMPLATE, tensors)
 }
 
 #[cfg(test)]

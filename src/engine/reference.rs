@@ -52,7 +52,7 @@ pub struct ReferenceConfig {
 }
 
 /// llama.cpp's backend may be initialised once per process; engines may start concurrently.
-fn backend() -> Result<&'static LlamaBackend, EngineError> {
+pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     static INIT: Mutex<()> = Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
@@ -215,23 +215,31 @@ impl Loaded {
     }
 
     fn render_prompt(&self, chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
-        let messages = chat
-            .iter()
-            .map(|t| LlamaChatMessage::new(t.role.clone(), t.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Template(e.to_string()))?;
-        let text = self
-            .model
-            .apply_chat_template(&self.template, &messages, true)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
-        Ok(self
-            .model
-            .vocab()
-            .tokenize(text.as_bytes(), false, true)
-            .into_iter()
-            .map(|t| t.0)
-            .collect())
+        chat_tokens(&self.model, &self.template, chat)
     }
+}
+
+/// Renders `chat` with the model's chat template (ending with the assistant's turn opening) and
+/// tokenizes it, control tokens included.
+pub(crate) fn chat_tokens(
+    model: &LlamaModel,
+    template: &LlamaChatTemplate,
+    chat: &[ChatTurn],
+) -> Result<Vec<i32>, EngineError> {
+    let messages = chat
+        .iter()
+        .map(|t| LlamaChatMessage::new(t.role.clone(), t.content.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Template(e.to_string()))?;
+    let text = model
+        .apply_chat_template(template, &messages, true)
+        .map_err(|e| EngineError::Template(e.to_string()))?;
+    Ok(model
+        .vocab()
+        .tokenize(text.as_bytes(), false, true)
+        .into_iter()
+        .map(|t| t.0)
+        .collect())
 }
 
 /// A reply in progress.

@@ -1,0 +1,410 @@
+//! Quality evaluation on held-out dialogs through the real inference paths: the diffusion model
+//! through an [`Engine`], its autoregressive twin through llama.cpp's causal decode.
+//!
+//! Every assistant turn of a held-out dialog is generated from the gold history before it
+//! (teacher forcing) and scored: intent (the reply is closest to answers of the expected intent
+//! in the reference corpus), facts (every expected fact appears), slots (the order number or
+//! product of the dialog appears verbatim), exact match, and tokens per step.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use serde::Deserialize;
+
+use crate::engine::reference::{backend, chat_tokens};
+use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest};
+
+/// Errors from evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("dialog file {path:?}: {reason}")]
+    Data { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// One turn of a corpus dialog (the generator's JSONL format).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+    #[serde(default)]
+    pub intent: Option<String>,
+    #[serde(default)]
+    pub facts: Vec<String>,
+    #[serde(default)]
+    pub slots: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dialog {
+    pub turns: Vec<Turn>,
+}
+
+/// Reads a JSONL dialog file.
+pub fn read_dialogs(path: &Path) -> Result<Vec<Dialog>, EvalError> {
+    let fail = |reason: String| EvalError::Data {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| fail(format!("line {}: {e}", i + 1))))
+        .collect()
+}
+
+/// Words of a reply with digit runs replaced, so answers of one intent compare alike whatever
+/// order number or price they mention.
+fn words(text: &str) -> HashSet<String> {
+    text.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            if w.chars().all(|c| c.is_ascii_digit()) {
+                "#".to_owned()
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// Assigns a reply to the intent whose reference answers it overlaps most (Jaccard on words).
+pub struct IntentClassifier {
+    answers: Vec<(String, HashSet<String>)>,
+}
+
+impl IntentClassifier {
+    /// Reference answers: every (user intent -> following assistant reply) pair of `dialogs`.
+    pub fn new(dialogs: &[Dialog]) -> Self {
+        let mut seen = HashSet::new();
+        let mut answers = Vec::new();
+        for d in dialogs {
+            for pair in d.turns.windows(2) {
+                if let (Some(intent), "assistant") = (&pair[0].intent, pair[1].role.as_str()) {
+                    let w = words(&pair[1].content);
+                    let mut key: Vec<_> = w.iter().cloned().collect();
+                    key.sort();
+                    if seen.insert((intent.clone(), key)) {
+                        answers.push((intent.clone(), w));
+                    }
+                }
+            }
+        }
+        Self { answers }
+    }
+
+    pub fn classify(&self, reply: &str) -> Option<&str> {
+        let w = words(reply);
+        self.answers
+            .iter()
+            .map(|(intent, a)| {
+                let inter = a.intersection(&w).count() as f32;
+                let union = a.union(&w).count().max(1) as f32;
+                (intent, inter / union)
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i.as_str())
+    }
+}
+
+/// Scores of one evaluation run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub replies: usize,
+    pub intent_correct: usize,
+    pub facts_correct: usize,
+    pub slot_turns: usize,
+    pub slots_correct: usize,
+    pub exact: usize,
+    pub completion_tokens: usize,
+    pub steps: usize,
+    pub latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn score(&mut self, classifier: &IntentClassifier, user: &Turn, gold: &str, reply: &str) {
+        self.replies += 1;
+        if user
+            .intent
+            .as_deref()
+            .is_some_and(|i| classifier.classify(reply) == Some(i))
+        {
+            self.intent_correct += 1;
+        }
+        let lower = reply.to_lowercase();
+        if user.facts.iter().all(|f| lower.contains(&f.to_lowercase())) {
+            self.facts_correct += 1;
+        }
+        let slots: Vec<&String> = ["order", "product"].iter().filter_map(|k| user.slots.get(*k)).collect();
+        if !slots.is_empty() {
+            self.slot_turns += 1;
+            if slots.iter().all(|s| reply.contains(s.as_str())) {
+                self.slots_correct += 1;
+            }
+        }
+        if reply.trim() == gold.trim() {
+            self.exact += 1;
+        }
+    }
+
+    fn pct(n: usize, d: usize) -> f64 {
+        if d == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / d as f64
+        }
+    }
+
+    pub fn intent_accuracy(&self) -> f64 {
+        Self::pct(self.intent_correct, self.replies)
+    }
+    pub fn fact_accuracy(&self) -> f64 {
+        Self::pct(self.facts_correct, self.replies)
+    }
+    pub fn slot_accuracy(&self) -> f64 {
+        Self::pct(self.slots_correct, self.slot_turns)
+    }
+    pub fn exact_match(&self) -> f64 {
+        Self::pct(self.exact, self.replies)
+    }
+    pub fn tokens_per_step(&self) -> f64 {
+        self.completion_tokens as f64 / self.steps.max(1) as f64
+    }
+    pub fn median_latency(&self) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(l.len() / 2).copied().unwrap_or_default()
+    }
+
+    /// A markdown table row: name | replies | intent | fact | slot | exact | tokens/step | median ms.
+    pub fn row(&self, name: &str) -> String {
+        format!(
+            "| {name} | {} | {:.1}% | {:.1}% | {:.1}% ({} turns) | {:.1}% | {:.2} | {:.0} |",
+            self.replies,
+            self.intent_accuracy(),
+            self.fact_accuracy(),
+            self.slot_accuracy(),
+            self.slot_turns,
+            self.exact_match(),
+            self.tokens_per_step(),
+            self.median_latency().as_secs_f64() * 1e3
+        )
+    }
+}
+
+pub const TABLE_HEADER: &str = "| model | replies | intent | fact | slot | exact | tokens/step | median ms |\n| --- | --- | --- | --- | --- | --- | --- | --- |";
+
+/// (history before the turn, the user turn, the gold reply) for every assistant turn.
+fn cases(dialogs: &[Dialog]) -> impl Iterator<Item = (Vec<ChatTurn>, &Turn, &str)> {
+    dialogs.iter().flat_map(|d| {
+        d.turns
+            .windows(2)
+            .enumerate()
+            .filter(|(_, p)| p[0].role == "user" && p[1].role == "assistant")
+            .map(move |(i, p)| {
+                let turns = d.turns[..=i]
+                    .iter()
+                    .map(|t| ChatTurn {
+                        role: t.role.clone(),
+                        content: t.content.clone(),
+                    })
+                    .collect();
+                (turns, &p[0], p[1].content.as_str())
+            })
+    })
+}
+
+/// Evaluates a diffusion engine.
+pub async fn evaluate_engine(
+    engine: &dyn Engine,
+    system: &str,
+    dialogs: &[Dialog],
+    classifier: &IntentClassifier,
+    options: &DecodeOptions,
+) -> Result<Report, EvalError> {
+    let mut report = Report::default();
+    for (turns, user, gold) in cases(dialogs) {
+        let started = Instant::now();
+        let request = GenerateRequest {
+            system: system.to_owned(),
+            turns,
+            options: options.clone(),
+        };
+        let mut stream = engine.submit(request)?;
+        let completion = loop {
+            match stream.events.recv().await {
+                Some(EngineEvent::Finished(c)) => break c,
+                Some(EngineEvent::Failed(e)) => return Err(e.into()),
+                Some(_) => continue,
+                None => return Err(EngineError::Stopped.into()),
+            }
+        };
+        report.latencies.push(started.elapsed());
+        report.completion_tokens += completion.completion_tokens;
+        report.steps += completion.steps;
+        report.score(classifier, user, gold, &completion.text);
+    }
+    Ok(report)
+}
+
+/// Evaluates an autoregressive (causal, `llama`) GGUF with greedy decoding: one token per step.
+/// Blocking: runs llama.cpp on the calling thread.
+pub fn evaluate_autoregressive(
+    model_path: &Path,
+    threads: usize,
+    context_length: usize,
+    max_tokens: usize,
+    system: &str,
+    dialogs: &[Dialog],
+    classifier: &IntentClassifier,
+) -> Result<Report, EvalError> {
+    let load = |reason: String| EngineError::Load {
+        path: model_path.display().to_string(),
+        reason,
+    };
+    let backend = backend()?;
+    let model = LlamaModel::load_from_file(backend, model_path, &LlamaModelParams::default())
+        .map_err(|e| load(e.to_string()))?;
+    let template = model
+        .chat_template(None)
+        .map_err(|e| EngineError::Template(e.to_string()))?;
+    let n_ctx = context_length.min(model.n_ctx_train() as usize) as u32;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(n_ctx)
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32);
+    let mut ctx = model.new_context(backend, params).map_err(|e| load(e.to_string()))?;
+    let vocab = model.vocab();
+    let mut batch = LlamaBatch::new(n_ctx as usize, 1);
+    let decode_err = |e: llama_cpp_2::DecodeError| EngineError::Decode(e.to_string());
+    let mut report = Report::default();
+    let mut pieces: HashMap<i32, Vec<u8>> = HashMap::new();
+    for (turns, user, gold) in cases(dialogs) {
+        let started = Instant::now();
+        let mut chat = vec![ChatTurn {
+            role: "system".into(),
+            content: system.to_owned(),
+        }];
+        chat.extend(turns);
+        let prompt = chat_tokens(&model, &template, &chat)?;
+        if prompt.len() + max_tokens > n_ctx as usize {
+            return Err(EngineError::ContextOverflow {
+                needed: prompt.len() + max_tokens,
+                limit: n_ctx as usize,
+            }
+            .into());
+        }
+        ctx.clear_kv_cache();
+        batch.clear();
+        for (i, t) in prompt.iter().enumerate() {
+            batch
+                .add(LlamaToken(*t), i as i32, &[0], i + 1 == prompt.len())
+                .map_err(|e| load(e.to_string()))?;
+        }
+        ctx.decode(&mut batch).map_err(decode_err)?;
+        let mut reply: Vec<u8> = Vec::new();
+        let mut generated = 0;
+        let mut last = batch.n_tokens() - 1;
+        while generated < max_tokens {
+            let logits = ctx.get_logits_ith(last);
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as i32)
+                .unwrap_or(0);
+            if vocab.is_eog(LlamaToken(next)) {
+                break;
+            }
+            generated += 1;
+            reply.extend_from_slice(
+                pieces
+                    .entry(next)
+                    .or_insert_with(|| vocab.token_to_piece(LlamaToken(next), false, None)),
+            );
+            batch.clear();
+            batch
+                .add(LlamaToken(next), (prompt.len() + generated - 1) as i32, &[0], true)
+                .map_err(|e| load(e.to_string()))?;
+            ctx.decode(&mut batch).map_err(decode_err)?;
+            last = 0;
+        }
+        report.latencies.push(started.elapsed());
+        report.completion_tokens += generated;
+        report.steps += generated.max(1);
+        report.score(classifier, user, gold, &String::from_utf8_lossy(&reply));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dialog(pairs: &[(&str, &str, &str)]) -> Dialog {
+        let mut turns = vec![];
+        for (intent, user, reply) in pairs {
+            turns.push(Turn {
+                role: "user".into(),
+                content: user.to_string(),
+                intent: Some(intent.to_string()),
+                facts: vec![],
+                slots: BTreeMap::new(),
+            });
+            turns.push(Turn {
+                role: "assistant".into(),
+                content: reply.to_string(),
+                intent: None,
+                facts: vec![],
+                slots: BTreeMap::new(),
+            });
+        }
+        Dialog { turns }
+    }
+
+    #[test]
+    fn classifier_picks_the_closest_intent_ignoring_numbers() {
+        let reference = vec![dialog(&[
+            ("returns", "return?", "Returns are accepted within 30 days of delivery."),
+            (
+                "track",
+                "where?",
+                "Order NW-12345 ships soon; the tracking link is emailed.",
+            ),
+        ])];
+        let c = IntentClassifier::new(&reference);
+        assert_eq!(
+            c.classify("Order NW-99999 ships soon; the tracking link is emailed."),
+            Some("track")
+        );
+        assert_eq!(c.classify("returns within 30 days"), Some("returns"));
+    }
+
+    #[test]
+    fn report_scores_facts_slots_and_exact_match() {
+        let reference = vec![dialog(&[("track", "q", "Order NW-1 ships.")])];
+        let c = IntentClassifier::new(&reference);
+        let mut user = reference[0].turns[0].clone();
+        user.facts = vec!["ships".into()];
+        user.slots.insert("order".into(), "NW-77777".into());
+        let mut r = Report::default();
+        r.score(&c, &user, "Order NW-77777 ships.", "Order NW-77777 ships.");
+        r.score(&c, &user, "Order NW-77777 ships.", "Order NW-11111 is late.");
+        assert_eq!(
+            (r.replies, r.exact, r.facts_correct, r.slot_turns, r.slots_correct),
+            (2, 1, 1, 2, 1)
+        );
+        assert_eq!(r.intent_correct, 2);
+    }
+}
