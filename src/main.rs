@@ -62,6 +62,31 @@ enum Command {
         #[command(flatten)]
         decode: DecodeArgs,
     },
+    /// Measure reply latency and throughput side by side and print markdown tables.
+    Bench(BenchArgs),
+}
+
+/// Options of `bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Dialogs (JSONL from `dllm-train corpus`); those with earlier turns become the conversations.
+    #[arg(long)]
+    dialogs: PathBuf,
+    /// Conversations measured per case.
+    #[arg(long, default_value_t = 8)]
+    conversations: usize,
+    /// Reply lengths (canvas tokens) to measure.
+    #[arg(long, value_delimiter = ',', default_value = "64,128")]
+    reply_tokens: Vec<usize>,
+    /// Concurrent conversation counts for the throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    concurrency: Vec<usize>,
+    /// Threshold of the adaptive cases.
+    #[arg(long, default_value_t = 0.9)]
+    threshold: f32,
+    /// Block length of every case.
+    #[arg(long, default_value_t = 32)]
+    block_length: usize,
 }
 
 /// Decode options on the command line; unset ones come from `[decode]`.
@@ -137,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             max_dialogs,
             decode,
         } => runtime.block_on(eval(config, heldout, reference, twin, max_dialogs, decode.options())),
+        Command::Bench(args) => runtime.block_on(bench(config, args)),
     }
 }
 
@@ -264,5 +290,55 @@ async fn eval(
         .await??;
         println!("{rows}");
     }
+    Ok(())
+}
+
+async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    use dllm_chat::bench::{self, Case};
+    use dllm_chat::engine::{DecodeOptions, Schedule, Selection};
+    let dialogs = dllm_chat::eval::read_dialogs(&args.dialogs)?;
+    let conversations = bench::conversations(&dialogs, args.conversations);
+    anyhow::ensure!(
+        !conversations.is_empty(),
+        "no dialog in {} has earlier turns",
+        args.dialogs.display()
+    );
+    let system = config.system_prompt()?;
+    let most = args.concurrency.iter().copied().max().unwrap_or(1);
+    config.limits.max_running_replies = most;
+    config.limits.max_waiting_replies = config.limits.max_waiting_replies.max(most);
+    let engine = start_engine(&config).await?;
+    let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
+        max_tokens,
+        steps: max_tokens,
+        block_length: args.block_length.min(max_tokens),
+        schedule,
+        selection: Selection::Confidence,
+        temperature: 0.0,
+        seed: 0,
+    };
+    let engine_name = engine.info().engine;
+    let mut cases = Vec::new();
+    for &tokens in &args.reply_tokens {
+        cases.push(Case {
+            name: format!("(a) {engine_name}, fixed 1 token/step, {tokens} tokens"),
+            options: options(tokens, Schedule::Fixed),
+        });
+        cases.push(Case {
+            name: format!("(b) {engine_name}, threshold {}, {tokens} tokens", args.threshold),
+            options: options(tokens, Schedule::Threshold { tau: args.threshold }),
+        });
+    }
+    println!("model: {}  threads: {}", engine.info().model_path, config.model.threads);
+    for pair in cases.chunks(2) {
+        let results = bench::run_cases(engine.as_ref(), &system, &conversations, pair).await?;
+        println!("{}", bench::cases_table(&results));
+    }
+    let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau: args.threshold });
+    let mut levels = Vec::new();
+    for &level in &args.concurrency {
+        levels.push(bench::run_concurrent(engine.as_ref(), &system, &conversations, &adaptive, level).await?);
+    }
+    println!("{}", bench::concurrency_table(&levels));
     Ok(())
 }

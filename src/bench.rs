@@ -1,0 +1,221 @@
+//! Latency and throughput benchmark of an engine on multi-turn conversations, measured side by
+//! side in one run so the ratios compare like with like.
+//!
+//! Each case runs the same conversations (held-out dialogs, history of earlier turns included)
+//! with one decode configuration and reports median reply latency, tokens/s and steps per reply.
+//! A second table runs N conversations at once through one engine and reports aggregate
+//! tokens/s and time-to-first-revision percentiles.
+
+use std::time::{Duration, Instant};
+
+use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest};
+use crate::eval::Dialog;
+
+/// One decode configuration to measure.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub options: DecodeOptions,
+}
+
+/// Figures for one case.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub name: String,
+    pub replies: usize,
+    pub median_latency: Duration,
+    pub tokens_per_second: f64,
+    pub steps_per_reply: f64,
+    pub prompt_tokens: f64,
+}
+
+/// Figures for one concurrency level.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyResult {
+    pub conversations: usize,
+    pub aggregate_tokens_per_second: f64,
+    pub first_revision_p50: Duration,
+    pub first_revision_p99: Duration,
+    pub reply_p50: Duration,
+    pub reply_p99: Duration,
+}
+
+/// The conversation before the last assistant turn of each dialog that has history (at least
+/// two user turns), so every prompt carries earlier turns.
+pub fn conversations(dialogs: &[Dialog], count: usize) -> Vec<Vec<ChatTurn>> {
+    dialogs
+        .iter()
+        .filter(|d| d.turns.iter().filter(|t| t.role == "user").count() >= 2)
+        .filter_map(|d| {
+            let last_user = d.turns.iter().rposition(|t| t.role == "user")?;
+            Some(
+                d.turns[..=last_user]
+                    .iter()
+                    .map(|t| ChatTurn {
+                        role: t.role.clone(),
+                        content: t.content.clone(),
+                    })
+                    .collect(),
+            )
+        })
+        .take(count)
+        .collect()
+}
+
+struct Measured {
+    latency: Duration,
+    first_revision: Duration,
+    tokens: usize,
+    steps: usize,
+    prompt_tokens: usize,
+}
+
+async fn measure(
+    engine: &dyn Engine,
+    system: &str,
+    turns: Vec<ChatTurn>,
+    options: &DecodeOptions,
+) -> Result<Measured, EngineError> {
+    let started = Instant::now();
+    let request = GenerateRequest {
+        system: system.to_owned(),
+        turns,
+        options: options.clone(),
+    };
+    let mut stream = engine.submit(request)?;
+    let mut first_revision = None;
+    let mut prompt_tokens = 0;
+    loop {
+        match stream.events.recv().await {
+            Some(EngineEvent::Started { prompt_tokens: p, .. }) => prompt_tokens = p,
+            Some(EngineEvent::Revision(_)) => {
+                first_revision.get_or_insert_with(|| started.elapsed());
+            }
+            Some(EngineEvent::Finished(c)) => {
+                return Ok(Measured {
+                    latency: started.elapsed(),
+                    first_revision: first_revision.unwrap_or_default(),
+                    // The canvas length counts: every position was decoded, end padding included.
+                    tokens: options.max_tokens.max(c.completion_tokens),
+                    steps: c.steps,
+                    prompt_tokens,
+                });
+            }
+            Some(EngineEvent::Failed(e)) => return Err(e),
+            None => return Err(EngineError::Stopped),
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Runs every case over the same conversations, one reply at a time.
+pub async fn run_cases(
+    engine: &dyn Engine,
+    system: &str,
+    conversations: &[Vec<ChatTurn>],
+    cases: &[Case],
+) -> Result<Vec<CaseResult>, EngineError> {
+    let mut results = Vec::new();
+    for case in cases {
+        let mut measured = Vec::new();
+        for turns in conversations {
+            measured.push(measure(engine, system, turns.clone(), &case.options).await?);
+        }
+        let mut latencies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
+        latencies.sort();
+        let total_time: f64 = measured.iter().map(|m| m.latency.as_secs_f64()).sum();
+        let tokens: usize = measured.iter().map(|m| m.tokens).sum();
+        let n = measured.len().max(1) as f64;
+        results.push(CaseResult {
+            name: case.name.clone(),
+            replies: measured.len(),
+            median_latency: percentile(&latencies, 0.5),
+            tokens_per_second: tokens as f64 / total_time.max(1e-9),
+            steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
+            prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
+        });
+    }
+    Ok(results)
+}
+
+/// Runs `level` conversations at once (the engine must allow that many running replies).
+pub async fn run_concurrent(
+    engine: &dyn Engine,
+    system: &str,
+    conversations: &[Vec<ChatTurn>],
+    options: &DecodeOptions,
+    level: usize,
+) -> Result<ConcurrencyResult, EngineError> {
+    let started = Instant::now();
+    let runs = conversations
+        .iter()
+        .cycle()
+        .take(level)
+        .map(|turns| measure(engine, system, turns.clone(), options));
+    let measured = futures_util::future::try_join_all(runs).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let mut first: Vec<Duration> = measured.iter().map(|m| m.first_revision).collect();
+    let mut replies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
+    first.sort();
+    replies.sort();
+    Ok(ConcurrencyResult {
+        conversations: level,
+        aggregate_tokens_per_second: measured.iter().map(|m| m.tokens).sum::<usize>() as f64 / wall,
+        first_revision_p50: percentile(&first, 0.5),
+        first_revision_p99: percentile(&first, 0.99),
+        reply_p50: percentile(&replies, 0.5),
+        reply_p99: percentile(&replies, 0.99),
+    })
+}
+
+/// Markdown table of `results`, with each case's latency ratio to the first case.
+pub fn cases_table(results: &[CaseResult]) -> String {
+    let mut out = String::from(
+        "| case | replies | prompt tokens | median latency ms | tokens/s | steps/reply | speed-up vs first |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let base = results.first().map(|r| r.median_latency.as_secs_f64()).unwrap_or(1.0);
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2}x |\n",
+            r.name,
+            r.replies,
+            r.prompt_tokens,
+            r.median_latency.as_secs_f64() * 1e3,
+            r.tokens_per_second,
+            r.steps_per_reply,
+            base / r.median_latency.as_secs_f64().max(1e-9)
+        ));
+    }
+    out
+}
+
+/// Markdown table of concurrency results, with aggregate throughput relative to the first row.
+pub fn concurrency_table(results: &[ConcurrencyResult]) -> String {
+    let mut out = String::from(
+        "| conversations | aggregate tokens/s | vs first | first revision p50/p99 ms | reply p50/p99 ms |\n\
+         | --- | --- | --- | --- | --- |\n",
+    );
+    let base = results.first().map(|r| r.aggregate_tokens_per_second).unwrap_or(1.0);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            r.conversations,
+            r.aggregate_tokens_per_second,
+            r.aggregate_tokens_per_second / base.max(1e-9),
+            ms(r.first_revision_p50),
+            ms(r.first_revision_p99),
+            ms(r.reply_p50),
+            ms(r.reply_p99)
+        ));
+    }
+    out
+}
