@@ -79,7 +79,10 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
+    /// llama.cpp's diffusion path: the whole `[prompt + reply]` is recomputed every step.
     Reference,
+    /// The prompt's K/V is computed once per reply; steps recompute only the reply (LLaDA models).
+    PrefixCache,
 }
 
 /// How many positions each step unmasks.

@@ -91,6 +91,25 @@ async fn reply_streams_revisions_and_history_survives_reconnect() {
 }
 
 #[tokio::test]
+async fn prefix_cache_engine_streams_whole_revisions_too() {
+    let mut config = test_config();
+    config.model.engine = dllm_chat::config::EngineKind::PrefixCache;
+    let server = TestServer::start(config).await;
+    let placeholder = server.config.prompt.mask_placeholder.clone();
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    for content in ["Where is my order NW-12345?", "And can I still cancel it?"] {
+        let events = client.exchange(&session, content, json!({"steps": 16})).await;
+        check_reply(&events, &placeholder);
+    }
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    assert_eq!(client.recv().await["messages"].as_array().unwrap().len(), 4);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn threshold_policy_needs_fewer_steps_than_one_token_per_step() {
     let server = TestServer::start(test_config()).await;
     let mut client = server.connect().await;

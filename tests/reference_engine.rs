@@ -213,3 +213,95 @@ async fn quantized_models_load_and_reply() {
     );
     assert!(matches!(err, Err(ggml_ext::QuantizeError::Failed { .. })));
 }
+
+fn prefix_cache_config() -> dllm_chat::config::Config {
+    let mut config = common::test_config();
+    config.model.engine = dllm_chat::config::EngineKind::PrefixCache;
+    config
+}
+
+/// The retargeted `llama` file run non-causally over the whole sequence computes exactly what
+/// llama.cpp's `llada` graph computes: the prefix-cache engine runs the same function.
+#[tokio::test]
+async fn llada_retargeted_as_llama_gives_identical_logits() {
+    use llama_cpp_2::context::params::{LlamaAttentionType, LlamaContextParams};
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::token::LlamaToken;
+    let dir = tempfile::tempdir().unwrap();
+    let twin = dir.path().join("twin.gguf");
+    ggml_ext::retarget(&common::fixture_model(), &twin, "llada", "llama").unwrap();
+    let err = ggml_ext::retarget(&twin, &dir.path().join("x.gguf"), "llada", "llama").unwrap_err();
+    assert!(matches!(err, ggml_ext::RetargetError::Architecture { .. }), "{err}");
+
+    let logits = |path: std::path::PathBuf, attention: Option<LlamaAttentionType>| {
+        let backend = dllm_chat::engine::reference::backend().unwrap();
+        let model = LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap();
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(std::num::NonZeroU32::new(64))
+            .with_n_batch(64)
+            .with_n_ubatch(64)
+            .with_n_threads(1);
+        if let Some(a) = attention {
+            params = params.with_attention_type(a);
+        }
+        let mut ctx = model.new_context(backend, params).unwrap();
+        let tokens = [10, 200, 33, 7, 265, 265, 265, 90];
+        let mut batch = LlamaBatch::new(64, 1);
+        for (i, t) in tokens.iter().enumerate() {
+            batch.add(LlamaToken(*t), i as i32, &[0], true).unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        (0..tokens.len() as i32)
+            .flat_map(|i| ctx.get_logits_ith(i).to_vec())
+            .collect::<Vec<f32>>()
+    };
+    let (llada, llama_non_causal, llama_causal) = tokio::task::spawn_blocking(move || {
+        (
+            logits(common::fixture_model(), None),
+            logits(twin.clone(), Some(LlamaAttentionType::NonCausal)),
+            logits(twin, None),
+        )
+    })
+    .await
+    .unwrap();
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(
+        max_diff(&llada, &llama_non_causal) <= 1e-4,
+        "{}",
+        max_diff(&llada, &llama_non_causal)
+    );
+    assert!(max_diff(&llada, &llama_causal) > 1e-2, "causal attention must differ");
+}
+
+#[tokio::test]
+async fn prefix_cache_replies_do_not_leak_between_sequences() {
+    let mut config = prefix_cache_config();
+    config.limits.max_running_replies = 3;
+    let engine = common::start_engine(&config).await;
+    assert_eq!(engine.info().engine, "prefix-cache");
+    assert_eq!(engine.info().architecture, "llada");
+    let text = |event: EngineEvent| match event {
+        EngineEvent::Finished(c) => c.text,
+        other => panic!("{other:?}"),
+    };
+    let o = options(16, 16, Schedule::Fixed);
+    let alone = text(run(engine.as_ref(), request("first conversation", o.clone())).await.1);
+    // The same reply while two other conversations are interleaved with it in other sequences.
+    let (a, b, c) = tokio::join!(
+        run(engine.as_ref(), request("first conversation", o.clone())),
+        run(
+            engine.as_ref(),
+            request("a second, different and longer conversation", o.clone())
+        ),
+        run(engine.as_ref(), request("third", o.clone())),
+    );
+    assert_eq!(text(a.1), alone);
+    assert!(matches!(b.1, EngineEvent::Finished(_)) && matches!(c.1, EngineEvent::Finished(_)));
+    // And again after the sequences were reused.
+    assert_eq!(
+        text(run(engine.as_ref(), request("first conversation", o)).await.1),
+        alone
+    );
+}

@@ -142,7 +142,7 @@ impl GgufWriter {
             .to_str()
             .and_then(|p| CString::new(p).ok())
             .ok_or_else(|| GgufError::BadPath(path.to_owned()))?;
-        let ctx = GgufContext::new();
+        let ctx = OwnedGguf::new();
         for (name, value) in &self.kv {
             ctx.set(name, value);
         }
@@ -182,10 +182,10 @@ impl GgufWriter {
 }
 
 /// Owns a `gguf_context` for the duration of one write.
-struct GgufContext(*mut sys::gguf_context);
+pub(crate) struct OwnedGguf(pub(crate) *mut sys::gguf_context);
 
-impl GgufContext {
-    fn new() -> Self {
+impl OwnedGguf {
+    pub(crate) fn new() -> Self {
         // SAFETY: `gguf_init_empty` has no preconditions and returns an owned context.
         Self(unsafe { sys::gguf_init_empty() })
     }
@@ -217,7 +217,7 @@ impl GgufContext {
     }
 }
 
-impl Drop for GgufContext {
+impl Drop for OwnedGguf {
     fn drop(&mut self) {
         // SAFETY: the context was created by `gguf_init_empty` and is freed once.
         unsafe { sys::gguf_free(self.0) }

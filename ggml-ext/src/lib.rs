@@ -8,14 +8,17 @@
 //! - [`gguf`]: a safe writer for GGUF files (metadata and F32 tensors).
 //! - [`model`]: complete model files (hyper-parameters, BPE vocabulary, chat template, weights).
 //! - [`quantize`]: F16 / Q8_0 / Q4_0 re-encoding with llama.cpp's quantizer.
+//! - [`retarget`]: the same weights under another architecture name (LLaDA as `llama`).
 //! - [`fixture`]: small random-weight `llada` models for tests and benchmarks.
 
 pub mod fixture;
 pub mod gguf;
 pub mod model;
 pub mod quantize;
+pub mod retarget;
 
 pub use fixture::{write_llada_fixture, FixtureSpec};
 pub use gguf::{GgufError, GgufWriter};
 pub use model::{write_model, Architecture, Hyperparams, Vocabulary};
 pub use quantize::{quantize, QuantizeError, WeightType};
+pub use retarget::{retarget, RetargetError};

@@ -152,7 +152,7 @@ pub fn start(
     model_path: std::path::PathBuf,
 ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
     match config.model.engine {
-        crate::config::EngineKind::Reference => {
+        crate::config::EngineKind::Reference | crate::config::EngineKind::PrefixCache => {
             let engine = reference::ReferenceEngine::start(reference::ReferenceConfig {
                 model_path,
                 threads: config.model.threads,
@@ -160,6 +160,7 @@ pub fn start(
                 max_running: config.limits.max_running_replies,
                 max_waiting: config.limits.max_waiting_replies,
                 mask_placeholder: config.prompt.mask_placeholder.clone(),
+                prefix_cache: config.model.engine == crate::config::EngineKind::PrefixCache,
             })?;
             Ok(std::sync::Arc::new(engine))
         }

@@ -4,6 +4,13 @@
 //! `[prompt + canvas]` non-causally and reads the logits of the active positions. This is the
 //! baseline every faster engine is measured and checked against.
 //!
+//! With `prefix_cache`, the same thread runs the *prefix-cache* mode instead: a LLaDA file is
+//! rewritten under the `llama` architecture (same weights) and run with non-causal attention and
+//! llama.cpp's KV cache. The prompt is decoded once per reply into its own sequence; each step
+//! decodes only the canvas, which attends non-causally to the cached prompt and to itself. The
+//! cached prompt has not seen the reply, so this is an approximation of the full recompute (the
+//! one Fast-dLLM's prefix cache makes); its quality cost is measured by `dllm-chat eval`.
+//!
 //! One dedicated thread owns the model and its context (llama.cpp contexts are not `Send`).
 //! Requests queue on a channel; the thread runs up to `max_running` replies at once,
 //! interleaving them one step each in turn, so a long reply does not hold back a short one.
@@ -15,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{LlamaAttentionType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -49,10 +56,12 @@ pub struct ReferenceConfig {
     pub max_waiting: usize,
     /// Shown in revisions for each masked position.
     pub mask_placeholder: String,
+    /// Decode the prompt once per reply and keep its K/V (see the module docs).
+    pub prefix_cache: bool,
 }
 
 /// llama.cpp's backend may be initialised once per process; engines may start concurrently.
-pub(crate) fn backend() -> Result<&'static LlamaBackend, EngineError> {
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     static INIT: Mutex<()> = Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,12 +186,19 @@ impl Loaded {
             return Err(load_err("no such file".into()));
         }
         let backend = backend()?;
-        let model = LlamaModel::load_from_file(backend, &config.model_path, &LlamaModelParams::default())
+        let file = if config.prefix_cache {
+            cache_twin(&config.model_path)?
+        } else {
+            config.model_path.clone()
+        };
+        let model = LlamaModel::load_from_file(backend, &file, &LlamaModelParams::default())
             .map_err(|e| load_err(e.to_string()))?;
-        let architecture = model
+        let mut architecture = model
             .meta_val_str("general.architecture")
             .map_err(|e| load_err(e.to_string()))?;
-        if !DIFFUSION_ARCHITECTURES.contains(&architecture.as_str()) {
+        if config.prefix_cache {
+            architecture = "llada".into();
+        } else if !DIFFUSION_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(EngineError::NotDiffusion(architecture));
         }
         let vocab = model.vocab();
@@ -200,7 +216,11 @@ impl Loaded {
         drop(vocab);
         Ok(Self {
             info: EngineInfo {
-                engine: "reference",
+                engine: if config.prefix_cache {
+                    "prefix-cache"
+                } else {
+                    "reference"
+                },
                 model_path: path,
                 architecture,
                 context_length,
@@ -217,6 +237,38 @@ impl Loaded {
     fn render_prompt(&self, chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
         chat_tokens(&self.model, &self.template, chat)
     }
+}
+
+/// The `llama`-architecture copy of a LLaDA file, written once next to the system's temp files
+/// and reused while the source is unchanged (keyed by path, size and modification time).
+fn cache_twin(path: &std::path::Path) -> Result<PathBuf, EngineError> {
+    let fail = |reason: String| EngineError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(&(path, meta.len(), modified), &mut hasher);
+    let dir = std::env::temp_dir().join("dllm-chat");
+    let twin = dir.join(format!("llama-twin-{:016x}.gguf", std::hash::Hasher::finish(&hasher)));
+    if twin.is_file() {
+        return Ok(twin);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+    let tmp = dir.join(format!(".twin-{}.gguf", uuid::Uuid::new_v4().simple()));
+    ggml_ext::retarget(path, &tmp, "llada", "llama").map_err(|e| match e {
+        ggml_ext::RetargetError::Architecture { found, .. } => EngineError::NotDiffusion(format!(
+            "{found} (the prefix-cache engine runs llada models; use --engine reference for others)"
+        )),
+        other => fail(other.to_string()),
+    })?;
+    std::fs::rename(&tmp, &twin).map_err(|e| fail(e.to_string()))?;
+    Ok(twin)
 }
 
 /// Renders `chat` with the model's chat template (ending with the assistant's turn opening) and
@@ -245,6 +297,8 @@ pub(crate) fn chat_tokens(
 /// A reply in progress.
 struct Active {
     job: Job,
+    /// KV-cache sequence of this reply (prefix-cache mode).
+    seq: i32,
     prompt: Vec<i32>,
     canvas: Canvas,
     revision: usize,
@@ -256,19 +310,30 @@ struct Worker<'m> {
     batch: LlamaBatch<'static>,
     max_running: usize,
     placeholder: String,
+    prefix_cache: bool,
+    /// KV-cache sequences not held by a running reply.
+    free_seqs: Vec<i32>,
 }
 
 impl<'m> Worker<'m> {
     fn new(loaded: &'m Loaded, config: &ReferenceConfig) -> Result<Self, EngineError> {
         let n_ctx = loaded.info.context_length as u32;
         let threads = config.threads.max(1) as i32;
+        let max_running = config.max_running.max(1);
         // Non-causal attention needs the whole sequence in one micro-batch.
-        let params = LlamaContextParams::default()
+        let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        if config.prefix_cache {
+            // One KV sequence of `n_ctx` cells per running reply.
+            params = params
+                .with_n_ctx(NonZeroU32::new(n_ctx * max_running as u32))
+                .with_n_seq_max(max_running as u32)
+                .with_attention_type(LlamaAttentionType::NonCausal);
+        }
         let ctx = loaded
             .model
             .new_context(backend()?, params)
@@ -280,8 +345,10 @@ impl<'m> Worker<'m> {
             loaded,
             ctx,
             batch: LlamaBatch::new(n_ctx as usize, 1),
-            max_running: config.max_running.max(1),
+            max_running,
             placeholder: config.mask_placeholder.clone(),
+            prefix_cache: config.prefix_cache,
+            free_seqs: (0..max_running as i32).rev().collect(),
         })
     }
 
@@ -321,13 +388,14 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Fits the prompt and announces the reply; `None` when it failed or was already cancelled.
-    fn admit(&self, job: Job) -> Option<Active> {
+    /// Fits the prompt (and, with the prefix cache, decodes it into a free sequence) and announces
+    /// the reply; `None` when it failed or was already cancelled.
+    fn admit(&mut self, job: Job) -> Option<Active> {
         let queue_wait = job.queued_at.elapsed();
         let options = &job.request.options;
         let context = self.loaded.info.context_length;
-        let budget = context.checked_sub(options.max_tokens);
-        let fitted = budget
+        let fitted = context
+            .checked_sub(options.max_tokens)
             .ok_or(EngineError::ContextOverflow {
                 needed: options.max_tokens,
                 limit: context,
@@ -344,40 +412,63 @@ impl<'m> Worker<'m> {
                 return None;
             }
         };
+        let seq = if self.prefix_cache {
+            self.free_seqs.pop().expect("a free sequence per running reply")
+        } else {
+            0
+        };
+        if self.prefix_cache {
+            if let Err(e) = self.prefill(seq, &tokens) {
+                self.release(seq);
+                let _ = job.events.send(EngineEvent::Failed(e));
+                return None;
+            }
+        }
         let started = EngineEvent::Started {
             prompt_tokens: tokens.len(),
             dropped_turns,
             queue_wait,
         };
         if job.events.send(started).is_err() {
+            self.release(seq);
             return None;
         }
         let canvas = Canvas::new(options, self.loaded.mask, self.loaded.end_tokens.clone());
         Some(Active {
             job,
+            seq,
             prompt: tokens,
             canvas,
             revision: 0,
         })
     }
 
-    /// Runs one step of `a`; returns whether the reply continues.
+    /// Runs one step of `a`; returns whether the reply continues. A reply that ends here has
+    /// sent its last event and released its sequence.
     fn step(&mut self, a: &mut Active) -> bool {
+        let go_on = self.advance(a);
+        if !go_on {
+            self.release(a.seq);
+        }
+        go_on
+    }
+
+    fn advance(&mut self, a: &mut Active) -> bool {
         if a.job.cancel.is_cancelled() || a.job.events.is_closed() {
             self.finish(a, StopReason::Cancelled);
             return false;
         }
         let active = a.canvas.active_positions();
-        if let Err(e) = self.decode(&a.prompt, a.canvas.tokens(), &active) {
-            let _ = a.job.events.send(EngineEvent::Failed(e));
-            return false;
-        }
+        let first_row = match self.decode(a, &active) {
+            Ok(row) => row,
+            Err(e) => {
+                let _ = a.job.events.send(EngineEvent::Failed(e));
+                return false;
+            }
+        };
         let rows: Vec<&[f32]> = active
             .iter()
-            .map(|p| {
-                self.ctx
-                    .get_logits_ith((a.prompt.len() + p - self.loaded.logit_shift) as i32)
-            })
+            .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
             .collect();
         let unmasked = a.canvas.step(&active, &rows);
         a.revision += 1;
@@ -417,18 +508,58 @@ impl<'m> Worker<'m> {
         )
     }
 
-    /// Decodes `[prompt + canvas]`, asking for the logits rows of the `active` positions.
-    fn decode(&mut self, prompt: &[i32], canvas: &[i32], active: &[usize]) -> Result<(), EngineError> {
-        let shift = self.loaded.logit_shift;
-        let wanted = |i: usize| i + shift >= prompt.len() && active.contains(&(i + shift - prompt.len()));
+    /// Returns a reply's KV sequence, emptied, to the free list (prefix-cache mode).
+    fn release(&mut self, seq: i32) {
+        if self.prefix_cache {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            self.free_seqs.push(seq);
+        }
+    }
+
+    /// Decodes the prompt into `seq`'s cache (prefix-cache mode).
+    fn prefill(&mut self, seq: i32, prompt: &[i32]) -> Result<(), EngineError> {
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.batch.clear();
-        for (i, &t) in prompt.iter().chain(canvas).enumerate() {
+        for (i, &t) in prompt.iter().enumerate() {
             self.batch
-                .add(LlamaToken(t), i as i32, &[0], wanted(i))
+                .add(LlamaToken(t), i as i32, &[seq], i + 1 == prompt.len())
                 .map_err(|e| EngineError::Decode(e.to_string()))?;
         }
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    /// Decodes what one step needs, asking for the logits of the `active` canvas positions.
+    /// Returns the batch row of canvas position 0, so position `p`'s logits are row `first + p`.
+    ///
+    /// Full recompute: `[prompt + canvas]`. Prefix cache: the canvas alone, after dropping the
+    /// previous step's canvas cells so only the prompt stays cached.
+    fn decode(&mut self, a: &Active, active: &[usize]) -> Result<usize, EngineError> {
+        let err = |e: String| EngineError::Decode(e);
+        let prompt_len = a.prompt.len();
+        self.batch.clear();
+        let first_row = if self.prefix_cache {
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(a.seq as u32), Some(prompt_len as u32), None);
+            for (p, &t) in a.canvas.tokens().iter().enumerate() {
+                self.batch
+                    .add(LlamaToken(t), (prompt_len + p) as i32, &[a.seq], active.contains(&p))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            0
+        } else {
+            let shift = self.loaded.logit_shift;
+            let wanted = |i: usize| i + shift >= prompt_len && active.contains(&(i + shift - prompt_len));
+            for (i, &t) in a.prompt.iter().chain(a.canvas.tokens()).enumerate() {
+                self.batch
+                    .add(LlamaToken(t), i as i32, &[0], wanted(i))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            prompt_len - shift
+        };
+        self.ctx.decode(&mut self.batch).map_err(|e| err(e.to_string()))?;
+        Ok(first_row)
     }
 }
