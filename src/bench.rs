@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest};
 use crate::eval::Dialog;
 
-/// One decode configuration to measure.
-#[derive(Debug, Clone)]
+/// One engine and decode configuration to measure.
+#[derive(Clone)]
 pub struct Case {
     pub name: String,
+    pub engine: std::sync::Arc<dyn Engine>,
     pub options: DecodeOptions,
 }
 
@@ -117,7 +118,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs every case over the same conversations, one reply at a time.
 pub async fn run_cases(
-    engine: &dyn Engine,
     system: &str,
     conversations: &[Vec<ChatTurn>],
     cases: &[Case],
@@ -126,7 +126,7 @@ pub async fn run_cases(
     for case in cases {
         let mut measured = Vec::new();
         for turns in conversations {
-            measured.push(measure(engine, system, turns.clone(), &case.options).await?);
+            measured.push(measure(case.engine.as_ref(), system, turns.clone(), &case.options).await?);
         }
         let mut latencies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
         latencies.sort();

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dllm_chat::config::{Config, EngineKind};
+use dllm_chat::config::{Config, EngineKind, ModelConfig};
 use dllm_chat::engine::{self, ChatTurn, EngineEvent, GenerateRequest};
 use dllm_chat::protocol::MessageOptions;
 use serde_json::{json, Map, Value};
@@ -307,7 +307,22 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let most = args.concurrency.iter().copied().max().unwrap_or(1);
     config.limits.max_running_replies = most;
     config.limits.max_waiting_replies = config.limits.max_waiting_replies.max(most);
-    let engine = start_engine(&config).await?;
+    let reference = start_engine(&Config {
+        model: ModelConfig {
+            engine: EngineKind::Reference,
+            ..config.model.clone()
+        },
+        ..config.clone()
+    })
+    .await?;
+    let cached = start_engine(&Config {
+        model: ModelConfig {
+            engine: EngineKind::PrefixCache,
+            ..config.model.clone()
+        },
+        ..config.clone()
+    })
+    .await?;
     let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
         max_tokens,
         steps: max_tokens,
@@ -317,28 +332,39 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         temperature: 0.0,
         seed: 0,
     };
-    let engine_name = engine.info().engine;
-    let mut cases = Vec::new();
+    let tau = args.threshold;
+    println!(
+        "model: {}  threads: {}  conversations: {}",
+        reference.info().model_path,
+        config.model.threads,
+        conversations.len()
+    );
     for &tokens in &args.reply_tokens {
-        cases.push(Case {
-            name: format!("(a) {engine_name}, fixed 1 token/step, {tokens} tokens"),
-            options: options(tokens, Schedule::Fixed),
+        let cases = [
+            ("(a) reference, fixed 1 token/step", &reference, Schedule::Fixed),
+            ("(b) reference, threshold", &reference, Schedule::Threshold { tau }),
+            ("(c) prefix cache, threshold", &cached, Schedule::Threshold { tau }),
+        ]
+        .map(|(name, engine, schedule)| Case {
+            name: format!("{name}, {tokens} tokens"),
+            engine: engine.clone(),
+            options: options(tokens, schedule),
         });
-        cases.push(Case {
-            name: format!("(b) {engine_name}, threshold {}, {tokens} tokens", args.threshold),
-            options: options(tokens, Schedule::Threshold { tau: args.threshold }),
-        });
-    }
-    println!("model: {}  threads: {}", engine.info().model_path, config.model.threads);
-    for pair in cases.chunks(2) {
-        let results = bench::run_cases(engine.as_ref(), &system, &conversations, pair).await?;
+        let results = bench::run_cases(&system, &conversations, &cases).await?;
         println!("{}", bench::cases_table(&results));
     }
-    let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau: args.threshold });
-    let mut levels = Vec::new();
-    for &level in &args.concurrency {
-        levels.push(bench::run_concurrent(engine.as_ref(), &system, &conversations, &adaptive, level).await?);
+    let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
+    for engine in [&reference, &cached] {
+        let mut levels = Vec::new();
+        for &level in &args.concurrency {
+            levels.push(bench::run_concurrent(engine.as_ref(), &system, &conversations, &adaptive, level).await?);
+        }
+        println!(
+            "{} engine, threshold {tau}, {} tokens:\n{}",
+            engine.info().engine,
+            adaptive.max_tokens,
+            bench::concurrency_table(&levels)
+        );
     }
-    println!("{}", bench::concurrency_table(&levels));
     Ok(())
 }

@@ -384,7 +384,7 @@ impl<'m> Worker<'m> {
                 }
             }
             crate::metrics::engine_load(Some(active.len()), Some(waiting.load(Ordering::Relaxed)));
-            active.retain_mut(|a| self.step(a));
+            self.step_round(&mut active);
         }
     }
 
@@ -443,34 +443,68 @@ impl<'m> Worker<'m> {
         })
     }
 
-    /// Runs one step of `a`; returns whether the reply continues. A reply that ends here has
-    /// sent its last event and released its sequence.
-    fn step(&mut self, a: &mut Active) -> bool {
-        let go_on = self.advance(a);
-        if !go_on {
-            self.release(a.seq);
+    /// One step of every running reply. With the prefix cache, the canvases of several replies
+    /// go into one decode (each in its own sequence), so they share each read of the weights;
+    /// the full recompute decodes one reply at a time.
+    fn step_round(&mut self, replies: &mut Vec<Active>) {
+        // Cancelled replies end before anything is decoded for them.
+        replies.retain_mut(|a| {
+            let stop = a.job.cancel.is_cancelled() || a.job.events.is_closed();
+            if stop {
+                self.finish(a, StopReason::Cancelled);
+                self.release(a.seq);
+            }
+            !stop
+        });
+        let capacity = self.loaded.info.context_length;
+        let mut keep = vec![true; replies.len()];
+        let mut start = 0;
+        while start < replies.len() {
+            self.batch.clear();
+            let mut planned: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+            let mut end = start;
+            while end < replies.len() && (planned.is_empty() || self.prefix_cache) {
+                let a = &replies[end];
+                let needed = a.canvas.tokens().len() + if self.prefix_cache { 0 } else { a.prompt.len() };
+                if !planned.is_empty() && self.batch.n_tokens() as usize + needed > capacity {
+                    break;
+                }
+                let active = a.canvas.active_positions();
+                let first_row = self.add_to_batch(a, &active);
+                planned.push((end, first_row, active));
+                end += 1;
+            }
+            let decoded = self
+                .ctx
+                .decode(&mut self.batch)
+                .map_err(|e| EngineError::Decode(e.to_string()));
+            for (i, first_row, active) in planned {
+                let a = &mut replies[i];
+                keep[i] = match &decoded {
+                    Ok(()) => self.apply(a, &active, first_row),
+                    Err(e) => {
+                        let _ = a.job.events.send(EngineEvent::Failed(e.clone()));
+                        false
+                    }
+                };
+                if !keep[i] {
+                    self.release(a.seq);
+                }
+            }
+            start = end;
         }
-        go_on
+        let mut flags = keep.into_iter();
+        replies.retain(|_| flags.next().unwrap_or(false));
     }
 
-    fn advance(&mut self, a: &mut Active) -> bool {
-        if a.job.cancel.is_cancelled() || a.job.events.is_closed() {
-            self.finish(a, StopReason::Cancelled);
-            return false;
-        }
-        let active = a.canvas.active_positions();
-        let first_row = match self.decode(a, &active) {
-            Ok(row) => row,
-            Err(e) => {
-                let _ = a.job.events.send(EngineEvent::Failed(e));
-                return false;
-            }
-        };
+    /// Takes the decoded logits of `a`'s active positions into its canvas and reports the
+    /// revision; returns whether the reply continues.
+    fn apply(&mut self, a: &mut Active, active: &[usize], first_row: usize) -> bool {
         let rows: Vec<&[f32]> = active
             .iter()
             .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
             .collect();
-        let unmasked = a.canvas.step(&active, &rows);
+        let unmasked = a.canvas.step(active, &rows);
         a.revision += 1;
         let revision = Revision {
             step: a.canvas.steps(),
@@ -530,36 +564,35 @@ impl<'m> Worker<'m> {
             .map_err(|e| EngineError::Decode(e.to_string()))
     }
 
-    /// Decodes what one step needs, asking for the logits of the `active` canvas positions.
-    /// Returns the batch row of canvas position 0, so position `p`'s logits are row `first + p`.
+    /// Adds what one step of `a` needs to the batch, asking for the logits of the `active` canvas
+    /// positions. Returns the batch row of canvas position 0, so position `p`'s logits are row
+    /// `first + p`. The batch was sized for the context window, and callers check that it fits.
     ///
     /// Full recompute: `[prompt + canvas]`. Prefix cache: the canvas alone, after dropping the
     /// previous step's canvas cells so only the prompt stays cached.
-    fn decode(&mut self, a: &Active, active: &[usize]) -> Result<usize, EngineError> {
-        let err = |e: String| EngineError::Decode(e);
+    fn add_to_batch(&mut self, a: &Active, active: &[usize]) -> usize {
         let prompt_len = a.prompt.len();
-        self.batch.clear();
-        let first_row = if self.prefix_cache {
+        let offset = self.batch.n_tokens() as usize;
+        let add = |batch: &mut LlamaBatch, t: i32, pos: usize, seq: i32, logits: bool| {
+            batch
+                .add(LlamaToken(t), pos as i32, &[seq], logits)
+                .expect("the batch holds a context window");
+        };
+        if self.prefix_cache {
             let _ = self
                 .ctx
                 .clear_kv_cache_seq(Some(a.seq as u32), Some(prompt_len as u32), None);
             for (p, &t) in a.canvas.tokens().iter().enumerate() {
-                self.batch
-                    .add(LlamaToken(t), (prompt_len + p) as i32, &[a.seq], active.contains(&p))
-                    .map_err(|e| err(e.to_string()))?;
+                add(&mut self.batch, t, prompt_len + p, a.seq, active.contains(&p));
             }
-            0
+            offset
         } else {
             let shift = self.loaded.logit_shift;
             let wanted = |i: usize| i + shift >= prompt_len && active.contains(&(i + shift - prompt_len));
             for (i, &t) in a.prompt.iter().chain(a.canvas.tokens()).enumerate() {
-                self.batch
-                    .add(LlamaToken(t), i as i32, &[0], wanted(i))
-                    .map_err(|e| err(e.to_string()))?;
+                add(&mut self.batch, t, i, a.seq, wanted(i));
             }
-            prompt_len - shift
-        };
-        self.ctx.decode(&mut self.batch).map_err(|e| err(e.to_string()))?;
-        Ok(first_row)
+            offset + prompt_len - shift
+        }
     }
 }
