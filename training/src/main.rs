@@ -1,14 +1,19 @@
 //! The `dllm-train` command line: `corpus` writes the train and held-out dialogs of a domain, `tokenizer`
-//! trains a byte-level BPE tokenizer on a written corpus.
+//! trains a byte-level BPE tokenizer on a written corpus, `train` trains a diffusion model or its
+//! autoregressive twin, `export` writes a checkpoint as GGUF, and `pipeline` runs all of it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 use dllm_train::corpus::{self, CorpusConfig, SplitStats, TRAIN_FILE};
 use dllm_train::domain::Domain;
+use dllm_train::export;
+use dllm_train::model::{load_checkpoint, Objective};
 use dllm_train::tokenizer::{self, TokenizerConfig};
+use dllm_train::train::{self, Preset, SpecialIds, TrainState};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +66,84 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train a diffusion model (or its autoregressive twin) on a corpus directory's train split.
+    Train {
+        /// A directory written by `dllm-train corpus`.
+        #[arg(long)]
+        corpus: PathBuf,
+        /// tokenizer.json written by `dllm-train tokenizer`.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Checkpoint directory: model.safetensors and state.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// diffusion | autoregressive
+        #[arg(long)]
+        objective: Objective,
+        /// tiny | small
+        #[arg(long)]
+        preset: Preset,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Stop after this many minutes (the step count is fitted to it after the first steps).
+        #[arg(long)]
+        max_minutes: Option<f64>,
+        /// Override the preset's step count.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override the preset's batch size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Override the preset's peak learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Save a checkpoint every this many steps.
+        #[arg(long)]
+        save_every: Option<usize>,
+    },
+    /// Write a checkpoint as an F32 GGUF, plus F16 and Q8_0 copies.
+    Export {
+        /// model.safetensors written by `dllm-train train` (state.json must sit next to it).
+        #[arg(long)]
+        ckpt: PathBuf,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The F32 file.
+        #[arg(long)]
+        out: PathBuf,
+        /// diffusion (written as `llada`) | autoregressive (written as `llama`).
+        #[arg(long)]
+        objective: Objective,
+        /// The Q8_0 file (default: next to --out, `-f32` replaced by `-q8_0`).
+        #[arg(long)]
+        q8: Option<PathBuf>,
+        /// The F16 file (default: next to --out, `-f32` replaced by `-f16`).
+        #[arg(long)]
+        f16: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// corpus -> tokenizer -> train diffusion -> export -> train twin -> export.
+    Pipeline {
+        #[arg(long)]
+        domain: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// tiny | small
+        #[arg(long)]
+        preset: Preset,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Time budget of each of the two training runs.
+        #[arg(long)]
+        max_minutes: Option<f64>,
+        /// Override the preset's dialog count.
+        #[arg(long)]
+        dialogs: Option<usize>,
+        /// Override the preset's step count.
+        #[arg(long)]
+        steps: Option<usize>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,8 +158,6 @@ fn main() -> anyhow::Result<()> {
             follow_up_rate,
             casual_rate,
         } => {
-            let started = Instant::now();
-            let parsed = Domain::load(&domain)?;
             let config = CorpusConfig {
                 seed,
                 dialogs,
@@ -85,11 +166,7 @@ fn main() -> anyhow::Result<()> {
                 follow_up_rate,
                 casual_rate,
             };
-            let generated = corpus::generate(&parsed, &config)?;
-            let manifest = corpus::write_corpus(&out, &domain.display().to_string(), &parsed, &config, &generated)?;
-            println!("wrote {} in {:.2?}", out.display(), started.elapsed());
-            print_stats("train", &manifest.train);
-            print_stats("heldout", &manifest.heldout);
+            run_corpus(&domain, &config, &out)?;
         }
         Command::Tokenizer {
             corpus: dir,
@@ -97,28 +174,231 @@ fn main() -> anyhow::Result<()> {
             min_frequency,
             out,
         } => {
-            let started = Instant::now();
-            let manifest = corpus::read_manifest(&dir)?;
-            let dialogs = corpus::read_jsonl(&dir.join(TRAIN_FILE))?;
             let config = TokenizerConfig {
                 vocab_size,
                 min_frequency,
             };
-            let trained = tokenizer::train_on_dialogs(&manifest.system_prompt, &dialogs, &config)
-                .with_context(|| format!("training on {}", dir.display()))?;
-            tokenizer::save(&trained, &out)?;
-            let vocab = tokenizer::gguf_vocab(&trained)?;
-            println!(
-                "wrote {} in {:.2?}: {} tokens ({} requested), {} merges, trained on {} dialogs",
-                out.display(),
-                started.elapsed(),
-                vocab.tokens.len(),
-                vocab_size,
-                vocab.merges.len(),
-                dialogs.len()
-            );
+            run_tokenizer(&dir, &config, &out)?;
+        }
+        Command::Train {
+            corpus: dir,
+            tokenizer: tokenizer_path,
+            out,
+            objective,
+            preset,
+            seed,
+            max_minutes,
+            steps,
+            batch_size,
+            lr,
+            save_every,
+        } => {
+            let overrides = Overrides {
+                max_minutes,
+                steps,
+                batch_size,
+                lr,
+                save_every,
+            };
+            run_train(&dir, &tokenizer_path, &out, objective, preset, seed, &overrides)?;
+        }
+        Command::Export {
+            ckpt,
+            tokenizer: tokenizer_path,
+            out,
+            objective,
+            q8,
+            f16,
+            threads,
+        } => {
+            let q8 = q8.unwrap_or_else(|| export::sibling(&out, "q8_0"));
+            let f16 = f16.unwrap_or_else(|| export::sibling(&out, "f16"));
+            run_export(&ckpt, &tokenizer_path, &out, &f16, &q8, objective, threads)?;
+        }
+        Command::Pipeline {
+            domain,
+            out,
+            preset,
+            seed,
+            max_minutes,
+            dialogs,
+            steps,
+        } => {
+            let started = Instant::now();
+            let corpus_dir = out.join("corpus");
+            let config = CorpusConfig {
+                seed,
+                dialogs: dialogs.unwrap_or(preset.dialogs()),
+                heldout_fraction: 0.05,
+                max_user_turns: 4,
+                follow_up_rate: 0.6,
+                casual_rate: 0.25,
+            };
+            run_corpus(&domain, &config, &corpus_dir)?;
+            let tokenizer_path = corpus_dir.join("tokenizer.json");
+            let tok_config = TokenizerConfig {
+                vocab_size: preset.vocab_size(),
+                min_frequency: 2,
+            };
+            run_tokenizer(&corpus_dir, &tok_config, &tokenizer_path)?;
+            let name = domain.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+            let overrides = Overrides {
+                max_minutes,
+                steps,
+                ..Overrides::default()
+            };
+            for (objective, arch) in [(Objective::Diffusion, "llada"), (Objective::Autoregressive, "llama")] {
+                let ckpt_dir = out.join(format!("{arch}-ckpt"));
+                run_train(
+                    &corpus_dir,
+                    &tokenizer_path,
+                    &ckpt_dir,
+                    objective,
+                    preset,
+                    seed,
+                    &overrides,
+                )?;
+                let f32_path = out.join(format!("{name}-{arch}-f32.gguf"));
+                run_export(
+                    &ckpt_dir.join(train::CHECKPOINT_FILE),
+                    &tokenizer_path,
+                    &f32_path,
+                    &export::sibling(&f32_path, "f16"),
+                    &export::sibling(&f32_path, "q8_0"),
+                    objective,
+                    2,
+                )?;
+            }
+            println!("pipeline finished in {:.1?}", started.elapsed());
         }
     }
+    Ok(())
+}
+
+fn run_corpus(domain: &Path, config: &CorpusConfig, out: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let parsed = Domain::load(domain)?;
+    let generated = corpus::generate(&parsed, config)?;
+    let manifest = corpus::write_corpus(out, &domain.display().to_string(), &parsed, config, &generated)?;
+    println!("wrote {} in {:.2?}", out.display(), started.elapsed());
+    print_stats("train", &manifest.train);
+    print_stats("heldout", &manifest.heldout);
+    Ok(())
+}
+
+fn run_tokenizer(dir: &Path, config: &TokenizerConfig, out: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let manifest = corpus::read_manifest(dir)?;
+    let dialogs = corpus::read_jsonl(&dir.join(TRAIN_FILE))?;
+    let trained = tokenizer::train_on_dialogs(&manifest.system_prompt, &dialogs, config)
+        .with_context(|| format!("training on {}", dir.display()))?;
+    tokenizer::save(&trained, out)?;
+    let vocab = tokenizer::gguf_vocab(&trained)?;
+    println!(
+        "wrote {} in {:.2?}: {} tokens ({} requested), {} merges, trained on {} dialogs",
+        out.display(),
+        started.elapsed(),
+        vocab.tokens.len(),
+        config.vocab_size,
+        vocab.merges.len(),
+        dialogs.len()
+    );
+    Ok(())
+}
+
+/// Command-line changes to a preset's training settings.
+#[derive(Default)]
+struct Overrides {
+    max_minutes: Option<f64>,
+    steps: Option<usize>,
+    batch_size: Option<usize>,
+    lr: Option<f64>,
+    save_every: Option<usize>,
+}
+
+fn run_train(
+    dir: &Path,
+    tokenizer_path: &Path,
+    out: &Path,
+    objective: Objective,
+    preset: Preset,
+    seed: u64,
+    overrides: &Overrides,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let manifest = corpus::read_manifest(dir)?;
+    let dialogs = corpus::read_jsonl(&dir.join(TRAIN_FILE))?;
+    let tok = tokenizer::load(tokenizer_path)?;
+    let mut config = preset.config(objective, tok.get_vocab_size(true), seed);
+    config.max_minutes = overrides.max_minutes;
+    config.steps = overrides.steps.unwrap_or(config.steps);
+    config.batch_size = overrides.batch_size.unwrap_or(config.batch_size);
+    config.learning_rate = overrides.lr.unwrap_or(config.learning_rate);
+    config.save_every = overrides.save_every.unwrap_or(config.save_every).max(1);
+    let (examples, skipped) = train::build_examples(
+        &manifest.system_prompt,
+        &dialogs,
+        &tok,
+        config.reply_len,
+        config.model.context_length,
+    )?;
+    println!(
+        "{} examples from {} dialogs in {:.2?}",
+        examples.len(),
+        dialogs.len(),
+        started.elapsed()
+    );
+    train::train(&config, &examples, skipped, SpecialIds::of(&tok)?, out)?;
+    Ok(())
+}
+
+fn run_export(
+    ckpt: &Path,
+    tokenizer_path: &Path,
+    f32_path: &Path,
+    f16_path: &Path,
+    q8_path: &Path,
+    objective: Objective,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = ckpt.parent().unwrap_or(Path::new("."));
+    let state = TrainState::read(dir)?;
+    if state.config.objective != objective {
+        anyhow::bail!(
+            "{} was trained with the {} objective, not {}",
+            ckpt.display(),
+            state.config.objective.name(),
+            objective.name()
+        );
+    }
+    let tok = tokenizer::load(tokenizer_path)?;
+    let tensors = load_checkpoint(ckpt, &Device::Cpu).with_context(|| format!("reading {}", ckpt.display()))?;
+    let written = export::export(
+        f32_path,
+        Some(f16_path),
+        Some(q8_path),
+        &state.config.model,
+        objective,
+        &tok,
+        &tensors,
+        threads,
+    )?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0);
+    println!(
+        "exported {} (step {}, loss {:.4}) as {} in {:.2?}: {} ({:.1} MB), {} ({:.1} MB), {} ({:.1} MB)",
+        ckpt.display(),
+        state.step,
+        state.loss,
+        objective.architecture().name(),
+        started.elapsed(),
+        written.f32.display(),
+        size(&written.f32),
+        f16_path.display(),
+        size(f16_path),
+        q8_path.display(),
+        size(q8_path),
+    );
     Ok(())
 }
 

@@ -1,0 +1,421 @@
+//! Exporting a checkpoint as GGUF: the F32 file through [`ggml_ext::write_model`], then F16 and Q8_0 copies
+//! through llama.cpp's quantizer.
+//!
+//! The diffusion model is written as `llada`, the autoregressive twin as `llama`; both carry the trained
+//! byte-level BPE vocabulary (`tokenizer.ggml.pre = "qwen2"`), the four specials as control tokens, and the
+//! ChatML template. A candle tensor's row-major data is the ggml tensor's data, with the dimensions listed in
+//! the opposite order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Tensor;
+use ggml_ext::model::{CHATML_TEMPLATE, TOKEN_CONTROL, TOKEN_NORMAL};
+use ggml_ext::{Vocabulary, WeightType};
+use tokenizers::Tokenizer;
+
+use crate::model::{ModelConfig, Objective};
+use crate::tokenizer::{gguf_vocab, GGML_PRE, SPECIAL_TOKENS};
+use crate::train::SpecialIds;
+
+/// The GGUF vocabulary of a trained tokenizer.
+pub fn vocabulary(tokenizer: &Tokenizer) -> anyhow::Result<Vocabulary> {
+    let vocab = gguf_vocab(tokenizer)?;
+    let ids = SpecialIds::of(tokenizer)?;
+    let types = vocab
+        .tokens
+        .iter()
+        .map(|t| {
+            if SPECIAL_TOKENS.contains(&t.as_str()) {
+                TOKEN_CONTROL
+            } else {
+                TOKEN_NORMAL
+            }
+        })
+        .collect();
+    Ok(Vocabulary {
+        tokens: vocab.tokens,
+        types,
+        merges: vocab.merges,
+        pre: GGML_PRE.to_owned(),
+        end_of_text: ids.end_of_text,
+        end_of_turn: ids.im_end,
+        mask: ids.mask,
+    })
+}
+
+/// Writes the F32 GGUF of `tensors` (GGUF names, candle shapes).
+pub fn write_f32(
+    path: &Path,
+    config: &ModelConfig,
+    objective: Objective,
+    tokenizer: &Tokenizer,
+    tensors: &HashMap<String, Tensor>,
+) -> anyhow::Result<()> {
+    let vocab = vocabulary(tokenizer)?;
+    if vocab.tokens.len() != config.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model was trained for {}",
+            vocab.tokens.len(),
+            config.vocab_size
+        );
+    }
+    let hp = config.hyperparams(objective);
+    let mut out = Vec::new();
+    for (name, ggml_shape) in hp.tensor_shapes(config.vocab_size) {
+        let t = tensors
+            .get(&name)
+            .with_context(|| format!("checkpoint has no tensor {name}"))?;
+        let want: Vec<usize> = ggml_shape.iter().rev().copied().collect();
+        if t.dims() != want.as_slice() {
+            bail!("tensor {name} has shape {:?}, expected {want:?}", t.dims());
+        }
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        out.push((name, ggml_shape, data));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    ggml_ext::write_model(path, &hp, &vocab, CHATML_TEMPLATE, out)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the F16 and Q8_0 copies of an F32 file go by default: `x-f32.gguf` gives `x-f16.gguf` and
+/// `x-q8_0.gguf`; any other `x.gguf` gives `x-f16.gguf` and `x-q8_0.gguf` too.
+pub fn sibling(f32_path: &Path, suffix: &str) -> PathBuf {
+    let stem = f32_path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let base = stem.strip_suffix("-f32").unwrap_or(stem);
+    f32_path.with_file_name(format!("{base}-{suffix}.gguf"))
+}
+
+/// The files one export wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub f32: PathBuf,
+    pub f16: Option<PathBuf>,
+    pub q8_0: Option<PathBuf>,
+}
+
+/// Writes the F32 file, then (when given) its F16 and Q8_0 re-encodings.
+pub fn export(
+    f32_path: &Path,
+    f16_path: Option<&Path>,
+    q8_path: Option<&Path>,
+    config: &ModelConfig,
+    objective: Objective,
+    tokenizer: &Tokenizer,
+    tensors: &HashMap<String, Tensor>,
+    threads: usize,
+) -> anyhow::Result<Exported> {
+    write_f32(f32_path, config, objective, tokenizer, tensors)?;
+    for (path, kind) in [(f16_path, WeightType::F16), (q8_path, WeightType::Q8_0)] {
+        if let Some(path) = path {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            ggml_ext::quantize(f32_path, path, kind, threads)
+                .with_context(|| format!("writing {} as {kind:?}", path.display()))?;
+        }
+    }
+    Ok(Exported {
+        f32: f32_path.to_owned(),
+        f16: f16_path.map(Path::to_owned),
+        q8_0: q8_path.map(Path::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::sync::{Mutex, OnceLock};
+
+    use candle_core::Device;
+    use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+    use llama_cpp_2::llama_backend::LlamaBackend;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::token::LlamaToken;
+
+    use super::*;
+    use crate::corpus::{generate, test_config};
+    use crate::domain::northwind;
+    use crate::model::{init_params, Batch, Transformer};
+    use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
+
+    /// llama.cpp's backend may be initialised once per process.
+    fn backend() -> &'static LlamaBackend {
+        static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+        static INIT: Mutex<()> = Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = BACKEND.get() {
+            return b;
+        }
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        let b = LlamaBackend::init().expect("llama.cpp backend");
+        BACKEND.get_or_init(|| b)
+    }
+
+    fn test_tokenizer() -> Tokenizer {
+        let domain = northwind();
+        let corpus = generate(&domain, &test_config(2, 30)).unwrap();
+        train_on_dialogs(
+            &domain.assistant.system_prompt,
+            &corpus.train,
+            &TokenizerConfig {
+                vocab_size: 320,
+                min_frequency: 2,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Exports random weights under `objective` and returns the largest difference between the logits
+    /// llama.cpp computes for a short sequence and candle's forward pass.
+    fn max_logit_diff(objective: Objective, seed: u64) -> f32 {
+        let tokenizer = test_tokenizer();
+        let config = ModelConfig {
+            vocab_size: tokenizer.get_vocab_size(true),
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_ff: 96,
+            context_length: 256,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+        };
+        // A larger init than training uses, so that attention and RoPE visibly shape the logits.
+        let varmap = init_params(&config, seed, &Device::Cpu).unwrap();
+        {
+            let data = varmap.data().lock().unwrap();
+            for (name, var) in data.iter() {
+                if !name.ends_with("norm.weight") {
+                    var.set(&(var.as_tensor() * 5.0).unwrap()).unwrap();
+                }
+            }
+        }
+        let tensors: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("dllm-export-test-{}-{}", std::process::id(), objective.name()));
+        let f32_path = dir.join("m-f32.gguf");
+        let q8 = sibling(&f32_path, "q8_0");
+        export(&f32_path, None, Some(&q8), &config, objective, &tokenizer, &tensors, 2).unwrap();
+        assert!(q8.exists());
+
+        let ids: Vec<u32> = tokenizer
+            .encode(
+                "<|im_start|>user\nWhere is my order NW-12345?<|im_end|>\n<|im_start|>assistant\n",
+                false,
+            )
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let mut ids = ids;
+        ids.extend([3, 3, 3, 3]);
+        let n = ids.len();
+
+        let model_t = Transformer::from_tensors(&config, &tensors).unwrap();
+        let batch = Batch::new(&[ids.clone()], 0, &Device::Cpu).unwrap();
+        let ours: Vec<Vec<f32>> = model_t
+            .forward(&batch, objective.causal())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+
+        let backend = backend();
+        let model = LlamaModel::load_from_file(backend, &f32_path, &LlamaModelParams::default()).unwrap();
+        assert_eq!(model.n_vocab() as usize, config.vocab_size);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(256))
+            .with_n_batch(256)
+            .with_n_ubatch(256)
+            .with_n_threads(2)
+            .with_n_threads_batch(2)
+            // F32 everywhere on llama.cpp's side too: no F16 KV cache, no flash attention.
+            .with_type_k(KvCacheType::F32)
+            .with_type_v(KvCacheType::F32)
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+        let mut ctx = model.new_context(backend, params).unwrap();
+        let mut lbatch = LlamaBatch::new(256, 1);
+        for (p, &id) in ids.iter().enumerate() {
+            lbatch.add(LlamaToken::new(id as i32), p as i32, &[0], true).unwrap();
+        }
+        ctx.decode(&mut lbatch).unwrap();
+        let mut max = 0f32;
+        let mut spread = 0f32;
+        for (p, row) in ours.iter().enumerate().take(n) {
+            let theirs = ctx.get_logits_ith(p as i32);
+            assert_eq!(theirs.len(), row.len());
+            for (a, b) in row.iter().zip(theirs) {
+                max = max.max((a - b).abs());
+                spread = spread.max(a.abs());
+            }
+        }
+        // The comparison means something only if the logits are far from zero.
+        assert!(spread > 0.1, "logits too small to compare: {spread}");
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!(
+            "{}: max |candle - llama.cpp| = {max:e} over {n} positions (max |logit| {spread})",
+            objective.name()
+        );
+        max
+    }
+
+    #[test]
+    fn llama_export_reproduces_candle_logits() {
+        let diff = max_logit_diff(Objective::Autoregressive, 11);
+        assert!(diff < 1e-3, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn llada_export_reproduces_candle_logits() {
+        let diff = max_logit_diff(Objective::Diffusion, 12);
+        assert!(diff < 1e-3, "max abs diff {diff}");
+    }
+
+    /// Checks a trained export against its checkpoint and prints a sample reply. Run with
+    /// `DLLM_CKPT=dir/model.safetensors DLLM_GGUF=file-f32.gguf DLLM_TOKENIZER=tokenizer.json
+    /// cargo test -p dllm-train trained_export -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a trained checkpoint and its export (env DLLM_CKPT, DLLM_GGUF, DLLM_TOKENIZER)"]
+    fn trained_export_matches_checkpoint_and_answers() {
+        let env = |k: &str| PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("set {k}")));
+        let (ckpt, gguf, tok_path) = (env("DLLM_CKPT"), env("DLLM_GGUF"), env("DLLM_TOKENIZER"));
+        let state = crate::train::TrainState::read(ckpt.parent().unwrap()).unwrap();
+        let objective = state.config.objective;
+        let tokenizer = crate::tokenizer::load(&tok_path).unwrap();
+        let tensors = crate::model::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+        let model_t = Transformer::from_tensors(&state.config.model, &tensors).unwrap();
+        let system = northwind().assistant.system_prompt;
+        let prompt = format!(
+            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nWhere is my order NW-48213?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let prompt_ids: Vec<u32> = tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().to_vec();
+        let reply_len = state.config.reply_len;
+        let mut ids = prompt_ids.clone();
+        if objective == Objective::Diffusion {
+            ids.extend(std::iter::repeat_n(3u32, reply_len));
+        }
+        let n = ids.len();
+        let backend = backend();
+        let model = LlamaModel::load_from_file(backend, &gguf, &LlamaModelParams::default()).unwrap();
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(1024))
+            .with_n_batch(1024)
+            .with_n_ubatch(1024)
+            .with_n_threads(2)
+            .with_n_threads_batch(2)
+            .with_type_k(KvCacheType::F32)
+            .with_type_v(KvCacheType::F32)
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+        let mut ctx = model.new_context(backend, params).unwrap();
+        let mut lbatch = LlamaBatch::new(1024, 1);
+        let decode =
+            |ctx: &mut llama_cpp_2::context::LlamaContext, lbatch: &mut LlamaBatch, ids: &[u32], from: usize| {
+                lbatch.clear();
+                for (p, &id) in ids.iter().enumerate().skip(from) {
+                    lbatch.add(LlamaToken::new(id as i32), p as i32, &[0], true).unwrap();
+                }
+                ctx.decode(lbatch).unwrap();
+            };
+        decode(&mut ctx, &mut lbatch, &ids, 0);
+        let ours: Vec<Vec<f32>> = model_t
+            .forward(
+                &Batch::new(&[ids.clone()], 0, &Device::Cpu).unwrap(),
+                objective.causal(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut max = 0f32;
+        for (p, row) in ours.iter().enumerate().take(n) {
+            for (a, b) in row.iter().zip(ctx.get_logits_ith(p as i32)) {
+                max = max.max((a - b).abs());
+            }
+        }
+        eprintln!(
+            "{}: trained max |candle - llama.cpp| = {max:e} over {n} positions",
+            objective.name()
+        );
+        assert!(max < 1e-3);
+
+        let argmax = |row: &[f32]| -> (u32, f32) {
+            let m = row.iter().cloned().fold(f32::MIN, f32::max);
+            let z: f32 = row.iter().map(|x| (x - m).exp()).sum();
+            let (i, &v) = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+            (i as u32, (v - m).exp() / z)
+        };
+        let reply: Vec<u32> = match objective {
+            Objective::Autoregressive => {
+                ctx.clear_kv_cache();
+                let mut seq = prompt_ids.clone();
+                decode(&mut ctx, &mut lbatch, &seq, 0);
+                let mut out = Vec::new();
+                for _ in 0..reply_len {
+                    let (tok, _) = argmax(ctx.get_logits_ith((seq.len() - 1) as i32));
+                    out.push(tok);
+                    if tok == 2 || tok == 0 {
+                        break;
+                    }
+                    seq.push(tok);
+                    lbatch.clear();
+                    lbatch
+                        .add(LlamaToken::new(tok as i32), (seq.len() - 1) as i32, &[0], true)
+                        .unwrap();
+                    ctx.decode(&mut lbatch).unwrap();
+                }
+                out
+            }
+            Objective::Diffusion => {
+                // LLaDA's low-confidence remasking, one token per step.
+                let p0 = prompt_ids.len();
+                let mut seq = ids.clone();
+                for _ in 0..reply_len {
+                    decode(&mut ctx, &mut lbatch, &seq, 0);
+                    let best = (p0..n)
+                        .filter(|&p| seq[p] == 3)
+                        .map(|p| {
+                            let (tok, prob) = argmax(ctx.get_logits_ith(p as i32));
+                            (p, tok, prob)
+                        })
+                        .max_by(|a, b| a.2.total_cmp(&b.2))
+                        .unwrap();
+                    seq[best.0] = best.1;
+                }
+                seq[p0..].to_vec()
+            }
+        };
+        eprintln!("reply: {:?}", tokenizer.decode(&reply, false).unwrap());
+    }
+
+    #[test]
+    fn vocabulary_marks_the_specials_as_control_tokens() {
+        let tok = test_tokenizer();
+        let v = vocabulary(&tok).unwrap();
+        assert_eq!(&v.tokens[..4], &SPECIAL_TOKENS.map(str::to_owned));
+        assert_eq!(
+            &v.types[..5],
+            &[TOKEN_CONTROL, TOKEN_CONTROL, TOKEN_CONTROL, TOKEN_CONTROL, TOKEN_NORMAL]
+        );
+        assert!(v.types[4..].iter().all(|&t| t == TOKEN_NORMAL));
+        assert_eq!((v.end_of_text, v.end_of_turn, v.mask), (0, 2, 3));
+        assert_eq!(v.pre, "qwen2");
+    }
+
+    #[test]
+    fn siblings_replace_the_f32_suffix() {
+        assert_eq!(sibling(Path::new("/m/x-f32.gguf"), "q8_0"), Path::new("/m/x-q8_0.gguf"));
+        assert_eq!(sibling(Path::new("/m/x.gguf"), "f16"), Path::new("/m/x-f16.gguf"));
+    }
+}
