@@ -312,8 +312,8 @@ mod tests {
             .with_n_ctx(NonZeroU32::new(1024))
             .with_n_batch(1024)
             .with_n_ubatch(1024)
-            .with_n_threads(2)
-            .with_n_threads_batch(2)
+            .with_n_threads(1)
+            .with_n_threads_batch(1)
             .with_type_k(KvCacheType::F32)
             .with_type_v(KvCacheType::F32)
             .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
@@ -362,8 +362,11 @@ mod tests {
                 let mut seq = prompt_ids.clone();
                 decode(&mut ctx, &mut lbatch, &seq, 0);
                 let mut out = Vec::new();
+                // Index of the last token within the batch just decoded.
+                let mut last = seq.len() - 1;
                 for _ in 0..reply_len {
-                    let (tok, _) = argmax(ctx.get_logits_ith((seq.len() - 1) as i32));
+                    let (tok, _) = argmax(ctx.get_logits_ith(last as i32));
+                    last = 0;
                     out.push(tok);
                     if tok == 2 || tok == 0 {
                         break;
