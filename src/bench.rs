@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest};
+use crate::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 use crate::eval::Dialog;
 
 /// One engine and decode configuration to measure.
@@ -77,35 +77,20 @@ async fn measure(
     turns: Vec<ChatTurn>,
     options: &DecodeOptions,
 ) -> Result<Measured, EngineError> {
-    let started = Instant::now();
     let request = GenerateRequest {
         system: system.to_owned(),
         turns,
         options: options.clone(),
     };
-    let mut stream = engine.submit(request)?;
-    let mut first_revision = None;
-    let mut prompt_tokens = 0;
-    loop {
-        match stream.events.recv().await {
-            Some(EngineEvent::Started { prompt_tokens: p, .. }) => prompt_tokens = p,
-            Some(EngineEvent::Revision(_)) => {
-                first_revision.get_or_insert_with(|| started.elapsed());
-            }
-            Some(EngineEvent::Finished(c)) => {
-                return Ok(Measured {
-                    latency: started.elapsed(),
-                    first_revision: first_revision.unwrap_or_default(),
-                    // The canvas length counts: every position was decoded, end padding included.
-                    tokens: options.max_tokens.max(c.completion_tokens),
-                    steps: c.steps,
-                    prompt_tokens,
-                });
-            }
-            Some(EngineEvent::Failed(e)) => return Err(e),
-            None => return Err(EngineError::Stopped),
-        }
-    }
+    let outcome = engine::complete(engine, request).await?;
+    Ok(Measured {
+        latency: outcome.total,
+        first_revision: outcome.first_revision,
+        // The canvas length counts: every position was decoded, end padding included.
+        tokens: options.max_tokens.max(outcome.completion.completion_tokens),
+        steps: outcome.completion.steps,
+        prompt_tokens: outcome.prompt_tokens,
+    })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

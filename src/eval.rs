@@ -19,7 +19,7 @@ use llama_cpp_2::token::LlamaToken;
 use serde::Deserialize;
 
 use crate::engine::reference::{backend, chat_tokens};
-use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest};
+use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 
 /// Errors from evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -234,22 +234,14 @@ pub async fn evaluate_engine(
 ) -> Result<Report, EvalError> {
     let mut report = Report::default();
     for (turns, user, gold) in cases(dialogs) {
-        let started = Instant::now();
         let request = GenerateRequest {
             system: system.to_owned(),
             turns,
             options: options.clone(),
         };
-        let mut stream = engine.submit(request)?;
-        let completion = loop {
-            match stream.events.recv().await {
-                Some(EngineEvent::Finished(c)) => break c,
-                Some(EngineEvent::Failed(e)) => return Err(e.into()),
-                Some(_) => continue,
-                None => return Err(EngineError::Stopped.into()),
-            }
-        };
-        report.latencies.push(started.elapsed());
+        let outcome = crate::engine::complete(engine, request).await?;
+        let completion = outcome.completion;
+        report.latencies.push(outcome.total);
         report.completion_tokens += completion.completion_tokens;
         report.steps += completion.steps;
         report.score(classifier, user, gold, &completion.text);

@@ -307,22 +307,15 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let most = args.concurrency.iter().copied().max().unwrap_or(1);
     config.limits.max_running_replies = most;
     config.limits.max_waiting_replies = config.limits.max_waiting_replies.max(most);
-    let reference = start_engine(&Config {
+    let with_engine = |engine: EngineKind| Config {
         model: ModelConfig {
-            engine: EngineKind::Reference,
+            engine,
             ..config.model.clone()
         },
         ..config.clone()
-    })
-    .await?;
-    let cached = start_engine(&Config {
-        model: ModelConfig {
-            engine: EngineKind::PrefixCache,
-            ..config.model.clone()
-        },
-        ..config.clone()
-    })
-    .await?;
+    };
+    let reference = start_engine(&with_engine(EngineKind::Reference)).await?;
+    let cached = start_engine(&with_engine(EngineKind::PrefixCache)).await?;
     let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
         max_tokens,
         steps: max_tokens,

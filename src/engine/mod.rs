@@ -127,6 +127,44 @@ pub struct ReplyStream {
     pub cancel: CancellationToken,
 }
 
+/// A reply run to its end by [`complete`].
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub completion: Completion,
+    pub prompt_tokens: usize,
+    /// From submission to the first revision (zero when none came).
+    pub first_revision: Duration,
+    /// From submission to the end.
+    pub total: Duration,
+}
+
+/// Submits `request` and waits for its end, for tools that need the result rather than the
+/// stream (eval, bench).
+pub async fn complete(engine: &dyn Engine, request: GenerateRequest) -> Result<Outcome, EngineError> {
+    let started = std::time::Instant::now();
+    let mut stream = engine.submit(request)?;
+    let mut first_revision = None;
+    let mut prompt_tokens = 0;
+    loop {
+        match stream.events.recv().await {
+            Some(EngineEvent::Started { prompt_tokens: p, .. }) => prompt_tokens = p,
+            Some(EngineEvent::Revision(_)) => {
+                first_revision.get_or_insert_with(|| started.elapsed());
+            }
+            Some(EngineEvent::Finished(completion)) => {
+                return Ok(Outcome {
+                    completion,
+                    prompt_tokens,
+                    first_revision: first_revision.unwrap_or_default(),
+                    total: started.elapsed(),
+                })
+            }
+            Some(EngineEvent::Failed(e)) => return Err(e),
+            None => return Err(EngineError::Stopped),
+        }
+    }
+}
+
 /// Facts about the loaded model.
 #[derive(Debug, Clone)]
 pub struct EngineInfo {

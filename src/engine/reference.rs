@@ -301,7 +301,6 @@ struct Active {
     seq: i32,
     prompt: Vec<i32>,
     canvas: Canvas,
-    revision: usize,
 }
 
 struct Worker<'m> {
@@ -439,7 +438,6 @@ impl<'m> Worker<'m> {
             seq,
             prompt: tokens,
             canvas,
-            revision: 0,
         })
     }
 
@@ -505,7 +503,6 @@ impl<'m> Worker<'m> {
             .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
             .collect();
         let unmasked = a.canvas.step(active, &rows);
-        a.revision += 1;
         let revision = Revision {
             step: a.canvas.steps(),
             text: self.render(&a.canvas, &self.placeholder),
