@@ -1,7 +1,7 @@
 //! Diffusion extensions over ggml, and the only crate in the workspace with `unsafe` code.
 //!
 //! The service talks to llama.cpp through `llama-cpp-2`; whatever that crate does not wrap and we
-//! need (the `gguf_*` writer, the quantizer, our own diffusion graph later) is wrapped here once,
+//! need (the `gguf_*` writer, the quantizer, our own diffusion graph) is wrapped here once,
 //! behind a small safe API, with a `// SAFETY:` note on every unsafe block.
 //!
 //! Layout:
@@ -10,12 +10,15 @@
 //! - [`quantize`]: F16 / Q8_0 / Q4_0 re-encoding with llama.cpp's quantizer.
 //! - [`retarget`]: the same weights under another architecture name (LLaDA as `llama`).
 //! - [`fixture`]: small random-weight `llada` models for tests and benchmarks.
+//! - [`runtime`]: our own diffusion forward pass on ggml (weights, per-conversation K/V caches,
+//!   batched segments, on-graph top-k), which the service's cached engine runs.
 
 pub mod fixture;
 pub mod gguf;
 pub mod model;
 pub mod quantize;
 pub mod retarget;
+pub mod runtime;
 
 pub use fixture::{write_llada_fixture, FixtureSpec};
 pub use gguf::{GgufError, GgufWriter};

@@ -134,9 +134,12 @@ enum Command {
         preset: Preset,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Time budget of each of the two training runs.
+        /// Time budget of the diffusion training run (and of the twin's, unless --twin-max-minutes is set).
         #[arg(long)]
         max_minutes: Option<f64>,
+        /// Time budget of the autoregressive twin's training run.
+        #[arg(long)]
+        twin_max_minutes: Option<f64>,
         /// Override the preset's dialog count.
         #[arg(long)]
         dialogs: Option<usize>,
@@ -221,6 +224,7 @@ fn main() -> anyhow::Result<()> {
             preset,
             seed,
             max_minutes,
+            twin_max_minutes,
             dialogs,
             steps,
         } => {
@@ -242,12 +246,15 @@ fn main() -> anyhow::Result<()> {
             };
             run_tokenizer(&corpus_dir, &tok_config, &tokenizer_path)?;
             let name = domain.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-            let overrides = Overrides {
-                max_minutes,
-                steps,
-                ..Overrides::default()
-            };
             for (objective, arch) in [(Objective::Diffusion, "llada"), (Objective::Autoregressive, "llama")] {
+                let overrides = Overrides {
+                    max_minutes: match objective {
+                        Objective::Diffusion => max_minutes,
+                        Objective::Autoregressive => twin_max_minutes.or(max_minutes),
+                    },
+                    steps,
+                    ..Overrides::default()
+                };
                 let ckpt_dir = out.join(format!("{arch}-ckpt"));
                 run_train(
                     &corpus_dir,

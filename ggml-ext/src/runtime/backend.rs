@@ -1,0 +1,126 @@
+//! The compute device: a ggml backend (CPU, or a GPU when the crate is built with `cuda`) and the
+//! backend scheduler that allocates and runs our graphs on it, falling back to the CPU for any
+//! operation the GPU backend lacks.
+
+use std::ffi::CStr;
+
+use llama_cpp_sys_2 as sys;
+
+use super::RuntimeError;
+
+/// Where the weights, caches and graphs live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first GPU ggml knows about (needs a build with the `cuda` feature).
+    Gpu,
+}
+
+/// Owns the backends and the scheduler. Weights and caches are allocated on `primary`.
+pub(crate) struct Backend {
+    primary: sys::ggml_backend_t,
+    /// The CPU backend, also `primary` on CPU-only runs; last in the scheduler's list as ggml requires.
+    cpu: sys::ggml_backend_t,
+    sched: sys::ggml_backend_sched_t,
+    graph_size: usize,
+    description: String,
+}
+
+// SAFETY: ggml backends and schedulers are plain heap objects with no thread affinity; the `Backend`
+// is only ever used by one thread at a time (it is moved into the engine thread, never shared).
+unsafe impl Send for Backend {}
+
+impl Backend {
+    /// Starts the backends. `graph_size` bounds the nodes of any graph later computed.
+    pub(crate) fn new(device: Device, threads: usize, graph_size: usize) -> Result<Self, RuntimeError> {
+        // SAFETY: plain constructor; a null return is handled.
+        let cpu = unsafe { sys::ggml_backend_cpu_init() };
+        if cpu.is_null() {
+            return Err(RuntimeError::Device("the CPU backend failed to start".into()));
+        }
+        // SAFETY: `cpu` is a live CPU backend.
+        unsafe { sys::ggml_backend_cpu_set_n_threads(cpu, threads.max(1) as i32) };
+        let primary = match device {
+            Device::Cpu => cpu,
+            Device::Gpu => {
+                // SAFETY: the registry lookups return null when no such device is compiled in.
+                let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_GPU) };
+                let gpu = if dev.is_null() {
+                    std::ptr::null_mut()
+                } else {
+                    // SAFETY: `dev` is a registered device; null params select its defaults.
+                    unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) }
+                };
+                if gpu.is_null() {
+                    // SAFETY: `cpu` was created above and is not used afterwards.
+                    unsafe { sys::ggml_backend_free(cpu) };
+                    return Err(RuntimeError::Device(
+                        "no GPU backend is available (build with the `cuda` feature on a machine with a GPU)".into(),
+                    ));
+                }
+                gpu
+            }
+        };
+        let mut backends = if primary == cpu { vec![cpu] } else { vec![primary, cpu] };
+        // SAFETY: `backends` holds live backends, CPU last; null buffer types select each default.
+        let sched = unsafe {
+            sys::ggml_backend_sched_new(
+                backends.as_mut_ptr(),
+                std::ptr::null_mut(),
+                backends.len() as i32,
+                graph_size,
+                false,
+                true,
+            )
+        };
+        // SAFETY: `primary` is live; ggml returns a static NUL-terminated name.
+        let name = unsafe { CStr::from_ptr(sys::ggml_backend_name(primary)) }
+            .to_string_lossy()
+            .into_owned();
+        let description = format!("{name} ({} threads)", threads.max(1));
+        let backend = Self {
+            primary,
+            cpu,
+            sched,
+            graph_size,
+            description,
+        };
+        if sched.is_null() {
+            return Err(RuntimeError::Device("the backend scheduler failed to start".into()));
+        }
+        Ok(backend)
+    }
+
+    pub(crate) fn primary(&self) -> sys::ggml_backend_t {
+        self.primary
+    }
+
+    pub(crate) fn sched(&self) -> sys::ggml_backend_sched_t {
+        self.sched
+    }
+
+    pub(crate) fn graph_size(&self) -> usize {
+        self.graph_size
+    }
+
+    pub(crate) fn description(&self) -> &str {
+        &self.description
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // SAFETY: each pointer was created in `new`, is freed exactly once here, and the scheduler
+        // goes before the backends it references.
+        unsafe {
+            if !self.sched.is_null() {
+                sys::ggml_backend_sched_free(self.sched);
+            }
+            if self.primary != self.cpu {
+                sys::ggml_backend_free(self.primary);
+            }
+            sys::ggml_backend_free(self.cpu);
+        }
+    }
+}

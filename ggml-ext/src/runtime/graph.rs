@@ -1,0 +1,236 @@
+//! The forward graph of one evaluation: the tokens of several segments (one per conversation)
+//! concatenated, so every projection and feed-forward reads the weights once for all of them, and
+//! attention run per segment over that conversation's own cache cells only.
+//!
+//! Per layer and segment, the segment's new keys and values are first copied into its (F16) cache at
+//! the cells the segment computes; attention then reads cells `0..len + span` of the cache, i.e. the
+//! committed prefix, whatever scratch cells earlier evaluations left (the dual cache's suffix) and the
+//! segment itself. There is no attention mask: every query sees every key it is given (non-causal).
+//!
+//! The graph ends either in the logits of the requested rows, or, for decoding, in a softmax over
+//! them followed by the top-k token ids, their probabilities and the entropy per row, so only a few
+//! numbers per position leave the device.
+
+use llama_cpp_sys_2 as sys;
+
+use super::weights::Weights;
+use super::Segment;
+
+/// What the graph's head produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Raw logits of every output row.
+    Logits,
+    /// Softmax, then the `k` most likely tokens per row (the mask token excluded).
+    TopK(usize),
+}
+
+/// Graph nodes an evaluation of `segments` segments may need (views count as nodes in ggml).
+pub(crate) fn graph_size(n_layer: usize, segments: usize) -> usize {
+    256 + n_layer * (48 + 32 * segments.max(1))
+}
+
+/// The graph's input and output tensors, filled and read by the caller.
+pub(crate) struct Built {
+    pub tokens: *mut sys::ggml_tensor,
+    pub positions: *mut sys::ggml_tensor,
+    /// Rows whose outputs are wanted (null when none are).
+    pub out_rows: *mut sys::ggml_tensor,
+    /// `[n_vocab]` added to the logits (minus infinity on excluded tokens); top-k head only.
+    pub bias: *mut sys::ggml_tensor,
+    /// `[1, n_out]` inverse temperatures; top-k head only.
+    pub inv_temperature: *mut sys::ggml_tensor,
+    pub logits: *mut sys::ggml_tensor,
+    pub top_ids: *mut sys::ggml_tensor,
+    pub top_probs: *mut sys::ggml_tensor,
+    pub neg_entropy: *mut sys::ggml_tensor,
+}
+
+/// Builds the graph into `gf`.
+///
+/// # Safety
+/// `ctx` must be a live no-alloc context with room for [`graph_size`] tensors, `gf` a graph of that
+/// size in it, and every segment's cache made for `w` with enough capacity (checked by the caller).
+pub(crate) unsafe fn build(
+    ctx: *mut sys::ggml_context,
+    gf: *mut sys::ggml_cgraph,
+    w: &Weights,
+    segments: &[Segment<'_>],
+    n_out: usize,
+    head: Head,
+) -> Built {
+    let s = &w.shape;
+    let (hd, n_head, n_head_kv) = (s.head_dim() as i64, s.n_head as i64, s.n_head_kv as i64);
+    let n_embd = s.n_embd as i64;
+    let n_embd_kv = s.n_embd_kv() as i64;
+    let n_total: usize = segments.iter().map(|g| g.tokens.len()).sum();
+    let n_total = n_total as i64;
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    let tokens = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_total);
+    sys::ggml_set_input(tokens);
+    let positions = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_total);
+    sys::ggml_set_input(positions);
+
+    let mut x = sys::ggml_get_rows(ctx, w.token_embd, tokens);
+    for (l, layer) in w.layers.iter().enumerate() {
+        let mut cur = sys::ggml_rms_norm(ctx, x, s.rms_eps);
+        cur = sys::ggml_mul(ctx, cur, layer.attn_norm);
+        let project = |wt, bias: Option<*mut sys::ggml_tensor>| {
+            let p = sys::ggml_mul_mat(ctx, wt, cur);
+            match bias {
+                Some(b) => sys::ggml_add(ctx, p, b),
+                None => p,
+            }
+        };
+        let q = project(layer.wq, layer.bq);
+        let k = project(layer.wk, layer.bk);
+        let v = project(layer.wv, layer.bv);
+        let rope = |t, heads| {
+            let t = sys::ggml_reshape_3d(ctx, t, hd, heads, n_total);
+            sys::ggml_rope_ext(
+                ctx,
+                t,
+                positions,
+                std::ptr::null_mut(),
+                hd as i32,
+                s.family.rope_mode(),
+                s.context_length as i32,
+                s.rope_freq_base,
+                1.0,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
+            )
+        };
+        let q = rope(q, n_head);
+        let k = rope(k, n_head_kv);
+
+        let mut outs = Vec::with_capacity(segments.len());
+        let mut first = 0i64;
+        for g in segments {
+            let n = g.tokens.len() as i64;
+            let at = (g.cache.len + g.offset) as i64;
+            let n_kv = (g.cache.len + g.span) as i64;
+            let (kc, vc) = (g.cache.k[l], g.cache.v[l]);
+            let row = (*kc).nb[1];
+            let elem = (*kc).nb[0];
+
+            // New keys and values into the cache cells this segment computes.
+            for (src, dst) in [(k, kc), (v, vc)] {
+                let new = sys::ggml_view_2d(
+                    ctx,
+                    src,
+                    n_embd_kv,
+                    n,
+                    n_embd_kv as usize * 4,
+                    first as usize * n_embd_kv as usize * 4,
+                );
+                let cells = sys::ggml_view_2d(ctx, dst, n_embd_kv, n, row, at as usize * row);
+                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, new, cells));
+            }
+
+            // Attention over cells 0..n_kv (the copies above were expanded first, so they run first),
+            // with the same flash-attention kernel and F32 accumulation llama.cpp uses.
+            let q_g = sys::ggml_view_3d(
+                ctx,
+                q,
+                hd,
+                n_head,
+                n,
+                (*q).nb[1],
+                (*q).nb[2],
+                first as usize * (*q).nb[2],
+            );
+            let q_g = sys::ggml_permute(ctx, q_g, 0, 2, 1, 3);
+            let keys = sys::ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
+            let values = sys::ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
+            let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, std::ptr::null_mut(), scale, 0.0, 0.0);
+            sys::ggml_prec_set_acc(o, sys::GGML_PREC_F32);
+            outs.push(sys::ggml_reshape_2d(ctx, o, n_embd, n));
+            first += n;
+        }
+        let attn = concat_columns(ctx, outs);
+        let attn = sys::ggml_mul_mat(ctx, layer.wo, attn);
+        let ffn_in = sys::ggml_add(ctx, attn, x);
+
+        let mut cur = sys::ggml_rms_norm(ctx, ffn_in, s.rms_eps);
+        cur = sys::ggml_mul(ctx, cur, layer.ffn_norm);
+        let gate = sys::ggml_mul_mat(ctx, layer.ffn_gate, cur);
+        let up = sys::ggml_mul_mat(ctx, layer.ffn_up, cur);
+        let hidden = sys::ggml_swiglu_split(ctx, gate, up);
+        let down = sys::ggml_mul_mat(ctx, layer.ffn_down, hidden);
+        x = sys::ggml_add(ctx, down, ffn_in);
+    }
+
+    let null = std::ptr::null_mut();
+    let mut built = Built {
+        tokens,
+        positions,
+        out_rows: null,
+        bias: null,
+        inv_temperature: null,
+        logits: null,
+        top_ids: null,
+        top_probs: null,
+        neg_entropy: null,
+    };
+    if n_out == 0 {
+        // Prefill only: the cache copies are the result.
+        sys::ggml_build_forward_expand(gf, x);
+        return built;
+    }
+    let out_rows = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_out as i64);
+    sys::ggml_set_input(out_rows);
+    built.out_rows = out_rows;
+    let mut cur = sys::ggml_get_rows(ctx, x, out_rows);
+    cur = sys::ggml_rms_norm(ctx, cur, s.rms_eps);
+    cur = sys::ggml_mul(ctx, cur, w.output_norm);
+    let logits = sys::ggml_mul_mat(ctx, w.output, cur);
+    match head {
+        Head::Logits => {
+            sys::ggml_set_output(logits);
+            sys::ggml_build_forward_expand(gf, logits);
+            built.logits = logits;
+        }
+        Head::TopK(k) => {
+            let n_vocab = s.n_vocab as i64;
+            let bias = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, n_vocab);
+            sys::ggml_set_input(bias);
+            let inv_t = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F32, 1, n_out as i64);
+            sys::ggml_set_input(inv_t);
+            let scaled = sys::ggml_mul(ctx, sys::ggml_add(ctx, logits, bias), inv_t);
+            let probs = sys::ggml_soft_max(ctx, scaled);
+            let ids = sys::ggml_cont(ctx, sys::ggml_top_k(ctx, probs, k as i32));
+            let picked = sys::ggml_get_rows(ctx, sys::ggml_reshape_3d(ctx, probs, 1, n_vocab, n_out as i64), ids);
+            let logp = sys::ggml_log(ctx, sys::ggml_clamp(ctx, probs, 1e-30, 1.0));
+            let neg_entropy = sys::ggml_sum_rows(ctx, sys::ggml_mul(ctx, probs, logp));
+            for t in [ids, picked, neg_entropy] {
+                sys::ggml_set_output(t);
+                sys::ggml_build_forward_expand(gf, t);
+            }
+            built.bias = bias;
+            built.inv_temperature = inv_t;
+            built.top_ids = ids;
+            built.top_probs = picked;
+            built.neg_entropy = neg_entropy;
+        }
+    }
+    built
+}
+
+/// Joins `[n_embd, n_i]` blocks along the token dimension, pairwise so each value moves O(log n) times.
+unsafe fn concat_columns(ctx: *mut sys::ggml_context, mut parts: Vec<*mut sys::ggml_tensor>) -> *mut sys::ggml_tensor {
+    while parts.len() > 1 {
+        parts = parts
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => sys::ggml_concat(ctx, *a, *b, 1),
+                [a] => *a,
+                _ => unreachable!("chunks of two"),
+            })
+            .collect();
+    }
+    parts[0]
+}

@@ -1,0 +1,361 @@
+//! Our own ggml graph (`ggml_ext::runtime`) against llama.cpp on the same GGUF files: the no-cache
+//! computation against llama.cpp's `llada` graph, cached attention against the `llama` twin with the
+//! prefix in llama.cpp's KV cache, and the cache mechanics (batching, reuse across turns, the dual
+//! cache's suffix) against recomputation.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use ggml_ext::runtime::{DiffusionModel, Head, Predictions, RuntimeConfig, Segment};
+use llama_cpp_2::context::params::{LlamaAttentionType, LlamaContextParams};
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+/// A prompt-like sequence and a canvas-like window (fixture ids; 265 is the mask token).
+const PREFIX: [i32; 24] = [
+    264, 10, 200, 33, 7, 120, 99, 45, 46, 47, 265, 1, 2, 3, 150, 151, 152, 20, 21, 22, 23, 24, 25, 263,
+];
+const WINDOW: [i32; 10] = [265, 265, 70, 71, 265, 265, 265, 72, 265, 262];
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        threads: 1,
+        ..RuntimeConfig::default()
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn logits(p: Predictions) -> Vec<f32> {
+    match p {
+        Predictions::Logits(rows) => rows.concat(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// llama.cpp's logits for `tokens` (all rows). With `prefix`, the twin decodes it first into its KV
+/// cache and then `tokens` after it, non-causally.
+fn llama_cpp_logits(path: &Path, prefix: &[i32], tokens: &[i32]) -> Vec<f32> {
+    let backend = dllm_chat::engine::reference::backend().unwrap();
+    let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).unwrap();
+    let mut params = LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(128))
+        .with_n_batch(128)
+        .with_n_ubatch(128)
+        .with_n_threads(1);
+    if !prefix.is_empty() {
+        params = params.with_attention_type(LlamaAttentionType::NonCausal);
+    }
+    let mut ctx = model.new_context(backend, params).unwrap();
+    let mut batch = LlamaBatch::new(128, 1);
+    if !prefix.is_empty() {
+        for (i, t) in prefix.iter().enumerate() {
+            batch.add(LlamaToken(*t), i as i32, &[0], false).unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        batch.clear();
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        batch
+            .add(LlamaToken(*t), (prefix.len() + i) as i32, &[0], true)
+            .unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    (0..tokens.len() as i32)
+        .flat_map(|i| ctx.get_logits_ith(i).to_vec())
+        .collect()
+}
+
+/// Our no-cache computation: everything as one segment over an empty cache.
+fn our_full_logits(model: &mut DiffusionModel, tokens: &[i32]) -> Vec<f32> {
+    let mut cache = model.new_cache(128).unwrap();
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens,
+        offset: 0,
+        span: tokens.len(),
+        outputs: &rows,
+        temperature: 1.0,
+        commit: false,
+    }];
+    logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
+}
+
+fn sequence() -> Vec<i32> {
+    PREFIX.iter().chain(&WINDOW).copied().collect()
+}
+
+fn quantized(kind: ggml_ext::WeightType, dir: &Path) -> PathBuf {
+    let out = dir.join(format!("fixture-{kind:?}.gguf"));
+    ggml_ext::quantize(&common::fixture_model(), &out, kind, 1).unwrap();
+    out
+}
+
+#[test]
+fn no_cache_logits_equal_llama_cpps_llada_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    // Same kernels in the same order (flash attention over F16 K/V included), so the results are
+    // bit-identical today (measured max abs diff 0 for all three); the tolerance leaves room for a
+    // ggml update that reorders a sum.
+    for (path, tolerance) in [
+        (common::fixture_model(), 1e-4),
+        (quantized(ggml_ext::WeightType::Q8_0, dir.path()), 1e-4),
+        (quantized(ggml_ext::WeightType::Q4_0, dir.path()), 1e-4),
+    ] {
+        let reference = llama_cpp_logits(&path, &[], &sequence());
+        let mut model = DiffusionModel::load(&path, config()).unwrap();
+        let ours = our_full_logits(&mut model, &sequence());
+        let diff = max_diff(&reference, &ours);
+        assert!(diff <= tolerance, "{}: max abs diff {diff}", path.display());
+        // And the comparison can fail: a changed token changes the logits.
+        let mut other = sequence();
+        other[3] = 99;
+        assert!(max_diff(&reference, &our_full_logits(&mut model, &other)) > 1e-2);
+    }
+}
+
+#[test]
+fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let twin = dir.path().join("twin.gguf");
+    ggml_ext::retarget(&common::fixture_model(), &twin, "llada", "llama").unwrap();
+    let reference = llama_cpp_logits(&twin, &PREFIX, &WINDOW);
+
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let mut cache = model.new_cache(128).unwrap();
+    model.prefill(&mut cache, &PREFIX).unwrap();
+    assert_eq!(cache.len(), PREFIX.len());
+    let rows: Vec<usize> = (0..WINDOW.len()).collect();
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens: &WINDOW,
+        offset: 0,
+        span: WINDOW.len(),
+        outputs: &rows,
+        temperature: 1.0,
+        commit: false,
+    }];
+    let ours = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
+    let diff = max_diff(&reference, &ours);
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+    // The cached prefix really is an approximation of the full recompute.
+    let full = our_full_logits(&mut model, &sequence());
+    let full_window = &full[PREFIX.len() * model.shape().n_vocab..];
+    assert!(max_diff(full_window, &ours) > 1e-3);
+}
+
+/// One segment's window logits over a prefix cache, alone or in a batch.
+fn window_logits(
+    model: &mut DiffusionModel,
+    caches: &mut [ggml_ext::runtime::KvCache],
+    windows: &[&[i32]],
+) -> Vec<Vec<f32>> {
+    let rows: Vec<Vec<usize>> = windows.iter().map(|w| (0..w.len()).collect()).collect();
+    let mut segs: Vec<Segment> = caches
+        .iter_mut()
+        .zip(windows)
+        .zip(&rows)
+        .map(|((cache, w), r)| Segment {
+            cache,
+            tokens: w,
+            offset: 0,
+            span: w.len(),
+            outputs: r,
+            temperature: 1.0,
+            commit: false,
+        })
+        .collect();
+    model
+        .eval(&mut segs, Head::Logits)
+        .unwrap()
+        .into_iter()
+        .map(logits)
+        .collect()
+}
+
+#[test]
+fn batched_segments_equal_unbatched_ones() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let prompts: [&[i32]; 3] = [&PREFIX, &PREFIX[5..], &[264, 40, 41, 42, 263]];
+    let windows: [&[i32]; 3] = [&WINDOW, &WINDOW[..4], &[265, 265, 265, 265, 265, 265, 80]];
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = model.new_cache(64).unwrap();
+            model.prefill(&mut c, p).unwrap();
+            c
+        })
+        .collect();
+    let alone: Vec<Vec<f32>> = (0..3)
+        .map(|i| window_logits(&mut model, &mut caches[i..i + 1], &windows[i..i + 1]).remove(0))
+        .collect();
+    let together = window_logits(&mut model, &mut caches, &windows);
+    for i in 0..3 {
+        let diff = max_diff(&alone[i], &together[i]);
+        assert!(diff <= 1e-5, "segment {i}: {diff}");
+    }
+    assert!(
+        max_diff(&together[0][..together[1].len()], &together[1]) > 1e-3,
+        "different prompts differ"
+    );
+}
+
+#[test]
+fn appending_a_turn_equals_a_fresh_chunked_prefill() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let (turn1, turn2) = PREFIX.split_at(14);
+    // Reused: turn 1 prefilled, a reply denoised over it (scratch cells written), then turn 2 appended.
+    let mut reused = model.new_cache(64).unwrap();
+    model.prefill(&mut reused, turn1).unwrap();
+    window_logits(&mut model, std::slice::from_mut(&mut reused), &[&WINDOW]);
+    model.prefill(&mut reused, turn2).unwrap();
+    // Fresh: both chunks into a new cache.
+    let mut fresh = model.new_cache(64).unwrap();
+    model.prefill(&mut fresh, turn1).unwrap();
+    model.prefill(&mut fresh, turn2).unwrap();
+    assert_eq!(reused.tokens(), fresh.tokens());
+    let a = window_logits(&mut model, std::slice::from_mut(&mut reused), &[&WINDOW]).remove(0);
+    let b = window_logits(&mut model, std::slice::from_mut(&mut fresh), &[&WINDOW]).remove(0);
+    assert_eq!(max_diff(&a, &b), 0.0);
+    // Truncating to the first chunk and appending a different second turn also matches a fresh run.
+    reused.truncate(turn1.len());
+    model.prefill(&mut reused, &[30, 31, 32]).unwrap();
+    let mut fresh = model.new_cache(64).unwrap();
+    model.prefill(&mut fresh, turn1).unwrap();
+    model.prefill(&mut fresh, &[30, 31, 32]).unwrap();
+    let a = window_logits(&mut model, std::slice::from_mut(&mut reused), &[&WINDOW]).remove(0);
+    let b = window_logits(&mut model, std::slice::from_mut(&mut fresh), &[&WINDOW]).remove(0);
+    assert_eq!(max_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let mut cache = model.new_cache(64).unwrap();
+    model.prefill(&mut cache, &PREFIX).unwrap();
+    let all_rows: Vec<usize> = (0..WINDOW.len()).collect();
+    // Full pass over the canvas: writes every canvas cell's K/V.
+    let full = logits(
+        model
+            .eval(
+                &mut [Segment {
+                    cache: &mut cache,
+                    tokens: &WINDOW,
+                    offset: 0,
+                    span: WINDOW.len(),
+                    outputs: &all_rows,
+                    temperature: 1.0,
+                    commit: false,
+                }],
+                Head::Logits,
+            )
+            .unwrap()
+            .remove(0),
+    );
+    // Block 4..7 alone, attending to the cached cells of the rest of the canvas: same logits.
+    let block = &WINDOW[4..7];
+    let rows = [0, 1, 2];
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens: block,
+        offset: 4,
+        span: WINDOW.len(),
+        outputs: &rows,
+        temperature: 1.0,
+        commit: false,
+    }];
+    let dual = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
+    let n_vocab = model.shape().n_vocab;
+    assert!(max_diff(&full[4 * n_vocab..7 * n_vocab], &dual) <= 1e-5);
+    // A changed block token changes the block's own logits even with the suffix cached.
+    let changed = [265, 70, 265];
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens: &changed,
+        offset: 4,
+        span: WINDOW.len(),
+        outputs: &rows,
+        temperature: 1.0,
+        commit: false,
+    }];
+    let other = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
+    assert!(max_diff(&dual, &other) > 1e-3);
+}
+
+#[test]
+fn top_k_head_agrees_with_a_softmax_of_the_logits() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let mask = model.shape().mask_token.expect("the fixture names its mask token");
+    let seq = sequence();
+    let full = our_full_logits(&mut model, &seq);
+    let n_vocab = model.shape().n_vocab;
+    let mut cache = model.new_cache(128).unwrap();
+    let rows: Vec<usize> = (PREFIX.len()..seq.len()).collect();
+    let temperature = 0.7;
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens: &seq,
+        offset: 0,
+        span: seq.len(),
+        outputs: &rows,
+        temperature,
+        commit: false,
+    }];
+    let Predictions::TopK(tops) = model.eval(&mut seg, Head::TopK(3)).unwrap().remove(0) else {
+        panic!("top-k head")
+    };
+    assert_eq!(tops.len(), rows.len());
+    for (top, &row) in tops.iter().zip(&rows) {
+        let l = &full[row * n_vocab..(row + 1) * n_vocab];
+        let max = l
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != mask as usize)
+            .map(|(_, v)| *v)
+            .fold(f32::MIN, f32::max);
+        let e: Vec<f32> = l
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i == mask as usize {
+                    0.0
+                } else {
+                    ((v - max) / temperature).exp()
+                }
+            })
+            .collect();
+        let sum: f32 = e.iter().sum();
+        let p: Vec<f32> = e.iter().map(|x| x / sum).collect();
+        let mut order: Vec<usize> = (0..n_vocab).collect();
+        order.sort_by(|a, b| p[*b].total_cmp(&p[*a]));
+        assert_eq!(top.tokens, order[..3].iter().map(|i| *i as i32).collect::<Vec<_>>());
+        assert!(!top.tokens.contains(&mask));
+        for (t, q) in top.tokens.iter().zip(&top.probs) {
+            assert!((p[*t as usize] - q).abs() <= 1e-5, "{} vs {q}", p[*t as usize]);
+        }
+        let entropy: f32 = -p.iter().filter(|x| **x > 0.0).map(|x| x * x.ln()).sum::<f32>();
+        assert!((entropy - top.entropy).abs() <= 1e-3, "{entropy} vs {}", top.entropy);
+    }
+}
+
+#[test]
+fn bad_segments_are_typed_errors_and_leave_the_cache_alone() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let mut cache = model.new_cache(16).unwrap();
+    let err = model.prefill(&mut cache, &[1; 20]).unwrap_err();
+    assert!(err.to_string().contains("exceed"), "{err}");
+    let err = model.prefill(&mut cache, &[1, 99_999]).unwrap_err();
+    assert!(err.to_string().contains("vocabulary"), "{err}");
+    assert_eq!(cache.len(), 0);
+    let err = DiffusionModel::load(Path::new("/nonexistent.gguf"), config())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("no such file"), "{err}");
+}
