@@ -4,12 +4,15 @@
 //! Each case runs the same conversations (held-out dialogs, history of earlier turns included)
 //! with one decode configuration and reports median reply latency, tokens/s and steps per reply.
 //! A second table runs N conversations at once through one engine and reports aggregate
-//! tokens/s and time-to-first-revision percentiles.
+//! tokens/s, time-to-first-revision and reply percentiles and the process's peak memory.
+//!
+//! With an intent classifier, each case also scores its replies: the share whose closest answer
+//! template belongs to the intent the held-out dialog expects (the eval's intent accuracy).
 
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
-use crate::eval::Dialog;
+use crate::eval::{Dialog, IntentClassifier};
 
 /// One engine and decode configuration to measure.
 #[derive(Clone)]
@@ -17,6 +20,8 @@ pub struct Case {
     pub name: String,
     pub engine: std::sync::Arc<dyn Engine>,
     pub options: DecodeOptions,
+    /// Reply to each conversation's previous turn first (unmeasured).
+    pub warm: bool,
 }
 
 /// Figures for one case.
@@ -28,6 +33,8 @@ pub struct CaseResult {
     pub tokens_per_second: f64,
     pub steps_per_reply: f64,
     pub prompt_tokens: f64,
+    /// Share of replies of the expected intent, when a classifier was given.
+    pub intent_accuracy: Option<f64>,
 }
 
 /// Figures for one concurrency level.
@@ -39,31 +46,53 @@ pub struct ConcurrencyResult {
     pub first_revision_p99: Duration,
     pub reply_p50: Duration,
     pub reply_p99: Duration,
+    /// Peak resident memory of the process so far, in MiB (Linux; 0 elsewhere).
+    pub peak_rss_mib: f64,
+}
+
+/// A conversation to reply to: the turns up to a user message, and the intent the reply should have.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub turns: Vec<ChatTurn>,
+    pub intent: Option<String>,
+}
+
+impl Conversation {
+    /// The conversation as it stood at the previous user turn (its prompt is a prefix of this one's).
+    pub fn previous_turn(&self) -> Option<Conversation> {
+        let last = self.turns.iter().rposition(|t| t.role == "user")?;
+        let previous = self.turns[..last].iter().rposition(|t| t.role == "user")?;
+        Some(Conversation {
+            turns: self.turns[..=previous].to_vec(),
+            intent: None,
+        })
+    }
 }
 
 /// The conversation before the last assistant turn of each dialog that has history (at least
 /// two user turns), so every prompt carries earlier turns.
-pub fn conversations(dialogs: &[Dialog], count: usize) -> Vec<Vec<ChatTurn>> {
+pub fn conversations(dialogs: &[Dialog]) -> Vec<Conversation> {
     dialogs
         .iter()
         .filter(|d| d.turns.iter().filter(|t| t.role == "user").count() >= 2)
         .filter_map(|d| {
             let last_user = d.turns.iter().rposition(|t| t.role == "user")?;
-            Some(
-                d.turns[..=last_user]
+            Some(Conversation {
+                turns: d.turns[..=last_user]
                     .iter()
                     .map(|t| ChatTurn {
                         role: t.role.clone(),
                         content: t.content.clone(),
                     })
                     .collect(),
-            )
+                intent: d.turns[last_user].intent.clone(),
+            })
         })
-        .take(count)
         .collect()
 }
 
 struct Measured {
+    text: String,
     latency: Duration,
     first_revision: Duration,
     tokens: usize,
@@ -84,6 +113,7 @@ async fn measure(
     };
     let outcome = engine::complete(engine, request).await?;
     Ok(Measured {
+        text: outcome.completion.text,
         latency: outcome.total,
         first_revision: outcome.first_revision,
         // The canvas length counts: every position was decoded, end padding included.
@@ -101,23 +131,37 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// Runs every case over the same conversations, one reply at a time.
+/// Runs every case over the same conversations, one reply at a time. With `warm`, each
+/// conversation's previous turn is replied to first (unmeasured), so an engine that keeps
+/// conversation caches starts from the cached history.
 pub async fn run_cases(
     system: &str,
-    conversations: &[Vec<ChatTurn>],
+    conversations: &[Conversation],
     cases: &[Case],
+    classifier: Option<&IntentClassifier>,
 ) -> Result<Vec<CaseResult>, EngineError> {
     let mut results = Vec::new();
     for case in cases {
         let mut measured = Vec::new();
-        for turns in conversations {
-            measured.push(measure(case.engine.as_ref(), system, turns.clone(), &case.options).await?);
+        let mut correct = 0;
+        for c in conversations {
+            if case.warm {
+                if let Some(previous) = c.previous_turn() {
+                    measure(case.engine.as_ref(), system, previous.turns, &case.options).await?;
+                }
+            }
+            let m = measure(case.engine.as_ref(), system, c.turns.clone(), &case.options).await?;
+            if let (Some(classifier), Some(intent)) = (classifier, &c.intent) {
+                correct += usize::from(classifier.classify(&m.text) == Some(intent.as_str()));
+            }
+            measured.push(m);
         }
         let mut latencies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
         latencies.sort();
         let total_time: f64 = measured.iter().map(|m| m.latency.as_secs_f64()).sum();
         let tokens: usize = measured.iter().map(|m| m.tokens).sum();
         let n = measured.len().max(1) as f64;
+        let scored = conversations.iter().filter(|c| c.intent.is_some()).count();
         results.push(CaseResult {
             name: case.name.clone(),
             replies: measured.len(),
@@ -125,6 +169,7 @@ pub async fn run_cases(
             tokens_per_second: tokens as f64 / total_time.max(1e-9),
             steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
             prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
+            intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
         });
     }
     Ok(results)
@@ -134,7 +179,7 @@ pub async fn run_cases(
 pub async fn run_concurrent(
     engine: &dyn Engine,
     system: &str,
-    conversations: &[Vec<ChatTurn>],
+    conversations: &[Conversation],
     options: &DecodeOptions,
     level: usize,
 ) -> Result<ConcurrencyResult, EngineError> {
@@ -143,7 +188,7 @@ pub async fn run_concurrent(
         .iter()
         .cycle()
         .take(level)
-        .map(|turns| measure(engine, system, turns.clone(), options));
+        .map(|c| measure(engine, system, c.turns.clone(), options));
     let measured = futures_util::future::try_join_all(runs).await?;
     let wall = started.elapsed().as_secs_f64();
     let mut first: Vec<Duration> = measured.iter().map(|m| m.first_revision).collect();
@@ -157,25 +202,39 @@ pub async fn run_concurrent(
         first_revision_p99: percentile(&first, 0.99),
         reply_p50: percentile(&replies, 0.5),
         reply_p99: percentile(&replies, 0.99),
+        peak_rss_mib: peak_rss_mib(),
     })
+}
+
+/// `VmHWM` of this process in MiB, or 0 where `/proc` is missing.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Markdown table of `results`, with each case's latency ratio to the first case.
 pub fn cases_table(results: &[CaseResult]) -> String {
     let mut out = String::from(
-        "| case | replies | prompt tokens | median latency ms | tokens/s | steps/reply | speed-up vs first |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| case | replies | prompt tokens | median latency ms | tokens/s | steps/reply | intent acc. | speed-up vs first |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let base = results.first().map(|r| r.median_latency.as_secs_f64()).unwrap_or(1.0);
     for r in results {
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2}x |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.2}x |\n",
             r.name,
             r.replies,
             r.prompt_tokens,
             r.median_latency.as_secs_f64() * 1e3,
             r.tokens_per_second,
             r.steps_per_reply,
+            r.intent_accuracy.map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
             base / r.median_latency.as_secs_f64().max(1e-9)
         ));
     }
@@ -185,21 +244,22 @@ pub fn cases_table(results: &[CaseResult]) -> String {
 /// Markdown table of concurrency results, with aggregate throughput relative to the first row.
 pub fn concurrency_table(results: &[ConcurrencyResult]) -> String {
     let mut out = String::from(
-        "| conversations | aggregate tokens/s | vs first | first revision p50/p99 ms | reply p50/p99 ms |\n\
-         | --- | --- | --- | --- | --- |\n",
+        "| conversations | aggregate tokens/s | vs first | first revision p50/p99 ms | reply p50/p99 ms | peak RSS MiB |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
     );
     let base = results.first().map(|r| r.aggregate_tokens_per_second).unwrap_or(1.0);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for r in results {
         out.push_str(&format!(
-            "| {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            "| {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |\n",
             r.conversations,
             r.aggregate_tokens_per_second,
             r.aggregate_tokens_per_second / base.max(1e-9),
             ms(r.first_revision_p50),
             ms(r.first_revision_p99),
             ms(r.reply_p50),
-            ms(r.reply_p99)
+            ms(r.reply_p99),
+            r.peak_rss_mib
         ));
     }
     out

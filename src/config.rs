@@ -60,6 +60,7 @@ pub struct LimitsConfig {
     pub max_message_chars: usize,
     pub max_running_replies: usize,
     pub max_waiting_replies: usize,
+    pub kept_conversation_caches: usize,
     pub messages_per_minute: u32,
     pub message_burst: u32,
     pub max_reply_tokens: usize,
@@ -71,6 +72,10 @@ pub struct LimitsConfig {
 pub struct ModelConfig {
     pub path: String,
     pub engine: EngineKind,
+    pub cache: crate::engine::cached::CacheMode,
+    pub reuse_history: bool,
+    pub device: DeviceKind,
+    pub top_k: usize,
     pub threads: usize,
     pub context_length: usize,
 }
@@ -79,10 +84,18 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
+    /// Our own ggml graph: K/V caches per conversation, batched steps (LLaDA models).
+    Cached,
     /// llama.cpp's diffusion path: the whole `[prompt + reply]` is recomputed every step.
     Reference,
-    /// The prompt's K/V is computed once per reply; steps recompute only the reply (LLaDA models).
-    PrefixCache,
+}
+
+/// Where the cached engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
 }
 
 /// How many positions each step unmasks.
@@ -204,6 +217,21 @@ impl Config {
         }
         positive("limits.max_message_chars", l.max_message_chars)?;
         positive("limits.max_running_replies", l.max_running_replies)?;
+        if l.kept_conversation_caches < l.max_running_replies {
+            return Err(ConfigError::Invalid {
+                setting: "limits.kept_conversation_caches",
+                reason: format!(
+                    "must be at least limits.max_running_replies ({})",
+                    l.max_running_replies
+                ),
+            });
+        }
+        if self.model.top_k < 2 {
+            return Err(ConfigError::Invalid {
+                setting: "model.top_k",
+                reason: "must be at least 2 (the margin selection needs the runner-up)".into(),
+            });
+        }
         positive("limits.messages_per_minute", l.messages_per_minute as usize)?;
         positive("limits.message_burst", l.message_burst as usize)?;
         positive("limits.max_reply_tokens", l.max_reply_tokens)?;

@@ -18,7 +18,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Deserialize;
 
-use crate::engine::reference::{backend, chat_tokens};
+use crate::engine::vocab::{backend, chat_tokens};
 use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 
 /// Errors from evaluation.

@@ -72,14 +72,17 @@ struct BenchArgs {
     /// Dialogs (JSONL from `dllm-train corpus`); those with earlier turns become the conversations.
     #[arg(long)]
     dialogs: PathBuf,
-    /// Conversations measured per case.
+    /// Conversations measured per case (each reply length gets its own).
     #[arg(long, default_value_t = 8)]
     conversations: usize,
+    /// Training dialogs (JSONL) whose answers classify replies by intent; adds intent accuracy.
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Reply lengths (canvas tokens) to measure.
     #[arg(long, value_delimiter = ',', default_value = "64,128")]
     reply_tokens: Vec<usize>,
     /// Concurrent conversation counts for the throughput table.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     concurrency: Vec<usize>,
     /// Threshold of the adaptive cases.
     #[arg(long, default_value_t = 0.9)]
@@ -295,27 +298,43 @@ async fn eval(
 
 async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     use dllm_chat::bench::{self, Case};
+    use dllm_chat::engine::cached::CacheMode;
     use dllm_chat::engine::{DecodeOptions, Schedule, Selection};
-    let dialogs = dllm_chat::eval::read_dialogs(&args.dialogs)?;
-    let conversations = bench::conversations(&dialogs, args.conversations);
+    let pool = bench::conversations(&dllm_chat::eval::read_dialogs(&args.dialogs)?);
+    let per_length = args.conversations;
     anyhow::ensure!(
-        !conversations.is_empty(),
-        "no dialog in {} has earlier turns",
-        args.dialogs.display()
+        pool.len() >= per_length * args.reply_tokens.len(),
+        "{} has {} dialogs with earlier turns; {} are needed ({} per reply length)",
+        args.dialogs.display(),
+        pool.len(),
+        per_length * args.reply_tokens.len(),
+        per_length
     );
+    let classifier = match &args.reference {
+        Some(path) => Some(dllm_chat::eval::IntentClassifier::new(&dllm_chat::eval::read_dialogs(
+            path,
+        )?)),
+        None => None,
+    };
     let system = config.system_prompt()?;
     let most = args.concurrency.iter().copied().max().unwrap_or(1);
     config.limits.max_running_replies = most;
+    config.limits.kept_conversation_caches = config.limits.kept_conversation_caches.max(most);
     config.limits.max_waiting_replies = config.limits.max_waiting_replies.max(most);
-    let with_engine = |engine: EngineKind| Config {
+    let with_engine = |engine: EngineKind, cache: CacheMode, reuse_history: bool| Config {
         model: ModelConfig {
             engine,
+            cache,
+            reuse_history,
             ..config.model.clone()
         },
         ..config.clone()
     };
-    let reference = start_engine(&with_engine(EngineKind::Reference)).await?;
-    let cached = start_engine(&with_engine(EngineKind::PrefixCache)).await?;
+    // Only case (e) keeps conversation caches across turns; the others prefill every prompt.
+    let reference = start_engine(&with_engine(EngineKind::Reference, CacheMode::Prefix, false)).await?;
+    let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
+    let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
+    let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, true)).await?;
     let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
         max_tokens,
         steps: max_tokens,
@@ -327,33 +346,44 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     };
     let tau = args.threshold;
     println!(
-        "model: {}  threads: {}  conversations: {}",
+        "model: {}  threads: {}  conversations per reply length: {per_length}  block: {}",
         reference.info().model_path,
         config.model.threads,
-        conversations.len()
+        args.block_length
     );
-    for &tokens in &args.reply_tokens {
+    for (i, &tokens) in args.reply_tokens.iter().enumerate() {
+        // Fresh conversations per reply length, so no engine has seen them.
+        let conversations = &pool[i * per_length..(i + 1) * per_length];
+        let threshold = Schedule::Threshold { tau };
         let cases = [
-            ("(a) reference, fixed 1 token/step", &reference, Schedule::Fixed),
-            ("(b) reference, threshold", &reference, Schedule::Threshold { tau }),
-            ("(c) prefix cache, threshold", &cached, Schedule::Threshold { tau }),
+            ("(a) reference, fixed 1 token/step", &reference, Schedule::Fixed, false),
+            ("(b) reference, threshold", &reference, threshold, false),
+            ("(c) cached: prefix cache, threshold", &prefix, threshold, false),
+            ("(d) cached: dual cache, threshold", &dual, threshold, false),
+            (
+                "(e) cached: prefix cache, threshold, history cached by the previous turn",
+                &reused,
+                threshold,
+                true,
+            ),
         ]
-        .map(|(name, engine, schedule)| Case {
+        .map(|(name, engine, schedule, warm)| Case {
             name: format!("{name}, {tokens} tokens"),
             engine: engine.clone(),
             options: options(tokens, schedule),
+            warm,
         });
-        let results = bench::run_cases(&system, &conversations, &cases).await?;
+        let results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
         println!("{}", bench::cases_table(&results));
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
-    for engine in [&reference, &cached] {
+    for engine in [&reference, &prefix] {
         let mut levels = Vec::new();
         for &level in &args.concurrency {
-            levels.push(bench::run_concurrent(engine.as_ref(), &system, &conversations, &adaptive, level).await?);
+            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level).await?);
         }
         println!(
-            "{} engine, threshold {tau}, {} tokens:\n{}",
+            "{} engine, threshold {tau}, {} tokens, concurrent conversations:\n{}",
             engine.info().engine,
             adaptive.max_tokens,
             bench::concurrency_table(&levels)

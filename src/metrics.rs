@@ -23,6 +23,9 @@ pub const REPLIES_WAITING: &str = "dllm_replies_waiting";
 pub const REPLIES_TOTAL: &str = "dllm_replies_total";
 pub const ERRORS_TOTAL: &str = "dllm_errors_total";
 pub const REVISIONS_SKIPPED: &str = "dllm_revisions_skipped_total";
+pub const PROMPT_TOKENS: &str = "dllm_prompt_tokens_total";
+pub const ENGINE_STEP: &str = "dllm_engine_step_seconds";
+pub const ENGINE_BATCH: &str = "dllm_engine_batch_replies";
 
 const SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -43,6 +46,8 @@ pub fn install() -> PrometheusHandle {
                 (STEPS_PER_REPLY, COUNTS),
                 (TOKENS_PER_STEP, COUNTS),
                 (REPLY_TOKENS_PER_SECOND, RATES),
+                (ENGINE_STEP, SECONDS),
+                (ENGINE_BATCH, COUNTS),
             ]
             .into_iter()
             .fold(PrometheusBuilder::new(), |b, (name, buckets)| {
@@ -91,6 +96,18 @@ pub fn first_revision(latency: Duration) {
 
 pub fn step(tokens_unmasked: usize) {
     histogram!(TOKENS_PER_STEP).record(tokens_unmasked as f64);
+}
+
+/// Prompt tokens of a new reply: `reused` from a conversation's cache, `computed` prefilled.
+pub fn prompt_tokens(reused: usize, computed: usize) {
+    counter!(PROMPT_TOKENS, "source" => "cache").increment(reused as u64);
+    counter!(PROMPT_TOKENS, "source" => "computed").increment(computed as u64);
+}
+
+/// One batched engine step: its duration and how many replies it advanced.
+pub fn engine_step(duration: Duration, replies: usize) {
+    histogram!(ENGINE_STEP).record(duration.as_secs_f64());
+    histogram!(ENGINE_BATCH).record(replies as f64);
 }
 
 pub fn revision_skipped() {

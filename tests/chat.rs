@@ -91,9 +91,9 @@ async fn reply_streams_revisions_and_history_survives_reconnect() {
 }
 
 #[tokio::test]
-async fn prefix_cache_engine_streams_whole_revisions_too() {
+async fn reference_engine_streams_whole_revisions_too() {
     let mut config = test_config();
-    config.model.engine = dllm_chat::config::EngineKind::PrefixCache;
+    config.model.engine = dllm_chat::config::EngineKind::Reference;
     let server = TestServer::start(config).await;
     let placeholder = server.config.prompt.mask_placeholder.clone();
     let mut client = server.connect().await;

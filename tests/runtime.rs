@@ -42,7 +42,7 @@ fn logits(p: Predictions) -> Vec<f32> {
 /// llama.cpp's logits for `tokens` (all rows). With `prefix`, the twin decodes it first into its KV
 /// cache and then `tokens` after it, non-causally.
 fn llama_cpp_logits(path: &Path, prefix: &[i32], tokens: &[i32]) -> Vec<f32> {
-    let backend = dllm_chat::engine::reference::backend().unwrap();
+    let backend = dllm_chat::engine::vocab::backend().unwrap();
     let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).unwrap();
     let mut params = LlamaContextParams::default()
         .with_n_ctx(std::num::NonZeroU32::new(128))

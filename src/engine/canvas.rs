@@ -8,6 +8,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use ggml_ext::runtime::TopK;
+
 use super::policy::{self, Candidate, Schedule, Selection};
 use super::DecodeOptions;
 
@@ -99,16 +101,36 @@ impl Canvas {
         if active.is_empty() {
             return 0;
         }
-        let block = active[0] / self.block_length;
-        if block != self.block {
-            self.block = block;
-            self.steps_in_block = 0;
-        }
         let candidates: Vec<Candidate> = active
             .iter()
             .zip(logits)
             .map(|(&position, row)| self.sample(position, row))
             .collect();
+        self.apply(active, candidates)
+    }
+
+    /// Runs one denoising step given each active position's most likely tokens (probabilities
+    /// after temperature, mask token excluded), as the cached engine's graph returns them. With a
+    /// temperature the token is sampled among those `k`.
+    pub fn step_top_k(&mut self, active: &[usize], tops: &[TopK]) -> usize {
+        debug_assert_eq!(active.len(), tops.len());
+        if active.is_empty() {
+            return 0;
+        }
+        let candidates: Vec<Candidate> = active
+            .iter()
+            .zip(tops)
+            .map(|(&position, top)| self.sample_top_k(position, top))
+            .collect();
+        self.apply(active, candidates)
+    }
+
+    fn apply(&mut self, active: &[usize], candidates: Vec<Candidate>) -> usize {
+        let block = active[0] / self.block_length;
+        if block != self.block {
+            self.block = block;
+            self.steps_in_block = 0;
+        }
         let quota = policy::fixed_quota(active.len(), self.steps_per_block.saturating_sub(self.steps_in_block));
         let chosen = policy::choose(self.schedule, self.selection, candidates, quota);
         for c in &chosen {
@@ -170,6 +192,42 @@ impl Canvas {
             runner_up,
             entropy,
         }
+    }
+
+    fn sample_top_k(&mut self, position: usize, top: &TopK) -> Candidate {
+        let pick = if self.temperature > 0.0 && top.probs.len() > 1 {
+            let mut r = self.rng.random::<f32>() * top.probs.iter().sum::<f32>();
+            top.probs
+                .iter()
+                .position(|p| {
+                    r -= p;
+                    r < 0.0
+                })
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let runner_up = top
+            .probs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pick)
+            .map(|(_, p)| *p)
+            .fold(0.0, f32::max);
+        Candidate {
+            position,
+            token: top.tokens[pick],
+            prob: top.probs[pick],
+            runner_up,
+            entropy: top.entropy,
+        }
+    }
+
+    /// The current block's canvas range: the block of the first masked position inside the reply.
+    pub fn current_block(&self) -> Option<std::ops::Range<usize>> {
+        let first = *self.active_positions().first()?;
+        let start = first / self.block_length * self.block_length;
+        Some(start..(start + self.block_length).min(self.tokens.len()))
     }
 }
 
@@ -295,6 +353,39 @@ mod tests {
         };
         assert_eq!(sample_all(7), sample_all(7));
         assert_ne!(sample_all(7), sample_all(8));
+    }
+
+    #[test]
+    fn top_k_step_takes_the_most_likely_and_samples_with_a_seed() {
+        let top = |position: usize| TopK {
+            tokens: vec![position as i32, 7],
+            probs: vec![0.6, 0.3],
+            entropy: 0.9,
+        };
+        let mut c = Canvas::new(&options(4, 4, 4, Schedule::Fixed), MASK, vec![END]);
+        let active = c.active_positions();
+        let tops: Vec<TopK> = active.iter().map(|p| top(*p)).collect();
+        assert_eq!(c.step_top_k(&active, &tops), 1);
+        assert_eq!(c.tokens()[0], 0, "greedy takes the first of the top-k");
+        assert_eq!(c.current_block(), Some(0..4));
+
+        let sample_all = |seed| {
+            let mut o = options(6, 6, 6, Schedule::Fixed);
+            o.temperature = 1.0;
+            o.seed = seed;
+            let mut c = Canvas::new(&o, MASK, vec![]);
+            while !c.is_complete() {
+                let active = c.active_positions();
+                let tops: Vec<TopK> = active.iter().map(|p| top(*p)).collect();
+                c.step_top_k(&active, &tops);
+            }
+            c.tokens().to_vec()
+        };
+        assert_eq!(sample_all(3), sample_all(3));
+        assert!(
+            (0..8).any(|s| sample_all(s).contains(&7)),
+            "the runner-up is sampled sometimes"
+        );
     }
 
     #[test]

@@ -7,13 +7,19 @@
 //!
 //! - [`policy`]: which positions to unmask each step (fixed, threshold, factor).
 //! - [`canvas`]: the reply canvas, sampling and rendering, shared by all engines.
+//! - [`cached`]: our own ggml graph with per-conversation K/V caches and batched steps.
 //! - [`reference`]: llama.cpp's own diffusion path, recomputing `[prompt + canvas]` every step.
-//! - [`prompt`]: chat-template rendering and history truncation to the context window.
+//! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
+//! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
+//! - [`jobs`]: the queue between the service and an engine thread.
 
+pub mod cached;
 pub mod canvas;
+pub(crate) mod jobs;
 pub mod policy;
 pub mod prompt;
 pub mod reference;
+pub mod vocab;
 
 use std::time::Duration;
 
@@ -61,6 +67,8 @@ pub struct GenerateRequest {
 pub enum EngineEvent {
     Started {
         prompt_tokens: usize,
+        /// Of those, tokens whose K/V came from the conversation's cache (not recomputed).
+        cached_tokens: usize,
         /// Oldest turns left out to fit the context window.
         dropped_turns: usize,
         queue_wait: Duration,
@@ -189,18 +197,33 @@ pub fn start(
     config: &crate::config::Config,
     model_path: std::path::PathBuf,
 ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
-    match config.model.engine {
-        crate::config::EngineKind::Reference | crate::config::EngineKind::PrefixCache => {
-            let engine = reference::ReferenceEngine::start(reference::ReferenceConfig {
-                model_path,
-                threads: config.model.threads,
-                context_length: config.model.context_length,
-                max_running: config.limits.max_running_replies,
-                max_waiting: config.limits.max_waiting_replies,
-                mask_placeholder: config.prompt.mask_placeholder.clone(),
-                prefix_cache: config.model.engine == crate::config::EngineKind::PrefixCache,
-            })?;
-            Ok(std::sync::Arc::new(engine))
-        }
-    }
+    use crate::config::{DeviceKind, EngineKind};
+    let m = &config.model;
+    let l = &config.limits;
+    Ok(match m.engine {
+        EngineKind::Cached => std::sync::Arc::new(cached::CachedEngine::start(cached::CachedConfig {
+            model_path,
+            device: match m.device {
+                DeviceKind::Cpu => ggml_ext::runtime::Device::Cpu,
+                DeviceKind::Gpu => ggml_ext::runtime::Device::Gpu,
+            },
+            threads: m.threads,
+            context_length: m.context_length,
+            max_running: l.max_running_replies,
+            max_waiting: l.max_waiting_replies,
+            kept_caches: l.kept_conversation_caches,
+            reuse_history: m.reuse_history,
+            cache_mode: m.cache,
+            top_k: m.top_k,
+            mask_placeholder: config.prompt.mask_placeholder.clone(),
+        })?),
+        EngineKind::Reference => std::sync::Arc::new(reference::ReferenceEngine::start(reference::ReferenceConfig {
+            model_path,
+            threads: m.threads,
+            context_length: m.context_length,
+            max_running: l.max_running_replies,
+            max_waiting: l.max_waiting_replies,
+            mask_placeholder: config.prompt.mask_placeholder.clone(),
+        })?),
+    })
 }

@@ -12,6 +12,8 @@ pub struct FittedPrompt {
     pub tokens: Vec<i32>,
     /// Oldest turns left out.
     pub dropped_turns: usize,
+    /// The messages rendered: the system prompt (if any) and the kept turns.
+    pub chat: Vec<ChatTurn>,
 }
 
 /// Drops the oldest turns (never the system prompt or the last turn) until the rendered prompt
@@ -33,11 +35,36 @@ where
             return Ok(FittedPrompt {
                 tokens,
                 dropped_turns: dropped,
+                chat,
             });
         }
         needed = tokens.len();
     }
     Err(EngineError::ContextOverflow { needed, limit: budget })
+}
+
+/// Where the prompts of the earlier user turns of `chat` end inside `tokens` (the prompt of the
+/// whole `chat`), ascending. These are the chunk boundaries of a cached prefill: the prompt a turn
+/// had is a prefix of every later turn's prompt, so a conversation's cache can be extended turn by
+/// turn. A rendering that is not a token prefix of `tokens` (the tokenizer merged across the
+/// boundary) is skipped, so the boundaries depend only on the conversation, not on what is cached.
+pub fn turn_boundaries<F>(chat: &[ChatTurn], tokens: &[i32], mut render: F) -> Result<Vec<usize>, EngineError>
+where
+    F: FnMut(&[ChatTurn]) -> Result<Vec<i32>, EngineError>,
+{
+    let mut boundaries = Vec::new();
+    let last = chat.len().saturating_sub(1);
+    for (i, turn) in chat.iter().enumerate().take(last) {
+        if turn.role != "user" {
+            continue;
+        }
+        let earlier = render(&chat[..=i])?;
+        let end = earlier.len();
+        if end > 0 && end < tokens.len() && tokens.starts_with(&earlier) && boundaries.last() < Some(&end) {
+            boundaries.push(end);
+        }
+    }
+    Ok(boundaries)
 }
 
 #[cfg(test)]
@@ -72,6 +99,30 @@ mod tests {
         assert_eq!(fitted.tokens, "SSbbbbcc".chars().map(|c| c as i32).collect::<Vec<_>>());
         let fitted = fit("SS", &turns, 4, by_chars).unwrap();
         assert_eq!(fitted.dropped_turns, 2);
+    }
+
+    #[test]
+    fn boundaries_are_the_earlier_turns_prompts() {
+        let chat = vec![
+            turn("system", "S"),
+            turn("user", "ab"),
+            turn("assistant", "cd"),
+            turn("user", "e"),
+            turn("assistant", "f"),
+            turn("user", "g"),
+        ];
+        let tokens = by_chars(&chat).unwrap();
+        assert_eq!(turn_boundaries(&chat, &tokens, by_chars).unwrap(), vec![3, 6]);
+        // A rendering that is not a prefix of the whole prompt is no boundary.
+        let odd = |c: &[ChatTurn]| {
+            by_chars(c).map(|mut t| {
+                if c.len() == 2 {
+                    t.push(0);
+                }
+                t
+            })
+        };
+        assert_eq!(turn_boundaries(&chat, &tokens, odd).unwrap(), vec![6]);
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub enum DoneStatus {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the conversation's cache instead of being computed again.
+    pub cached_prompt_tokens: usize,
     pub completion_tokens: usize,
 }
 

@@ -140,10 +140,12 @@ impl Reply {
             match event {
                 EngineEvent::Started {
                     prompt_tokens,
+                    cached_tokens,
                     queue_wait,
                     dropped_turns,
                 } => {
                     usage.prompt_tokens = prompt_tokens;
+                    usage.cached_prompt_tokens = cached_tokens;
                     timings.queue_ms = ms(queue_wait);
                     crate::metrics::queue_time(queue_wait);
                     if dropped_turns > 0 {

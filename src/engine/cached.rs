@@ -1,0 +1,449 @@
+//! The cached engine: our own ggml graph ([`ggml_ext::runtime`]) with a K/V cache per
+//! conversation and one batched graph evaluation per step for all running replies.
+//!
+//! Per reply:
+//! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
+//!    ([`prompt::turn_boundaries`]). A cache left by an earlier turn of the same conversation (its
+//!    tokens a prefix of the new prompt, ending on a boundary) is extended instead of refilled.
+//! 2. *Refresh* at the start of every block: the whole canvas is computed over the prompt, leaving
+//!    the K/V of every canvas cell in the cache.
+//! 3. *Steps* inside the block: with [`CacheMode::Prefix`] the block and everything after it are
+//!    recomputed; with [`CacheMode::Dual`] only the block, attending to the cached K/V of the rest of
+//!    the canvas from the last refresh (Fast-dLLM's prefix and dual caches). Both are
+//!    approximations of the full recompute; `dllm-chat eval` measures what they cost.
+//!
+//! Every step of every running reply goes into one graph evaluation, whose head returns the top-k
+//! tokens, probabilities and entropy of each masked position of the current blocks.
+//!
+//! The thread owns the model, the caches and the tokenizer; the service talks to it through
+//! [`jobs`](super::jobs).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ggml_ext::runtime::{Device, DiffusionModel, Family, Head, KvCache, Predictions, RuntimeConfig, Segment};
+
+use super::canvas::Canvas;
+use super::jobs::{self, Intake, Job, Submitter};
+use super::prompt::{self, FittedPrompt};
+use super::vocab::ChatModel;
+use super::{
+    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
+};
+
+/// What the steps inside a block recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// The current block and the rest of the canvas after it.
+    #[default]
+    Prefix,
+    /// Only the current block; the rest of the canvas comes from the cache.
+    Dual,
+}
+
+/// Settings of the cached engine.
+#[derive(Debug, Clone)]
+pub struct CachedConfig {
+    pub model_path: PathBuf,
+    pub device: Device,
+    pub threads: usize,
+    /// Cells per conversation cache (prompt + canvas); capped at the model's training context.
+    pub context_length: usize,
+    /// Replies denoised together (one graph evaluation per step for all of them).
+    pub max_running: usize,
+    pub max_waiting: usize,
+    /// Conversation caches kept, running ones included; idle ones wait for their next turn.
+    pub kept_caches: usize,
+    /// Extend an idle cache whose tokens start the new prompt instead of prefilling everything.
+    pub reuse_history: bool,
+    pub cache_mode: CacheMode,
+    /// Tokens per position the graph returns (temperature sampling chooses among them).
+    pub top_k: usize,
+    pub mask_placeholder: String,
+}
+
+/// Handle to the engine thread. Dropping it lets the thread finish its replies and exit.
+pub struct CachedEngine {
+    submitter: Submitter,
+    info: EngineInfo,
+}
+
+impl CachedEngine {
+    /// Loads the model on a new thread and returns once it is ready (or failed to load).
+    /// Blocks: call it from a blocking context.
+    pub fn start(config: CachedConfig) -> Result<Self, EngineError> {
+        let (submitter, intake) = jobs::queue(config.max_waiting);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cached-engine".into())
+            .spawn(move || match Worker::load(&config) {
+                Ok(worker) => {
+                    let _ = ready_tx.send(Ok(worker.info.clone()));
+                    worker.run(intake);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| EngineError::Load {
+                path: String::new(),
+                reason: e.to_string(),
+            })?;
+        let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(Self { submitter, info })
+    }
+}
+
+impl Engine for CachedEngine {
+    fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError> {
+        self.submitter.submit(request)
+    }
+
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+}
+
+/// A conversation cache and what the engine knows about its contents.
+struct Slot {
+    cache: KvCache,
+    /// Ends of the committed chunks, ascending; the cache can be cut back to any of them exactly.
+    chunk_ends: Vec<usize>,
+    busy: bool,
+    last_used: u64,
+}
+
+/// A reply in progress.
+struct Reply {
+    job: Job,
+    slot: usize,
+    canvas: Canvas,
+    /// The block whose start refreshed the canvas cells in the cache.
+    refreshed: Option<usize>,
+}
+
+/// One reply's part of a step's evaluation.
+struct Planned {
+    tokens: Vec<i32>,
+    offset: usize,
+    active: Vec<usize>,
+    outputs: Vec<usize>,
+}
+
+struct Worker {
+    model: DiffusionModel,
+    chat: ChatModel,
+    info: EngineInfo,
+    config: CachedConfig,
+    context: usize,
+    slots: Vec<Slot>,
+    clock: u64,
+}
+
+impl Worker {
+    fn load(config: &CachedConfig) -> Result<Self, EngineError> {
+        let chat = ChatModel::load(&config.model_path, true)?;
+        let runtime = RuntimeConfig {
+            device: config.device,
+            threads: config.threads,
+            max_segments: config.max_running.max(1),
+        };
+        let model = DiffusionModel::load(&config.model_path, runtime).map_err(|e| match e {
+            ggml_ext::runtime::RuntimeError::Architecture(a) => EngineError::NotDiffusion(a),
+            other => EngineError::Load {
+                path: config.model_path.display().to_string(),
+                reason: other.to_string(),
+            },
+        })?;
+        if model.shape().family != Family::Llada {
+            return Err(EngineError::Load {
+                path: config.model_path.display().to_string(),
+                reason: format!(
+                    "the cached engine runs llada models; use --engine reference for {}",
+                    model.shape().family.name()
+                ),
+            });
+        }
+        // A vocabulary-only load has no training context; the runtime read it from the GGUF.
+        let context = config.context_length.min(model.shape().context_length);
+        tracing::info!(
+            device = model.device_description(),
+            weights_mib = model.weight_bytes() / (1 << 20),
+            "cached engine loaded"
+        );
+        Ok(Self {
+            info: EngineInfo {
+                engine: "cached",
+                model_path: config.model_path.display().to_string(),
+                architecture: chat.architecture.clone(),
+                context_length: context,
+            },
+            model,
+            chat,
+            config: config.clone(),
+            context,
+            slots: Vec::new(),
+            clock: 0,
+        })
+    }
+
+    fn run(mut self, mut intake: Intake) {
+        let mut replies: Vec<Reply> = Vec::new();
+        let max_running = self.config.max_running.max(1);
+        while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
+            for job in jobs {
+                if let Some(reply) = self.admit(job) {
+                    replies.push(reply);
+                }
+            }
+            self.step(&mut replies);
+        }
+    }
+
+    /// Fits and prefills the prompt and announces the reply; `None` when it failed.
+    fn admit(&mut self, job: Job) -> Option<Reply> {
+        let queue_wait = job.queued_at.elapsed();
+        let options = &job.request.options;
+        let fitted = self
+            .context
+            .checked_sub(options.max_tokens)
+            .ok_or(EngineError::ContextOverflow {
+                needed: options.max_tokens,
+                limit: self.context,
+            })
+            .and_then(|budget| {
+                prompt::fit(&job.request.system, &job.request.turns, budget, |c| {
+                    self.chat.prompt_tokens(c)
+                })
+            });
+        let prepared = fitted.and_then(|f| {
+            let boundaries = prompt::turn_boundaries(&f.chat, &f.tokens, |c| self.chat.prompt_tokens(c))?;
+            let slot = self.pick_slot(&f.tokens, &boundaries)?;
+            self.prefill(slot, &f.tokens, &boundaries)
+                .map(|reused| (f, slot, reused))
+        });
+        let (
+            FittedPrompt {
+                tokens, dropped_turns, ..
+            },
+            slot,
+            reused,
+        ) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                job.fail(e);
+                return None;
+            }
+        };
+        let started = EngineEvent::Started {
+            prompt_tokens: tokens.len(),
+            cached_tokens: reused,
+            dropped_turns,
+            queue_wait,
+        };
+        if job.events.send(started).is_err() {
+            self.release(slot);
+            return None;
+        }
+        let canvas = Canvas::new(options, self.chat.mask, self.chat.end_tokens.clone());
+        Some(Reply {
+            job,
+            slot,
+            canvas,
+            refreshed: None,
+        })
+    }
+
+    /// The idle cache that shares the longest exactly reusable prefix with `tokens` (ties and misses
+    /// go to the least recently used one), or a new cache while fewer than `kept_caches` exist. Marks
+    /// it busy and cuts it back to the reusable prefix.
+    fn pick_slot(&mut self, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
+        let reuse_history = self.config.reuse_history;
+        let reusable = |slot: &Slot| {
+            if !reuse_history {
+                return 0;
+            }
+            boundaries
+                .iter()
+                .chain(std::iter::once(&tokens.len()))
+                .rev()
+                .find(|b| slot.chunk_ends.contains(b) && slot.cache.tokens().get(..**b) == Some(&tokens[..**b]))
+                .copied()
+                .unwrap_or(0)
+        };
+        let best = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), i))
+            .max();
+        let limit = self.config.kept_caches.max(self.config.max_running);
+        let index = match best {
+            Some((reuse, _, i)) if reuse > 0 || self.slots.len() >= limit => i,
+            _ if self.slots.len() < limit => {
+                let cache = self
+                    .model
+                    .new_cache(self.context)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+                self.slots.push(Slot {
+                    cache,
+                    chunk_ends: Vec::new(),
+                    busy: false,
+                    last_used: 0,
+                });
+                self.slots.len() - 1
+            }
+            Some((_, _, i)) => i,
+            None => return Err(EngineError::Decode("no free conversation cache".into())),
+        };
+        let reuse = reusable(&self.slots[index]);
+        self.clock += 1;
+        let slot = &mut self.slots[index];
+        slot.busy = true;
+        slot.last_used = self.clock;
+        slot.cache.truncate(reuse);
+        slot.chunk_ends.retain(|e| *e <= reuse);
+        Ok(index)
+    }
+
+    /// Commits what `slot` lacks of `tokens`, one chunk per turn boundary. Returns how many tokens
+    /// were already there.
+    fn prefill(&mut self, slot: usize, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
+        let s = &mut self.slots[slot];
+        let reused = s.cache.len();
+        for end in boundaries.iter().copied().chain(std::iter::once(tokens.len())) {
+            let start = s.cache.len();
+            if end <= start {
+                continue;
+            }
+            if let Err(e) = self.model.prefill(&mut s.cache, &tokens[start..end]) {
+                s.busy = false;
+                return Err(EngineError::Decode(e.to_string()));
+            }
+            s.chunk_ends.push(end);
+        }
+        crate::metrics::prompt_tokens(reused, tokens.len() - reused);
+        Ok(reused)
+    }
+
+    fn release(&mut self, slot: usize) {
+        self.slots[slot].busy = false;
+    }
+
+    /// One denoising step of every running reply, in one graph evaluation.
+    fn step(&mut self, replies: &mut Vec<Reply>) {
+        let (gone, running): (Vec<Reply>, Vec<Reply>) =
+            std::mem::take(replies).into_iter().partition(|r| r.job.abandoned());
+        for r in gone {
+            self.finish(&r, StopReason::Cancelled);
+            self.release(r.slot);
+        }
+        *replies = running;
+        if replies.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
+        let mut segments: Vec<Segment> = replies
+            .iter()
+            .zip(&plans)
+            .map(|(r, p)| Segment {
+                cache: caches[r.slot].take().expect("one running reply per cache"),
+                tokens: &p.tokens,
+                offset: p.offset,
+                span: r.canvas.tokens().len(),
+                outputs: &p.outputs,
+                temperature: r.job.request.options.temperature,
+                commit: false,
+            })
+            .collect();
+        let evaluated = self.model.eval(&mut segments, Head::TopK(self.config.top_k.max(2)));
+        drop(segments);
+        crate::metrics::engine_step(started.elapsed(), replies.len());
+        let predictions = match evaluated {
+            Ok(p) => p,
+            Err(e) => {
+                let error = EngineError::Decode(e.to_string());
+                for r in replies.drain(..) {
+                    r.job.fail(error.clone());
+                    self.slots[r.slot].busy = false;
+                }
+                return;
+            }
+        };
+        let mut keep = Vec::with_capacity(replies.len());
+        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
+            let Predictions::TopK(tops) = predicted else {
+                unreachable!("the top-k head returns top-k predictions")
+            };
+            let unmasked = r.canvas.step_top_k(&plan.active, &tops);
+            keep.push(self.report(r, unmasked));
+        }
+        let mut flags = keep.into_iter();
+        replies.retain(|r| {
+            let kept = flags.next().unwrap_or(false);
+            if !kept {
+                self.slots[r.slot].busy = false;
+            }
+            kept
+        });
+    }
+
+    /// What `r` computes this step: the whole canvas at a block's start, then the block and what
+    /// follows it (prefix cache) or the block alone (dual cache).
+    fn plan(&self, r: &mut Reply) -> Planned {
+        let active = r.canvas.active_positions();
+        let block = r.canvas.current_block().expect("a running reply has a masked position");
+        let block_index = block.start / r.job.request.options.block_length.max(1);
+        let canvas = r.canvas.tokens();
+        let window = if r.refreshed != Some(block_index) {
+            r.refreshed = Some(block_index);
+            0..canvas.len()
+        } else {
+            match self.config.cache_mode {
+                CacheMode::Prefix => block.start..canvas.len(),
+                CacheMode::Dual => block,
+            }
+        };
+        Planned {
+            tokens: canvas[window.clone()].to_vec(),
+            offset: window.start,
+            outputs: active.iter().map(|p| p - window.start).collect(),
+            active,
+        }
+    }
+
+    /// Sends the revision (and the completion when done); returns whether the reply continues.
+    fn report(&self, r: &Reply, unmasked: usize) -> bool {
+        let revision = Revision {
+            step: r.canvas.steps(),
+            text: self.render(&r.canvas, &self.config.mask_placeholder),
+            masked: r.canvas.masked(),
+            unmasked,
+        };
+        if r.job.events.send(EngineEvent::Revision(revision)).is_err() {
+            return false;
+        }
+        if r.canvas.is_complete() {
+            self.finish(r, StopReason::Completed);
+            return false;
+        }
+        true
+    }
+
+    fn finish(&self, r: &Reply, reason: StopReason) {
+        r.job.finish(Completion {
+            reason,
+            text: self.render(&r.canvas, ""),
+            completion_tokens: r.canvas.reply_len(),
+            steps: r.canvas.steps(),
+        });
+    }
+
+    fn render(&self, canvas: &Canvas, placeholder: &str) -> String {
+        self.chat.render(canvas.tokens(), canvas.reply_len(), placeholder)
+    }
+}

@@ -1,0 +1,130 @@
+//! The queue between the async service and an engine thread.
+//!
+//! [`Submitter`] is the service's side: it fails fast with [`EngineError::Overloaded`] when too
+//! many replies wait, and hands each reply its event channel and cancel token. [`Intake`] is the
+//! engine thread's side: it blocks while the engine is idle and releases waiting jobs as running
+//! slots free up, oldest first.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Completion, EngineError, EngineEvent, GenerateRequest, ReplyStream};
+
+/// A reply request on its way to (or inside) an engine thread.
+pub(crate) struct Job {
+    pub request: GenerateRequest,
+    pub events: mpsc::UnboundedSender<EngineEvent>,
+    pub cancel: CancellationToken,
+    pub queued_at: Instant,
+}
+
+impl Job {
+    /// Whether the client cancelled or stopped listening.
+    pub fn abandoned(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
+    pub fn fail(&self, error: EngineError) {
+        let _ = self.events.send(EngineEvent::Failed(error));
+    }
+
+    pub fn finish(&self, completion: Completion) {
+        let _ = self.events.send(EngineEvent::Finished(completion));
+    }
+}
+
+/// A queue of at most `max_waiting` waiting jobs.
+pub(crate) fn queue(max_waiting: usize) -> (Submitter, Intake) {
+    let (tx, rx) = std_mpsc::channel();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    (
+        Submitter {
+            jobs: tx,
+            waiting: waiting.clone(),
+            max_waiting,
+        },
+        Intake {
+            jobs: rx,
+            waiting,
+            queue: VecDeque::new(),
+            open: true,
+        },
+    )
+}
+
+pub(crate) struct Submitter {
+    jobs: std_mpsc::Sender<Job>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+impl Submitter {
+    pub fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError> {
+        let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Overloaded { waiting });
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let job = Job {
+            request,
+            events,
+            cancel: cancel.clone(),
+            queued_at: Instant::now(),
+        };
+        if self.jobs.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Stopped);
+        }
+        crate::metrics::engine_load(None, Some(waiting + 1));
+        Ok(ReplyStream { events: rx, cancel })
+    }
+}
+
+pub(crate) struct Intake {
+    jobs: std_mpsc::Receiver<Job>,
+    waiting: Arc<AtomicUsize>,
+    queue: VecDeque<Job>,
+    /// False once every `Submitter` is gone.
+    open: bool,
+}
+
+impl Intake {
+    /// The jobs that may start now, at most `free`. Blocks while `running` is zero and nothing
+    /// waits. `None` means the engine should stop: no replies run, none wait and no more can come.
+    pub fn take(&mut self, running: usize, free: usize) -> Option<Vec<Job>> {
+        if running == 0 && self.queue.is_empty() {
+            if !self.open {
+                return None;
+            }
+            match self.jobs.recv() {
+                Ok(job) => self.queue.push_back(job),
+                Err(_) => return None,
+            }
+        }
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => self.queue.push_back(job),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+        let n = free.min(self.queue.len());
+        self.waiting.fetch_sub(n, Ordering::AcqRel);
+        let started: Vec<Job> = self.queue.drain(..n).collect();
+        crate::metrics::engine_load(
+            Some(running + started.len()),
+            Some(self.waiting.load(Ordering::Relaxed)),
+        );
+        Some(started)
+    }
+}

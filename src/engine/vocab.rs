@@ -1,0 +1,126 @@
+//! What every engine reads from a GGUF through llama.cpp besides the weights: the architecture,
+//! the vocabulary (mask and end tokens, each token's bytes for rendering revisions) and the chat
+//! template that turns a conversation into prompt tokens.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+
+use super::{ChatTurn, EngineError};
+
+/// Architectures llama.cpp runs as diffusion models.
+pub const DIFFUSION_ARCHITECTURES: [&str; 4] = ["llada", "llada-moe", "dream", "rnd1"];
+
+/// llama.cpp's backend may be initialised once per process; engines may start concurrently.
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    static INIT: Mutex<()> = Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    let b = LlamaBackend::init().map_err(|e| EngineError::Load {
+        path: String::new(),
+        reason: e.to_string(),
+    })?;
+    Ok(BACKEND.get_or_init(|| b))
+}
+
+/// A diffusion model as llama.cpp loaded it, with what is derived from it once.
+pub struct ChatModel {
+    pub model: LlamaModel,
+    pub architecture: String,
+    pub template: LlamaChatTemplate,
+    pub mask: i32,
+    /// End-of-text and end-of-turn tokens: the first one unmasked ends the reply.
+    pub end_tokens: Vec<i32>,
+    /// Bytes of every token, so rendering a revision never calls into llama.cpp.
+    pub pieces: Vec<Vec<u8>>,
+    /// The model's training context (0 for a vocabulary-only load).
+    pub n_ctx_train: usize,
+}
+
+impl ChatModel {
+    /// Loads `path`; with `vocab_only`, only the vocabulary and metadata (another runtime holds the
+    /// weights). Refuses files that are not diffusion models or have no mask token.
+    pub fn load(path: &Path, vocab_only: bool) -> Result<Self, EngineError> {
+        let load_err = |reason: String| EngineError::Load {
+            path: path.display().to_string(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(load_err("no such file".into()));
+        }
+        let params = LlamaModelParams::default().with_vocab_only(vocab_only);
+        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| load_err(e.to_string()))?;
+        let architecture = model
+            .meta_val_str("general.architecture")
+            .map_err(|e| load_err(e.to_string()))?;
+        if !DIFFUSION_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(EngineError::NotDiffusion(architecture));
+        }
+        let vocab = model.vocab();
+        let mask = vocab.mask().0;
+        if mask < 0 {
+            return Err(EngineError::NoMaskToken);
+        }
+        let end_tokens = vocab.tokens().filter(|t| vocab.is_eog(*t)).map(|t| t.0).collect();
+        let pieces = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
+        drop(vocab);
+        let template = model
+            .chat_template(None)
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        let n_ctx_train = model.n_ctx_train() as usize;
+        Ok(Self {
+            model,
+            architecture,
+            template,
+            mask,
+            end_tokens,
+            pieces,
+            n_ctx_train,
+        })
+    }
+
+    /// Dream predicts position `i` from row `i - 1`.
+    pub fn logit_shift(&self) -> usize {
+        usize::from(self.architecture == "dream")
+    }
+
+    /// Renders `chat` with the chat template (ending with the assistant's turn opening) and
+    /// tokenizes it, control tokens included.
+    pub fn prompt_tokens(&self, chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
+        chat_tokens(&self.model, &self.template, chat)
+    }
+
+    /// The text of `tokens[..reply_len]`, each masked position shown as `placeholder`.
+    pub fn render(&self, tokens: &[i32], reply_len: usize, placeholder: &str) -> String {
+        super::canvas::render(tokens, reply_len, self.mask, &self.pieces, placeholder)
+    }
+}
+
+/// Renders `chat` with `template` and tokenizes it, control tokens included.
+pub fn chat_tokens(
+    model: &LlamaModel,
+    template: &LlamaChatTemplate,
+    chat: &[ChatTurn],
+) -> Result<Vec<i32>, EngineError> {
+    let messages = chat
+        .iter()
+        .map(|t| LlamaChatMessage::new(t.role.clone(), t.content.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Template(e.to_string()))?;
+    let text = model
+        .apply_chat_template(template, &messages, true)
+        .map_err(|e| EngineError::Template(e.to_string()))?;
+    Ok(model
+        .vocab()
+        .tokenize(text.as_bytes(), false, true)
+        .into_iter()
+        .map(|t| t.0)
+        .collect())
+}

@@ -1,0 +1,380 @@
+//! Both engines on a real GGUF (the fixture): schedules, seeds, context limits, cancellation, the
+//! wait queue and refusals run against the reference engine (llama.cpp) and the cached engine (our
+//! ggml graph) alike; then what only the cached engine does (batching, history reuse).
+
+mod common;
+
+use std::time::Duration;
+
+use dllm_chat::config::{Config, EngineKind};
+use dllm_chat::engine::cached::CacheMode;
+
+use dllm_chat::engine::{
+    ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest, Schedule, Selection, StopReason,
+};
+
+fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
+    GenerateRequest {
+        system: "You are a test.".into(),
+        turns: vec![ChatTurn {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        options,
+    }
+}
+
+fn options(max_tokens: usize, steps: usize, schedule: Schedule) -> DecodeOptions {
+    DecodeOptions {
+        max_tokens,
+        steps,
+        block_length: 8,
+        schedule,
+        selection: Selection::Confidence,
+        temperature: 0.0,
+        seed: 3,
+    }
+}
+
+/// The test config once per engine: the reference engine and the cached engine in both cache modes.
+fn both_engines() -> [Config; 3] {
+    let mut reference = common::test_config();
+    reference.model.engine = EngineKind::Reference;
+    let mut prefix = common::test_config();
+    prefix.model.engine = EngineKind::Cached;
+    prefix.model.cache = CacheMode::Prefix;
+    let mut dual = prefix.clone();
+    dual.model.cache = CacheMode::Dual;
+    [reference, prefix, dual]
+}
+
+fn cached_config() -> Config {
+    let mut config = common::test_config();
+    config.model.engine = EngineKind::Cached;
+    config
+}
+
+fn text(event: EngineEvent) -> String {
+    match event {
+        EngineEvent::Finished(c) => c.text,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn turn(role: &str, content: &str) -> ChatTurn {
+    ChatTurn {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// Runs one reply to the end and returns (revisions, final event).
+async fn run(engine: &dyn Engine, req: GenerateRequest) -> (Vec<dllm_chat::engine::Revision>, EngineEvent) {
+    let mut stream = engine.submit(req).unwrap();
+    let mut revisions = vec![];
+    loop {
+        let event = tokio::time::timeout(common::WAIT, stream.events.recv())
+            .await
+            .unwrap()
+            .expect("event");
+        match event {
+            EngineEvent::Revision(r) => revisions.push(r),
+            EngineEvent::Started { .. } => {}
+            other => return (revisions, other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn fixed_schedule_takes_exactly_its_steps_unless_an_end_token_comes_first() {
+    for config in both_engines() {
+        let engine = common::start_engine(&config).await;
+        assert_eq!(engine.info().architecture, "llada");
+        let (revs, done) = run(engine.as_ref(), request("hello", options(16, 16, Schedule::Fixed))).await;
+        let EngineEvent::Finished(c) = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(c.reason, StopReason::Completed);
+        assert_eq!(c.steps, revs.len());
+        assert!(revs.iter().all(|r| r.unmasked == 1), "one token per step");
+        // 16 steps at most: fewer only if an end token cut the reply short.
+        assert!(revs.len() <= 16);
+        assert_eq!(revs.len() == 16, c.completion_tokens == 16);
+        let (revs, _) = run(engine.as_ref(), request("hello", options(16, 4, Schedule::Fixed))).await;
+        assert!(revs.len() <= 4, "4 steps unmask 4 positions each: {}", revs.len());
+    }
+}
+
+#[tokio::test]
+async fn same_seed_same_reply_and_temperature_changes_it() {
+    for config in both_engines() {
+        let engine = common::start_engine(&config).await;
+        let mut o = options(24, 24, Schedule::Threshold { tau: 0.9 });
+        o.temperature = 1.0;
+        let a = text(run(engine.as_ref(), request("hi", o.clone())).await.1);
+        let b = text(run(engine.as_ref(), request("hi", o.clone())).await.1);
+        assert_eq!(a, b, "same seed, same reply");
+        let mut texts = std::collections::HashSet::new();
+        for seed in 0..5 {
+            o.seed = seed;
+            texts.insert(text(run(engine.as_ref(), request("hi", o.clone())).await.1));
+        }
+        assert!(texts.len() > 1, "different seeds sample different replies");
+    }
+}
+
+#[tokio::test]
+async fn prompt_that_cannot_fit_is_context_overflow() {
+    for mut config in both_engines() {
+        config.model.context_length = 64;
+        let engine = common::start_engine(&config).await;
+        assert_eq!(engine.info().context_length, 64);
+        let (_, done) = run(
+            engine.as_ref(),
+            request(&"word ".repeat(100), options(16, 16, Schedule::Fixed)),
+        )
+        .await;
+        match done {
+            EngineEvent::Failed(EngineError::ContextOverflow { needed, limit }) => {
+                assert_eq!(limit, 48);
+                assert!(needed > 48);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancel_and_dropped_receiver_stop_the_reply() {
+    for config in both_engines() {
+        let engine = common::start_engine(&config).await;
+        let mut stream = engine
+            .submit(request("hi", options(256, 256, Schedule::Fixed)))
+            .unwrap();
+        loop {
+            if let EngineEvent::Revision(_) = stream.events.recv().await.unwrap() {
+                break;
+            }
+        }
+        stream.cancel.cancel();
+        let finished = loop {
+            match tokio::time::timeout(common::WAIT, stream.events.recv())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                EngineEvent::Finished(c) => break c,
+                EngineEvent::Revision(_) => continue,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(finished.reason, StopReason::Cancelled);
+        assert!(finished.steps < 256);
+
+        // A dropped receiver frees the engine for the next reply.
+        drop(
+            engine
+                .submit(request("hi", options(256, 256, Schedule::Fixed)))
+                .unwrap(),
+        );
+        let (_, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+        assert!(matches!(done, EngineEvent::Finished(_)), "{done:?}");
+    }
+}
+
+#[tokio::test]
+async fn full_wait_queue_fails_fast_with_overloaded() {
+    for mut config in both_engines() {
+        config.limits.max_running_replies = 1;
+        config.limits.max_waiting_replies = 2;
+        let engine = common::start_engine(&config).await;
+        let mut accepted = vec![];
+        let mut overloaded = 0;
+        for _ in 0..10 {
+            match engine.submit(request("hi", options(256, 256, Schedule::Fixed))) {
+                Ok(s) => accepted.push(s),
+                Err(EngineError::Overloaded { .. }) => overloaded += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(overloaded >= 7 - 1, "overloaded {overloaded}");
+        assert!(accepted.len() <= 4, "accepted {}", accepted.len());
+        for s in &accepted {
+            s.cancel.cancel();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama.gguf");
+    let mut spec = ggml_ext::FixtureSpec::default();
+    spec.hyperparams.architecture = ggml_ext::Architecture::Llama;
+    ggml_ext::write_llada_fixture(&path, &spec).unwrap();
+    let config = common::test_config();
+    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&config, path).err())
+        .await
+        .unwrap()
+        .expect("refused");
+    assert!(matches!(err, EngineError::NotDiffusion(ref a) if a == "llama"), "{err}");
+}
+
+#[tokio::test]
+async fn quantized_models_load_and_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    for mut config in both_engines() {
+        for (weight_type, name) in [
+            (ggml_ext::WeightType::Q8_0, "q8_0.gguf"),
+            (ggml_ext::WeightType::Q4_0, "q4_0.gguf"),
+        ] {
+            let out = dir.path().join(name);
+            ggml_ext::quantize(&common::fixture_model(), &out, weight_type, 1).unwrap();
+            let f32_size = std::fs::metadata(common::fixture_model()).unwrap().len();
+            assert!(
+                std::fs::metadata(&out).unwrap().len() < f32_size / 2,
+                "{name} is smaller than F32"
+            );
+            config.model.path = out.display().to_string();
+            let engine = common::start_engine(&config).await;
+            let (revs, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+            assert!(!revs.is_empty());
+            assert!(matches!(done, EngineEvent::Finished(_)), "{name}: {done:?}");
+        }
+        let err = ggml_ext::quantize(
+            &dir.path().join("missing.gguf"),
+            &dir.path().join("x.gguf"),
+            ggml_ext::WeightType::F16,
+            1,
+        );
+        assert!(matches!(err, Err(ggml_ext::QuantizeError::Failed { .. })));
+    }
+}
+
+/// The retargeted `llama` file run non-causally over the whole sequence computes exactly what
+/// llama.cpp's `llada` graph computes: the prefix-cache engine runs the same function.
+#[tokio::test]
+async fn llada_retargeted_as_llama_gives_identical_logits() {
+    use llama_cpp_2::context::params::{LlamaAttentionType, LlamaContextParams};
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::token::LlamaToken;
+    let dir = tempfile::tempdir().unwrap();
+    let twin = dir.path().join("twin.gguf");
+    ggml_ext::retarget(&common::fixture_model(), &twin, "llada", "llama").unwrap();
+    let err = ggml_ext::retarget(&twin, &dir.path().join("x.gguf"), "llada", "llama").unwrap_err();
+    assert!(matches!(err, ggml_ext::RetargetError::Architecture { .. }), "{err}");
+
+    let logits = |path: std::path::PathBuf, attention: Option<LlamaAttentionType>| {
+        let backend = dllm_chat::engine::vocab::backend().unwrap();
+        let model = LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap();
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(std::num::NonZeroU32::new(64))
+            .with_n_batch(64)
+            .with_n_ubatch(64)
+            .with_n_threads(1);
+        if let Some(a) = attention {
+            params = params.with_attention_type(a);
+        }
+        let mut ctx = model.new_context(backend, params).unwrap();
+        let tokens = [10, 200, 33, 7, 265, 265, 265, 90];
+        let mut batch = LlamaBatch::new(64, 1);
+        for (i, t) in tokens.iter().enumerate() {
+            batch.add(LlamaToken(*t), i as i32, &[0], true).unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        (0..tokens.len() as i32)
+            .flat_map(|i| ctx.get_logits_ith(i).to_vec())
+            .collect::<Vec<f32>>()
+    };
+    let (llada, llama_non_causal, llama_causal) = tokio::task::spawn_blocking(move || {
+        (
+            logits(common::fixture_model(), None),
+            logits(twin.clone(), Some(LlamaAttentionType::NonCausal)),
+            logits(twin, None),
+        )
+    })
+    .await
+    .unwrap();
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(
+        max_diff(&llada, &llama_non_causal) <= 1e-4,
+        "{}",
+        max_diff(&llada, &llama_non_causal)
+    );
+    assert!(max_diff(&llada, &llama_causal) > 1e-2, "causal attention must differ");
+}
+
+#[tokio::test]
+async fn cached_replies_batched_with_others_equal_replies_alone() {
+    let mut config = cached_config();
+    config.limits.max_running_replies = 3;
+    let engine = common::start_engine(&config).await;
+    assert_eq!(engine.info().engine, "cached");
+    let o = options(16, 16, Schedule::Fixed);
+    let alone = text(run(engine.as_ref(), request("first conversation", o.clone())).await.1);
+    // The same reply while two other conversations share its graph evaluations.
+    let (a, b, c) = tokio::join!(
+        run(engine.as_ref(), request("first conversation", o.clone())),
+        run(
+            engine.as_ref(),
+            request("a second, different and longer conversation", o.clone())
+        ),
+        run(engine.as_ref(), request("third", o.clone())),
+    );
+    assert_eq!(text(a.1), alone);
+    assert_ne!(text(b.1), alone, "other prompts give other replies");
+    assert!(matches!(c.1, EngineEvent::Finished(_)));
+}
+
+/// The next turn extends the conversation's cache (reported as cached prompt tokens) and replies
+/// exactly as an engine that prefills the whole history.
+#[tokio::test]
+async fn next_turn_reuses_the_cached_history_exactly() {
+    let reuse = common::start_engine(&cached_config()).await;
+    let mut fresh_config = cached_config();
+    fresh_config.model.reuse_history = false;
+    let fresh = common::start_engine(&fresh_config).await;
+    let o = options(16, 16, Schedule::Fixed);
+    let first = vec![turn("user", "Where is my order NW-12345?")];
+    let second = vec![
+        first[0].clone(),
+        turn("assistant", "It shipped yesterday."),
+        turn("user", "Can I still cancel it?"),
+    ];
+    let with_turns = |turns: &Vec<ChatTurn>| GenerateRequest {
+        system: "You are a test.".into(),
+        turns: turns.clone(),
+        options: o.clone(),
+    };
+    let started = |engine: std::sync::Arc<dyn Engine>, req: GenerateRequest| async move {
+        let mut stream = engine.submit(req).unwrap();
+        let mut first = None;
+        loop {
+            match stream.events.recv().await.expect("event") {
+                EngineEvent::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                    ..
+                } => first = Some((prompt_tokens, cached_tokens)),
+                EngineEvent::Finished(c) => return (first.expect("started"), c.text),
+                EngineEvent::Revision(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let ((p1, c1), _) = started(reuse.clone(), with_turns(&first)).await;
+    assert_eq!(c1, 0, "nothing cached yet");
+    let ((p2, c2), reused_text) = started(reuse.clone(), with_turns(&second)).await;
+    assert_eq!(c2, p1, "the first turn's whole prompt came from the cache");
+    assert!(p2 > p1);
+    let ((_, c3), fresh_text) = started(fresh, with_turns(&second)).await;
+    assert_eq!(c3, 0);
+    assert_eq!(reused_text, fresh_text);
+    // Asking the same again reuses the whole prompt.
+    let ((_, c4), again) = started(reuse, with_turns(&second)).await;
+    assert_eq!(c4, p2);
+    assert_eq!(again, fresh_text);
+}
