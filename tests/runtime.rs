@@ -14,11 +14,23 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-/// A prompt-like sequence and a canvas-like window (fixture ids; 265 is the mask token).
+/// A short prompt-like sequence and a canvas-like window (fixture ids; 265 is the mask token).
 const PREFIX: [i32; 24] = [
     264, 10, 200, 33, 7, 120, 99, 45, 46, 47, 265, 1, 2, 3, 150, 151, 152, 20, 21, 22, 23, 24, 25, 263,
 ];
 const WINDOW: [i32; 10] = [265, 265, 70, 71, 265, 265, 265, 72, 265, 262];
+
+/// A prompt and a canvas of realistic sizes: 64 queries and more take ggml's tiled flash-attention
+/// kernel, in llama.cpp and in our graph alike.
+fn long_prefix() -> Vec<i32> {
+    (0..90).map(|i| (i * 37 % 262) as i32).collect()
+}
+
+fn long_window() -> Vec<i32> {
+    (0..64)
+        .map(|i| if i % 3 == 0 { (i * 11 % 262) as i32 } else { 265 })
+        .collect()
+}
 
 fn config() -> RuntimeConfig {
     RuntimeConfig {
@@ -45,15 +57,15 @@ fn llama_cpp_logits(path: &Path, prefix: &[i32], tokens: &[i32]) -> Vec<f32> {
     let backend = dllm_chat::engine::vocab::backend().unwrap();
     let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default()).unwrap();
     let mut params = LlamaContextParams::default()
-        .with_n_ctx(std::num::NonZeroU32::new(128))
-        .with_n_batch(128)
-        .with_n_ubatch(128)
+        .with_n_ctx(std::num::NonZeroU32::new(256))
+        .with_n_batch(256)
+        .with_n_ubatch(256)
         .with_n_threads(1);
     if !prefix.is_empty() {
         params = params.with_attention_type(LlamaAttentionType::NonCausal);
     }
     let mut ctx = model.new_context(backend, params).unwrap();
-    let mut batch = LlamaBatch::new(128, 1);
+    let mut batch = LlamaBatch::new(256, 1);
     if !prefix.is_empty() {
         for (i, t) in prefix.iter().enumerate() {
             batch.add(LlamaToken(*t), i as i32, &[0], false).unwrap();
@@ -74,7 +86,7 @@ fn llama_cpp_logits(path: &Path, prefix: &[i32], tokens: &[i32]) -> Vec<f32> {
 
 /// Our no-cache computation: everything as one segment over an empty cache.
 fn our_full_logits(model: &mut DiffusionModel, tokens: &[i32]) -> Vec<f32> {
-    let mut cache = model.new_cache(128).unwrap();
+    let mut cache = model.new_cache(256).unwrap();
     let rows: Vec<usize> = (0..tokens.len()).collect();
     let mut seg = [Segment {
         cache: &mut cache,
@@ -101,13 +113,16 @@ fn quantized(kind: ggml_ext::WeightType, dir: &Path) -> PathBuf {
 #[test]
 fn no_cache_logits_equal_llama_cpps_llada_graph() {
     let dir = tempfile::tempdir().unwrap();
-    // Same kernels in the same order (flash attention over F16 K/V included), so the results are
-    // bit-identical today (measured max abs diff 0 for all three); the tolerance leaves room for a
-    // ggml update that reorders a sum.
+    let sequence = || -> Vec<i32> { long_prefix().into_iter().chain(long_window()).collect() };
+    // F32 and Q8_0 run the same kernels in the same order (flash attention over F16 K/V included)
+    // and are bit-identical today (measured max abs diff 0); the tolerance leaves room for a ggml
+    // update that reorders a sum. For Q4_0 llama.cpp repacks the weights into its interleaved CPU
+    // layout, whose kernels quantize activations differently: measured 0.14 on logits of magnitude
+    // ~12, within Q4_0's own quantization noise.
     for (path, tolerance) in [
         (common::fixture_model(), 1e-4),
         (quantized(ggml_ext::WeightType::Q8_0, dir.path()), 1e-4),
-        (quantized(ggml_ext::WeightType::Q4_0, dir.path()), 1e-4),
+        (quantized(ggml_ext::WeightType::Q4_0, dir.path()), 0.25),
     ] {
         let reference = llama_cpp_logits(&path, &[], &sequence());
         let mut model = DiffusionModel::load(&path, config()).unwrap();
@@ -121,23 +136,35 @@ fn no_cache_logits_equal_llama_cpps_llada_graph() {
     }
 }
 
+/// Below 64 queries llama.cpp runs ggml's per-key flash-attention loop; our graph pads the queries
+/// to take the tiled kernel (about ten times faster). The kernels round differently: measured max
+/// abs diff 0.008 on logits of magnitude ~12 for this 34-token sequence.
+#[test]
+fn short_sequences_differ_from_llama_cpp_only_by_kernel_rounding() {
+    let reference = llama_cpp_logits(&common::fixture_model(), &[], &sequence());
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let diff = max_diff(&reference, &our_full_logits(&mut model, &sequence()));
+    assert!(diff <= 2e-2, "max abs diff {diff}");
+}
+
 #[test]
 fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let twin = dir.path().join("twin.gguf");
     ggml_ext::retarget(&common::fixture_model(), &twin, "llada", "llama").unwrap();
-    let reference = llama_cpp_logits(&twin, &PREFIX, &WINDOW);
+    let (prefix, window) = (long_prefix(), long_window());
+    let reference = llama_cpp_logits(&twin, &prefix, &window);
 
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
-    let mut cache = model.new_cache(128).unwrap();
-    model.prefill(&mut cache, &PREFIX).unwrap();
-    assert_eq!(cache.len(), PREFIX.len());
-    let rows: Vec<usize> = (0..WINDOW.len()).collect();
+    let mut cache = model.new_cache(256).unwrap();
+    model.prefill(&mut cache, &prefix).unwrap();
+    assert_eq!(cache.len(), prefix.len());
+    let rows: Vec<usize> = (0..window.len()).collect();
     let mut seg = [Segment {
         cache: &mut cache,
-        tokens: &WINDOW,
+        tokens: &window,
         offset: 0,
-        span: WINDOW.len(),
+        span: window.len(),
         outputs: &rows,
         temperature: 1.0,
         commit: false,
@@ -146,8 +173,9 @@ fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
     let diff = max_diff(&reference, &ours);
     assert!(diff <= 1e-4, "max abs diff {diff}");
     // The cached prefix really is an approximation of the full recompute.
-    let full = our_full_logits(&mut model, &sequence());
-    let full_window = &full[PREFIX.len() * model.shape().n_vocab..];
+    let whole: Vec<i32> = prefix.iter().chain(&window).copied().collect();
+    let full = our_full_logits(&mut model, &whole);
+    let full_window = &full[prefix.len() * model.shape().n_vocab..];
     assert!(max_diff(full_window, &ours) > 1e-3);
 }
 

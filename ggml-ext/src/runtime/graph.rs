@@ -16,6 +16,9 @@ use llama_cpp_sys_2 as sys;
 use super::weights::Weights;
 use super::Segment;
 
+/// Queries from which ggml's CPU flash attention uses its tiled kernel (`GGML_FA_TILE_Q`).
+const FA_TILE_QUERIES: usize = 64;
+
 /// What the graph's head produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
@@ -143,12 +146,19 @@ pub(crate) unsafe fn build(
                 (*q).nb[2],
                 first as usize * (*q).nb[2],
             );
-            let q_g = sys::ggml_permute(ctx, q_g, 0, 2, 1, 3);
+            let mut q_g = sys::ggml_permute(ctx, q_g, 0, 2, 1, 3);
+            // ggml's CPU flash attention takes its tiled path from FA_TILE_QUERIES queries on; below
+            // that a per-key loop is about ten times slower than padding the queries with zeros.
+            let padded = (n as usize).max(FA_TILE_QUERIES) as i64;
+            if padded > n {
+                q_g = sys::ggml_pad(ctx, q_g, 0, (padded - n) as i32, 0, 0);
+            }
             let keys = sys::ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
             let values = sys::ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
             let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, std::ptr::null_mut(), scale, 0.0, 0.0);
             sys::ggml_prec_set_acc(o, sys::GGML_PREC_F32);
-            outs.push(sys::ggml_reshape_2d(ctx, o, n_embd, n));
+            // The output is `[hd, n_head, padded]`; the first `n` tokens are the real ones.
+            outs.push(sys::ggml_view_2d(ctx, o, n_embd, n, n_embd as usize * 4, 0));
             first += n;
         }
         let attn = concat_columns(ctx, outs);
