@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,llama_cpp_2=warn,llama-cpp-2=warn".into()),
+                .unwrap_or_else(|_| "info,llama_cpp_2=error,llama-cpp-2=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

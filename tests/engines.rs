@@ -308,6 +308,26 @@ async fn llada_retargeted_as_llama_gives_identical_logits() {
 }
 
 #[tokio::test]
+async fn dream_models_reply_in_every_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dream.gguf");
+    let mut spec = ggml_ext::FixtureSpec::default();
+    spec.hyperparams.architecture = ggml_ext::Architecture::Dream;
+    ggml_ext::write_llada_fixture(&path, &spec).unwrap();
+    for mut config in both_engines() {
+        config.model.path = path.display().to_string();
+        let engine = common::start_engine(&config).await;
+        assert_eq!(engine.info().architecture, "dream");
+        let (revs, done) = run(engine.as_ref(), request("hi", options(16, 16, Schedule::Fixed))).await;
+        let EngineEvent::Finished(c) = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(c.steps, revs.len());
+        assert!(c.steps <= 16 && c.steps > 0);
+    }
+}
+
+#[tokio::test]
 async fn cached_replies_batched_with_others_equal_replies_alone() {
     let mut config = cached_config();
     config.limits.max_running_replies = 3;

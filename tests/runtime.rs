@@ -136,6 +136,24 @@ fn no_cache_logits_equal_llama_cpps_llada_graph() {
     }
 }
 
+/// Dream (biased Q/K/V, NEOX RoPE) with grouped-query attention, against llama.cpp's `dream` graph.
+#[test]
+fn dream_no_cache_logits_equal_llama_cpps_dream_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dream.gguf");
+    let mut spec = ggml_ext::FixtureSpec::default();
+    spec.hyperparams.architecture = ggml_ext::Architecture::Dream;
+    spec.hyperparams.n_head_kv = 2;
+    ggml_ext::write_llada_fixture(&path, &spec).unwrap();
+    let sequence: Vec<i32> = long_prefix().into_iter().chain(long_window()).collect();
+    let reference = llama_cpp_logits(&path, &[], &sequence);
+    let mut model = DiffusionModel::load(&path, config()).unwrap();
+    assert_eq!(model.shape().family, ggml_ext::runtime::Family::Dream);
+    assert_eq!(model.shape().family.logit_shift(), 1);
+    let diff = max_diff(&reference, &our_full_logits(&mut model, &sequence));
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}
+
 /// Below 64 queries llama.cpp runs ggml's per-key flash-attention loop; our graph pads the queries
 /// to take the tiled kernel (about ten times faster). The kernels round differently: measured max
 /// abs diff 0.008 on logits of magnitude ~12 for this 34-token sequence.

@@ -1,6 +1,6 @@
 //! Small random-weight models that llama.cpp loads as real GGUF files.
 //!
-//! A fixture has the exact tensor layout of a LLaDA model, a byte-level BPE vocabulary (every byte
+//! A fixture has the exact tensor layout of a LLaDA (or, on request, Dream) model, a byte-level BPE vocabulary (every byte
 //! is a token, so any text tokenizes), ChatML control tokens, a mask token and a ChatML chat
 //! template. Its replies are gibberish, but every code path that does not depend on meaning (the
 //! protocol, the denoising loop, caching, batching) runs exactly as with a trained model. The same
@@ -117,7 +117,9 @@ pub fn write_llada_fixture(path: &Path, spec: &FixtureSpec) -> Result<(), GgufEr
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data = if shape.len() == 1 {
+            let data = if name.ends_with(".bias") {
+                rng.fill(n, 0.5)
+            } else if shape.len() == 1 {
                 vec![1.0; n]
             } else if name == "token_embd.weight" {
                 rng.fill(n, 1.0)

@@ -21,6 +21,8 @@ pub enum Architecture {
     Llada,
     /// `llama`: the same graph, causal by default, with a KV cache (the autoregressive twin).
     Llama,
+    /// `dream`: the qwen2 layout (biased Q/K/V projections, NEOX RoPE), non-causal.
+    Dream,
 }
 
 impl Architecture {
@@ -28,6 +30,7 @@ impl Architecture {
         match self {
             Architecture::Llada => "llada",
             Architecture::Llama => "llama",
+            Architecture::Dream => "dream",
         }
     }
 }
@@ -73,6 +76,11 @@ impl Hyperparams {
                 ("ffn_down", vec![ff, e]),
             ] {
                 shapes.push((format!("blk.{l}.{name}.weight"), shape));
+            }
+            if self.architecture == Architecture::Dream {
+                for (name, n) in [("attn_q", e), ("attn_k", kv), ("attn_v", kv)] {
+                    shapes.push((format!("blk.{l}.{name}.bias"), vec![n]));
+                }
             }
         }
         shapes.push(("output_norm.weight".to_owned(), vec![e]));

@@ -15,13 +15,16 @@
 //! Every step of every running reply goes into one graph evaluation, whose head returns the top-k
 //! tokens, probabilities and entropy of each masked position of the current blocks.
 //!
+//! LLaDA and Dream files both run; Dream's logits are shifted by one position, so its prompt's last
+//! token is computed with the canvas instead of being committed.
+//!
 //! The thread owns the model, the caches and the tokenizer; the service talks to it through
 //! [`jobs`](super::jobs).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use ggml_ext::runtime::{Device, DiffusionModel, Family, Head, KvCache, Predictions, RuntimeConfig, Segment};
+use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
 use super::canvas::Canvas;
 use super::jobs::{self, Intake, Job, Submitter};
@@ -121,12 +124,16 @@ struct Reply {
     canvas: Canvas,
     /// The block whose start refreshed the canvas cells in the cache.
     refreshed: Option<usize>,
+    /// Prompt tokens kept out of the committed prefix (Dream: the last one, whose row predicts the
+    /// first canvas position).
+    lead: Vec<i32>,
 }
 
 /// One reply's part of a step's evaluation.
 struct Planned {
     tokens: Vec<i32>,
     offset: usize,
+    span: usize,
     active: Vec<usize>,
     outputs: Vec<usize>,
 }
@@ -156,15 +163,6 @@ impl Worker {
                 reason: other.to_string(),
             },
         })?;
-        if model.shape().family != Family::Llada {
-            return Err(EngineError::Load {
-                path: config.model_path.display().to_string(),
-                reason: format!(
-                    "the cached engine runs llada models; use --engine reference for {}",
-                    model.shape().family.name()
-                ),
-            });
-        }
         // A vocabulary-only load has no training context; the runtime read it from the GGUF.
         let context = config.context_length.min(model.shape().context_length);
         tracing::info!(
@@ -217,10 +215,13 @@ impl Worker {
                     self.chat.prompt_tokens(c)
                 })
             });
+        let shift = self.model.shape().family.logit_shift();
         let prepared = fitted.and_then(|f| {
-            let boundaries = prompt::turn_boundaries(&f.chat, &f.tokens, |c| self.chat.prompt_tokens(c))?;
-            let slot = self.pick_slot(&f.tokens, &boundaries)?;
-            self.prefill(slot, &f.tokens, &boundaries)
+            let committed = &f.tokens[..f.tokens.len().saturating_sub(shift)];
+            let mut boundaries = prompt::turn_boundaries(&f.chat, &f.tokens, |c| self.chat.prompt_tokens(c))?;
+            boundaries.retain(|b| *b < committed.len());
+            let slot = self.pick_slot(committed, &boundaries)?;
+            self.prefill(slot, committed, &boundaries)
                 .map(|reused| (f, slot, reused))
         });
         let (
@@ -247,11 +248,13 @@ impl Worker {
             return None;
         }
         let canvas = Canvas::new(options, self.chat.mask, self.chat.end_tokens.clone());
+        let lead = tokens[tokens.len().saturating_sub(shift)..].to_vec();
         Some(Reply {
             job,
             slot,
             canvas,
             refreshed: None,
+            lead,
         })
     }
 
@@ -354,7 +357,7 @@ impl Worker {
                 cache: caches[r.slot].take().expect("one running reply per cache"),
                 tokens: &p.tokens,
                 offset: p.offset,
-                span: r.canvas.tokens().len(),
+                span: p.span,
                 outputs: &p.outputs,
                 temperature: r.job.request.options.temperature,
                 commit: false,
@@ -394,23 +397,28 @@ impl Worker {
 
     /// What `r` computes this step: the whole canvas at a block's start, then the block and what
     /// follows it (prefix cache) or the block alone (dual cache).
+    ///
+    /// The cells after the committed prompt hold `lead ++ canvas`: with Dream's shifted logits the
+    /// prompt's last token stays uncommitted, so the row predicting canvas position `p` is cell `p`
+    /// for both families.
     fn plan(&self, r: &mut Reply) -> Planned {
         let active = r.canvas.active_positions();
         let block = r.canvas.current_block().expect("a running reply has a masked position");
         let block_index = block.start / r.job.request.options.block_length.max(1);
-        let canvas = r.canvas.tokens();
+        let cells: Vec<i32> = r.lead.iter().chain(r.canvas.tokens()).copied().collect();
         let window = if r.refreshed != Some(block_index) {
             r.refreshed = Some(block_index);
-            0..canvas.len()
+            0..cells.len()
         } else {
             match self.config.cache_mode {
-                CacheMode::Prefix => block.start..canvas.len(),
-                CacheMode::Dual => block,
+                CacheMode::Prefix => block.start..cells.len(),
+                CacheMode::Dual => block.start..block.end + r.lead.len(),
             }
         };
         Planned {
-            tokens: canvas[window.clone()].to_vec(),
+            tokens: cells[window.clone()].to_vec(),
             offset: window.start,
+            span: cells.len(),
             outputs: active.iter().map(|p| p - window.start).collect(),
             active,
         }

@@ -455,6 +455,14 @@ pub(crate) fn northwind() -> Domain {
 mod tests {
     use super::*;
 
+    /// The bundled model is trained on the domain's system prompt and served with the service's
+    /// built-in one: they must stay the same text.
+    #[test]
+    fn northwind_system_prompt_is_the_services_prompt() {
+        let service = include_str!("../../prompts/system.md").trim();
+        assert_eq!(northwind().assistant.system_prompt, service);
+    }
+
     #[test]
     fn northwind_parses_and_validates() {
         let domain = northwind();
