@@ -383,11 +383,22 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level).await?);
         }
         println!(
-            "{} engine, threshold {tau}, {} tokens, concurrent conversations:\n{}",
+            "{} engine, threshold {tau}, {} tokens, concurrent conversations (engine API):\n{}",
             engine.info().engine,
             adaptive.max_tokens,
             bench::concurrency_table(&levels)
         );
     }
+    // The same through the real server: WebSocket clients, sessions and streamed revisions.
+    let mut levels = Vec::new();
+    for &level in &args.concurrency {
+        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &system, &pool, &adaptive, level).await?);
+    }
+    println!(
+        "cached engine through the server (one WebSocket client and new session per conversation, \
+         last user message only), threshold {tau}, {} tokens:\n{}",
+        adaptive.max_tokens,
+        bench::concurrency_table(&levels)
+    );
     Ok(())
 }

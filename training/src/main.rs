@@ -100,6 +100,9 @@ enum Command {
         /// Save a checkpoint every this many steps.
         #[arg(long)]
         save_every: Option<usize>,
+        /// Start from this checkpoint (model.safetensors of the same shape) instead of random weights.
+        #[arg(long)]
+        init_from: Option<PathBuf>,
     },
     /// Write a checkpoint as an F32 GGUF, plus F16 and Q8_0 copies.
     Export {
@@ -123,7 +126,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
-    /// corpus -> tokenizer -> train diffusion -> export -> train twin -> export.
+    /// corpus -> tokenizer -> train the autoregressive twin -> export -> train the diffusion model,
+    /// starting from the twin's weights -> export.
     Pipeline {
         #[arg(long)]
         domain: PathBuf,
@@ -134,6 +138,9 @@ enum Command {
         preset: Preset,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Train the diffusion model from random weights instead of adapting the twin.
+        #[arg(long)]
+        from_scratch: bool,
         /// Time budget of the diffusion training run (and of the twin's, unless --twin-max-minutes is set).
         #[arg(long)]
         max_minutes: Option<f64>,
@@ -195,9 +202,11 @@ fn main() -> anyhow::Result<()> {
             batch_size,
             lr,
             save_every,
+            init_from,
         } => {
             let overrides = Overrides {
                 max_minutes,
+                init_from,
                 steps,
                 batch_size,
                 lr,
@@ -223,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             out,
             preset,
             seed,
+            from_scratch,
             max_minutes,
             twin_max_minutes,
             dialogs,
@@ -246,12 +256,17 @@ fn main() -> anyhow::Result<()> {
             };
             run_tokenizer(&corpus_dir, &tok_config, &tokenizer_path)?;
             let name = domain.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-            for (objective, arch) in [(Objective::Diffusion, "llada"), (Objective::Autoregressive, "llama")] {
+            let twin_ckpt = out.join("llama-ckpt").join(train::CHECKPOINT_FILE);
+            for (objective, arch) in [(Objective::Autoregressive, "llama"), (Objective::Diffusion, "llada")] {
+                let adapt = objective == Objective::Diffusion && !from_scratch;
                 let overrides = Overrides {
                     max_minutes: match objective {
                         Objective::Diffusion => max_minutes,
                         Objective::Autoregressive => twin_max_minutes.or(max_minutes),
                     },
+                    init_from: adapt.then(|| twin_ckpt.clone()),
+                    // Adapting a trained causal model takes a gentler peak than random weights do.
+                    lr: adapt.then(|| preset.config(objective, 0, seed).learning_rate / 2.0),
                     steps,
                     ..Overrides::default()
                 };
@@ -317,6 +332,7 @@ fn run_tokenizer(dir: &Path, config: &TokenizerConfig, out: &Path) -> anyhow::Re
 #[derive(Default)]
 struct Overrides {
     max_minutes: Option<f64>,
+    init_from: Option<PathBuf>,
     steps: Option<usize>,
     batch_size: Option<usize>,
     lr: Option<f64>,
@@ -338,6 +354,7 @@ fn run_train(
     let tok = tokenizer::load(tokenizer_path)?;
     let mut config = preset.config(objective, tok.get_vocab_size(true), seed);
     config.max_minutes = overrides.max_minutes;
+    config.init_from = overrides.init_from.clone();
     config.steps = overrides.steps.unwrap_or(config.steps);
     config.batch_size = overrides.batch_size.unwrap_or(config.batch_size);
     config.learning_rate = overrides.lr.unwrap_or(config.learning_rate);

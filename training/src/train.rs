@@ -254,6 +254,10 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Wall-clock budget; the step count is cut to what fits once the first steps are timed.
     pub max_minutes: Option<f64>,
+    /// Start from this checkpoint's weights (same shape) instead of a random initialisation: the
+    /// diffusion model adapts its autoregressive twin, as Dream and DiffuLLaMA adapt causal models.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 /// Named sizes: `tiny` for CI, `small` for the shipped model.
@@ -322,6 +326,7 @@ impl Preset {
                 reply_len: 64,
                 save_every: 100,
                 max_minutes: None,
+                init_from: None,
             },
             Preset::Small => TrainConfig {
                 objective,
@@ -337,6 +342,7 @@ impl Preset {
                 reply_len: 64,
                 save_every: 250,
                 max_minutes: None,
+                init_from: None,
             },
         }
     }
@@ -435,7 +441,12 @@ pub fn train(
         );
     }
     let device = Device::Cpu;
-    let varmap = init_params(&config.model, config.seed, &device)?;
+    let mut varmap = init_params(&config.model, config.seed, &device)?;
+    if let Some(init) = &config.init_from {
+        varmap
+            .load(init)
+            .with_context(|| format!("initialising from {}", init.display()))?;
+    }
     let model = Transformer::from_varmap(&config.model, &varmap)?;
     let causal = config.objective.causal();
 

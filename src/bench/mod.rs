@@ -4,10 +4,13 @@
 //! Each case runs the same conversations (held-out dialogs, history of earlier turns included)
 //! with one decode configuration and reports median reply latency, tokens/s and steps per reply.
 //! A second table runs N conversations at once through one engine and reports aggregate
-//! tokens/s, time-to-first-revision and reply percentiles and the process's peak memory.
+//! tokens/s, time-to-first-revision and reply percentiles and the process's peak memory;
+//! [`server`] runs them through the real server over WebSockets.
 //!
 //! With an intent classifier, each case also scores its replies: the share whose closest answer
 //! template belongs to the intent the held-out dialog expects (the eval's intent accuracy).
+
+pub mod server;
 
 use std::time::{Duration, Instant};
 
@@ -123,7 +126,7 @@ async fn measure(
     })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -207,7 +210,7 @@ pub async fn run_concurrent(
 }
 
 /// `VmHWM` of this process in MiB, or 0 where `/proc` is missing.
-fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
