@@ -129,6 +129,17 @@ pub struct Report {
     pub completion_tokens: usize,
     pub steps: usize,
     pub latencies: Vec<Duration>,
+    /// Every scored reply, in order, for inspection (`dllm-chat eval --show`).
+    pub samples: Vec<Sample>,
+}
+
+/// One scored reply.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub user: String,
+    pub intent: Option<String>,
+    pub gold: String,
+    pub reply: String,
 }
 
 impl Report {
@@ -155,6 +166,30 @@ impl Report {
         if reply.trim() == gold.trim() {
             self.exact += 1;
         }
+        self.samples.push(Sample {
+            user: user.content.clone(),
+            intent: user.intent.clone(),
+            gold: gold.to_owned(),
+            reply: reply.to_owned(),
+        });
+    }
+
+    /// The first `n` samples as readable lines.
+    pub fn show(&self, n: usize) -> String {
+        self.samples
+            .iter()
+            .take(n)
+            .map(|s| {
+                format!(
+                    "user:  {}\nintent: {}\ngold:  {}\nreply: {}\n",
+                    s.user,
+                    s.intent.as_deref().unwrap_or("-"),
+                    s.gold,
+                    s.reply
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn pct(n: usize, d: usize) -> f64 {

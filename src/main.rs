@@ -59,6 +59,9 @@ enum Command {
         /// Score only the first N held-out dialogs.
         #[arg(long)]
         max_dialogs: Option<usize>,
+        /// Also print the first N replies beside the user message and the gold reply.
+        #[arg(long, default_value_t = 0)]
+        show: usize,
         #[command(flatten)]
         decode: DecodeArgs,
     },
@@ -163,8 +166,17 @@ fn main() -> anyhow::Result<()> {
             reference,
             twin,
             max_dialogs,
+            show,
             decode,
-        } => runtime.block_on(eval(config, heldout, reference, twin, max_dialogs, decode.options())),
+        } => runtime.block_on(eval(
+            config,
+            heldout,
+            reference,
+            twin,
+            max_dialogs,
+            show,
+            decode.options(),
+        )),
         Command::Bench(args) => runtime.block_on(bench(config, args)),
     }
 }
@@ -266,6 +278,7 @@ async fn eval(
     reference: PathBuf,
     twin: Option<PathBuf>,
     max_dialogs: Option<usize>,
+    show: usize,
     options: MessageOptions,
 ) -> anyhow::Result<()> {
     use dllm_chat::eval;
@@ -278,20 +291,32 @@ async fn eval(
     let system = config.system_prompt()?;
     let engine = start_engine(&config).await?;
     let diffusion = eval::evaluate_engine(engine.as_ref(), &system, &dialogs, &classifier, &options).await?;
-    println!("{}", eval::TABLE_HEADER);
     let name = format!(
-        "{} ({:?}, {} tokens)",
-        config.model.path, options.schedule, options.max_tokens
+        "{} ({} engine, {:?}, {} tokens)",
+        config.model.path,
+        engine.info().engine,
+        options.schedule,
+        options.max_tokens
     );
-    println!("{}", diffusion.row(&name));
+    let mut rows = vec![diffusion.row(&name)];
+    if show > 0 {
+        println!("{name}:\n{}", diffusion.show(show));
+    }
     if let Some(twin) = twin {
         let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);
-        let rows = tokio::task::spawn_blocking(move || {
+        let report = tokio::task::spawn_blocking(move || {
             eval::evaluate_autoregressive(&twin, threads, ctx, max_tokens, &system, &dialogs, &classifier)
-                .map(|r| r.row(&format!("{} (autoregressive, greedy)", twin.display())))
+                .map(|r| (r, format!("{} (autoregressive, greedy)", twin.display())))
         })
         .await??;
-        println!("{rows}");
+        if show > 0 {
+            println!("{}:\n{}", report.1, report.0.show(show));
+        }
+        rows.push(report.0.row(&report.1));
+    }
+    println!("{}", eval::TABLE_HEADER);
+    for row in rows {
+        println!("{row}");
     }
     Ok(())
 }
