@@ -17,7 +17,7 @@ struct Cli {
     /// Configuration file (TOML); the built-in defaults apply to anything it leaves out.
     #[arg(long, global = true, env = "DLLM_CONFIG")]
     config: Option<PathBuf>,
-    /// GGUF model path, or `builtin:fixture`.
+    /// GGUF model path, `builtin:northwind` (the bundled model) or `builtin:fixture`.
     #[arg(long, global = true)]
     model: Option<String>,
     /// Engine implementation.
@@ -405,10 +405,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     for engine in [&reference, &prefix] {
         let mut levels = Vec::new();
         for &level in &args.concurrency {
-            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level).await?);
+            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, most).await?);
         }
         println!(
-            "{} engine, threshold {tau}, {} tokens, concurrent conversations (engine API):\n{}",
+            "{} engine, threshold {tau}, {} tokens, the same {most} conversations N at a time (engine API):\n{}",
             engine.info().engine,
             adaptive.max_tokens,
             bench::concurrency_table(&levels)
@@ -417,11 +417,13 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // The same through the real server: WebSocket clients, sessions and streamed revisions.
     let mut levels = Vec::new();
     for &level in &args.concurrency {
-        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &system, &pool, &adaptive, level).await?);
+        levels.push(
+            bench::server::run_concurrent(&config, prefix.clone(), &system, &pool, &adaptive, level, most).await?,
+        );
     }
     println!(
-        "cached engine through the server (one WebSocket client and new session per conversation, \
-         last user message only), threshold {tau}, {} tokens:\n{}",
+        "cached engine through the server, the same {most} conversations N at a time (WebSocket clients, \
+         a new session per conversation, last user message only), threshold {tau}, {} tokens:\n{}",
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
     );

@@ -1,5 +1,7 @@
-//! Where model files come from: a GGUF path, or `builtin:fixture`, a small random-weight LLaDA
-//! model written on first use so the service runs on a fresh machine with nothing downloaded.
+//! Where model files come from: a GGUF path; `builtin:northwind`, the bundled Northwind support
+//! model (`models/northwind-llada-q8_0.gguf`, compiled into the binary and written out on first
+//! use); or `builtin:fixture`, a small random-weight LLaDA model for tests that need no meaning.
+//! Both built-ins let the service run on a fresh machine with nothing downloaded.
 
 use std::path::{Path, PathBuf};
 
@@ -7,21 +9,28 @@ use ggml_ext::fixture::{write_llada_fixture, FixtureSpec};
 
 /// The model path value that selects the built-in fixture.
 pub const BUILTIN_FIXTURE: &str = "builtin:fixture";
+/// The model path value that selects the bundled Northwind model.
+pub const BUILTIN_NORTHWIND: &str = "builtin:northwind";
+
+/// The bundled model's bytes (see `models/README.md`).
+const NORTHWIND: &[u8] = include_bytes!("../models/northwind-llada-q8_0.gguf");
 
 /// Errors from resolving a model path.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("model file {0:?} does not exist")]
     Missing(PathBuf),
-    #[error("the built-in fixture model could not be written to {path:?}: {reason}")]
-    Fixture { path: PathBuf, reason: String },
+    #[error("the built-in model could not be written to {path:?}: {reason}")]
+    Builtin { path: PathBuf, reason: String },
 }
 
 /// Turns `model.path` into a file on disk.
 pub fn resolve(path: &str) -> Result<PathBuf, ModelError> {
-    if path == BUILTIN_FIXTURE {
-        let dir = std::env::temp_dir().join("dllm-chat");
-        return fixture_in(&dir);
+    let dir = std::env::temp_dir().join("dllm-chat");
+    match path {
+        BUILTIN_FIXTURE => return fixture_in(&dir),
+        BUILTIN_NORTHWIND => return northwind_in(&dir),
+        _ => {}
     }
     let path = PathBuf::from(path);
     if path.is_file() {
@@ -31,20 +40,42 @@ pub fn resolve(path: &str) -> Result<PathBuf, ModelError> {
     }
 }
 
-/// Writes the default fixture into `dir` unless it is there already. The file is written under
-/// a temporary name and renamed, so concurrent processes never load a half-written file.
+/// Writes the default fixture into `dir` unless it is there already.
 pub fn fixture_in(dir: &Path) -> Result<PathBuf, ModelError> {
-    let path = dir.join("fixture-llada-v1.gguf");
+    write_once(&dir.join("fixture-llada-v1.gguf"), |tmp| {
+        write_llada_fixture(tmp, &FixtureSpec::default()).map_err(|e| e.to_string())
+    })
+}
+
+/// Writes the bundled Northwind model into `dir` unless this exact file is there already (the name
+/// carries its size and a hash of its bytes, so a rebuilt binary never serves an older model).
+pub fn northwind_in(dir: &Path) -> Result<PathBuf, ModelError> {
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(NORTHWIND, &mut hasher);
+    let name = format!(
+        "northwind-llada-q8_0-{}-{:016x}.gguf",
+        NORTHWIND.len(),
+        std::hash::Hasher::finish(&hasher)
+    );
+    write_once(&dir.join(name), |tmp| {
+        std::fs::write(tmp, NORTHWIND).map_err(|e| e.to_string())
+    })
+}
+
+/// Creates `path` with `write` unless it exists. The file is written under a temporary name and
+/// renamed, so concurrent processes never load a half-written file.
+fn write_once(path: &Path, write: impl FnOnce(&Path) -> Result<(), String>) -> Result<PathBuf, ModelError> {
     if path.is_file() {
-        return Ok(path);
+        return Ok(path.to_owned());
     }
-    let fail = |reason: String| ModelError::Fixture {
-        path: path.clone(),
+    let fail = |reason: String| ModelError::Builtin {
+        path: path.to_owned(),
         reason,
     };
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    let tmp = dir.join(format!(".fixture-{}.gguf", uuid::Uuid::new_v4().simple()));
-    write_llada_fixture(&tmp, &FixtureSpec::default()).map_err(|e| fail(e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| fail(e.to_string()))?;
-    Ok(path)
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    write(&tmp).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
+    Ok(path.to_owned())
 }

@@ -3,7 +3,7 @@
 //!
 //! Each case runs the same conversations (held-out dialogs, history of earlier turns included)
 //! with one decode configuration and reports median reply latency, tokens/s and steps per reply.
-//! A second table runs N conversations at once through one engine and reports aggregate
+//! A second table runs the same set of conversations N at a time through one engine and reports aggregate
 //! tokens/s, time-to-first-revision and reply percentiles and the process's peak memory;
 //! [`server`] runs them through the real server over WebSockets.
 //!
@@ -178,35 +178,66 @@ pub async fn run_cases(
     Ok(results)
 }
 
-/// Runs `level` conversations at once (the engine must allow that many running replies).
+/// Replies to the first `total` conversations (cycling if there are fewer), `level` at a time: each
+/// of `level` clients takes the next conversation when its reply is done. Every level does the same
+/// work, so aggregate throughput compares across levels.
 pub async fn run_concurrent(
     engine: &dyn Engine,
     system: &str,
     conversations: &[Conversation],
     options: &DecodeOptions,
     level: usize,
+    total: usize,
 ) -> Result<ConcurrencyResult, EngineError> {
     let started = Instant::now();
-    let runs = conversations
-        .iter()
-        .cycle()
-        .take(level)
-        .map(|c| measure(engine, system, c.turns.clone(), options));
-    let measured = futures_util::future::try_join_all(runs).await?;
-    let wall = started.elapsed().as_secs_f64();
-    let mut first: Vec<Duration> = measured.iter().map(|m| m.first_revision).collect();
-    let mut replies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let clients = (0..level.max(1)).map(|_| async {
+        let mut measured = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= total || conversations.is_empty() {
+                return Ok::<_, EngineError>(measured);
+            }
+            let c = &conversations[i % conversations.len()];
+            measured.push(measure(engine, system, c.turns.clone(), options).await?);
+        }
+    });
+    let measured: Vec<Measured> = futures_util::future::try_join_all(clients)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let wall = started.elapsed();
+    Ok(summarize(
+        level,
+        wall,
+        measured.iter().map(|m| (m.first_revision, m.latency, m.tokens)),
+    ))
+}
+
+/// Throughput and percentiles of `(first revision, reply latency, tokens)` measured over `wall`.
+pub(crate) fn summarize(
+    level: usize,
+    wall: Duration,
+    runs: impl Iterator<Item = (Duration, Duration, usize)>,
+) -> ConcurrencyResult {
+    let (mut first, mut replies, mut tokens) = (Vec::new(), Vec::new(), 0);
+    for (f, r, t) in runs {
+        first.push(f);
+        replies.push(r);
+        tokens += t;
+    }
     first.sort();
     replies.sort();
-    Ok(ConcurrencyResult {
+    ConcurrencyResult {
         conversations: level,
-        aggregate_tokens_per_second: measured.iter().map(|m| m.tokens).sum::<usize>() as f64 / wall,
+        aggregate_tokens_per_second: tokens as f64 / wall.as_secs_f64().max(1e-9),
         first_revision_p50: percentile(&first, 0.5),
         first_revision_p99: percentile(&first, 0.99),
         reply_p50: percentile(&replies, 0.5),
         reply_p99: percentile(&replies, 0.99),
         peak_rss_mib: peak_rss_mib(),
-    })
+    }
 }
 
 /// `VmHWM` of this process in MiB, or 0 where `/proc` is missing.

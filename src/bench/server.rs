@@ -9,7 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{peak_rss_mib, percentile, ConcurrencyResult, Conversation};
+use super::{summarize, ConcurrencyResult, Conversation};
 use crate::config::Config;
 use crate::engine::{DecodeOptions, Engine, Schedule};
 
@@ -29,8 +29,9 @@ struct ClientRun {
     tokens: usize,
 }
 
-/// Runs `level` clients at once, each in its own new session, sending the last user message of one
-/// conversation (cycling through them) with `options`, and reading until `response.done`.
+/// Replies to the first `total` conversations, `level` WebSocket clients at a time: each client sends
+/// one conversation's last user message in a new session with `options`, reads until
+/// `response.done`, then takes the next conversation.
 pub async fn run_concurrent(
     config: &Config,
     engine: Arc<dyn Engine>,
@@ -38,6 +39,7 @@ pub async fn run_concurrent(
     conversations: &[Conversation],
     options: &DecodeOptions,
     level: usize,
+    total: usize,
 ) -> Result<ConcurrencyResult, ServerBenchError> {
     let mut config = config.clone();
     config.server.bind = "127.0.0.1:0".parse().expect("loopback address");
@@ -71,35 +73,35 @@ pub async fn run_concurrent(
         wire_options["threshold"] = json!(tau);
     }
     let started = Instant::now();
-    let clients = conversations.iter().cycle().take(level).map(|c| {
-        let content = c
-            .turns
-            .iter()
-            .rev()
-            .find(|t| t.role == "user")
-            .map(|t| t.content.clone())
-            .unwrap_or_default();
-        one_client(&url, content, wire_options.clone(), options.max_tokens)
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let clients = (0..level.max(1)).map(|_| async {
+        let mut runs = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= total || conversations.is_empty() {
+                return Ok::<_, ServerBenchError>(runs);
+            }
+            let c = &conversations[i % conversations.len()];
+            let content = c
+                .turns
+                .iter()
+                .rev()
+                .find(|t| t.role == "user")
+                .map(|t| t.content.clone())
+                .unwrap_or_default();
+            runs.push(one_client(&url, content, wire_options.clone(), options.max_tokens).await?);
+        }
     });
     let runs = futures_util::future::try_join_all(clients).await;
-    let wall = started.elapsed().as_secs_f64();
+    let wall = started.elapsed();
     let _ = stop.send(());
     let _ = server.await;
-    let runs = runs?;
-
-    let mut first: Vec<Duration> = runs.iter().map(|r| r.first_revision).collect();
-    let mut totals: Vec<Duration> = runs.iter().map(|r| r.total).collect();
-    first.sort();
-    totals.sort();
-    Ok(ConcurrencyResult {
-        conversations: level,
-        aggregate_tokens_per_second: runs.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall.max(1e-9),
-        first_revision_p50: percentile(&first, 0.5),
-        first_revision_p99: percentile(&first, 0.99),
-        reply_p50: percentile(&totals, 0.5),
-        reply_p99: percentile(&totals, 0.99),
-        peak_rss_mib: peak_rss_mib(),
-    })
+    let runs: Vec<ClientRun> = runs?.into_iter().flatten().collect();
+    Ok(summarize(
+        level,
+        wall,
+        runs.iter().map(|r| (r.first_revision, r.total, r.tokens)),
+    ))
 }
 
 /// One conversation: connect, create a session, send the message, read until `response.done`.

@@ -1,0 +1,73 @@
+//! The bundled Northwind models (`models/`): both load in llama.cpp, the diffusion model loads in
+//! our graph, and the service answers support questions with them through the real server.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::TestServer;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use serde_json::json;
+
+fn bundled(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+}
+
+#[test]
+fn both_bundled_models_load_in_llama_cpp_and_the_diffusion_model_in_our_graph() {
+    let backend = dllm_chat::engine::vocab::backend().unwrap();
+    for (file, architecture) in [
+        ("northwind-llada-q8_0.gguf", "llada"),
+        ("northwind-llama-q8_0.gguf", "llama"),
+    ] {
+        let path = bundled(file);
+        assert!(
+            std::fs::metadata(&path).unwrap().len() < 30 << 20,
+            "{file} is at most 30 MB"
+        );
+        let model = LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap();
+        assert_eq!(model.meta_val_str("general.architecture").unwrap(), architecture);
+    }
+    let runtime = ggml_ext::runtime::DiffusionModel::load(
+        &bundled("northwind-llada-q8_0.gguf"),
+        ggml_ext::runtime::RuntimeConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(runtime.shape().n_layer, 4);
+    assert!(runtime.shape().mask_token.is_some());
+    // The built-in path serves the same bytes.
+    let builtin = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND).unwrap();
+    assert_eq!(
+        std::fs::read(builtin).unwrap(),
+        std::fs::read(bundled("northwind-llada-q8_0.gguf")).unwrap()
+    );
+}
+
+/// Questions phrased as in training get their policy back, over a WebSocket, with the default
+/// engine and decoding settings.
+#[tokio::test]
+async fn the_service_answers_support_questions_with_the_bundled_model() {
+    let mut config = common::test_config();
+    config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND)
+        .unwrap()
+        .display()
+        .to_string();
+    config.decode.max_tokens = 64;
+    config.decode.steps = 64;
+    config.decode.block_length = 32;
+    let server = TestServer::start(config).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    for (question, expected) in [
+        ("Do gift cards expire?", "never expire"),
+        ("Can I talk to a human?", "human agent"),
+    ] {
+        let events = client.exchange(&session, question, json!({})).await;
+        let done = events.last().unwrap();
+        assert_eq!(done["status"], "completed", "{done}");
+        let text = done["text"].as_str().unwrap();
+        assert!(text.contains(expected), "{question:?} got {text:?}");
+    }
+    server.stop().await;
+}
