@@ -166,7 +166,13 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(Env::prefixed("DLLM_").split("__"));
+        // Only `DLLM_<SECTION>__<KEY>` variables are settings; others with the prefix (the test
+        // suite's `DLLM_TEST_REDIS_URL`, say) belong to other tools.
+        figment = figment.merge(
+            Env::prefixed("DLLM_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         figment.extract().map_err(|e| ConfigError::Load(Box::new(e)))
     }
 

@@ -253,7 +253,8 @@ async fn quantized_models_load_and_reply() {
 }
 
 /// The retargeted `llama` file run non-causally over the whole sequence computes exactly what
-/// llama.cpp's `llada` graph computes: the prefix-cache engine runs the same function.
+/// llama.cpp's `llada` graph computes, so the twin is an exact oracle for cached attention
+/// (`tests/runtime.rs`).
 #[tokio::test]
 async fn llada_retargeted_as_llama_gives_identical_logits() {
     use llama_cpp_2::context::params::{LlamaAttentionType, LlamaContextParams};

@@ -27,12 +27,10 @@ use std::time::Instant;
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
 use super::canvas::Canvas;
-use super::jobs::{self, Intake, Job, Submitter};
+use super::jobs::{self, Intake, Job};
 use super::prompt::{self, FittedPrompt};
 use super::vocab::ChatModel;
-use super::{
-    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
-};
+use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, Revision, StopReason};
 
 /// What the steps inside a block recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -66,46 +64,21 @@ pub struct CachedConfig {
     pub mask_placeholder: String,
 }
 
-/// Handle to the engine thread. Dropping it lets the thread finish its replies and exit.
-pub struct CachedEngine {
-    submitter: Submitter,
-    info: EngineInfo,
-}
-
-impl CachedEngine {
-    /// Loads the model on a new thread and returns once it is ready (or failed to load).
-    /// Blocks: call it from a blocking context.
-    pub fn start(config: CachedConfig) -> Result<Self, EngineError> {
-        let (submitter, intake) = jobs::queue(config.max_waiting);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("cached-engine".into())
-            .spawn(move || match Worker::load(&config) {
-                Ok(worker) => {
-                    let _ = ready_tx.send(Ok(worker.info.clone()));
-                    worker.run(intake);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .map_err(|e| EngineError::Load {
-                path: String::new(),
-                reason: e.to_string(),
-            })?;
-        let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
-        Ok(Self { submitter, info })
-    }
-}
-
-impl Engine for CachedEngine {
-    fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError> {
-        self.submitter.submit(request)
-    }
-
-    fn info(&self) -> &EngineInfo {
-        &self.info
-    }
+/// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
+/// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
+/// context.
+pub fn start(config: CachedConfig) -> Result<impl Engine, EngineError> {
+    jobs::spawn(
+        "cached-engine",
+        config.max_waiting,
+        move |intake, ready| match Worker::load(&config) {
+            Ok(worker) => {
+                ready(Ok(worker.info.clone()));
+                worker.run(intake);
+            }
+            Err(e) => ready(Err(e)),
+        },
+    )
 }
 
 /// A conversation cache and what the engine knows about its contents.

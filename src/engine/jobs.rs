@@ -13,7 +13,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Completion, EngineError, EngineEvent, GenerateRequest, ReplyStream};
+use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream};
 
 /// A reply request on its way to (or inside) an engine thread.
 pub(crate) struct Job {
@@ -36,6 +36,45 @@ impl Job {
     pub fn finish(&self, completion: Completion) {
         let _ = self.events.send(EngineEvent::Finished(completion));
     }
+}
+
+/// An engine running on its own thread, fed by the queue.
+pub(crate) struct EngineThread {
+    submitter: Submitter,
+    info: EngineInfo,
+}
+
+impl Engine for EngineThread {
+    fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError> {
+        self.submitter.submit(request)
+    }
+
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+}
+
+/// Runs `body` on a new thread called `name`: it loads the model, reports the outcome through its
+/// second argument, then serves the queue. Returns once the model is loaded (or failed to load).
+pub(crate) fn spawn<F>(name: &str, max_waiting: usize, body: F) -> Result<EngineThread, EngineError>
+where
+    F: FnOnce(Intake, &dyn Fn(Result<EngineInfo, EngineError>)) + Send + 'static,
+{
+    let (submitter, intake) = queue(max_waiting);
+    let (ready_tx, ready_rx) = std_mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            body(intake, &|outcome| {
+                let _ = ready_tx.send(outcome);
+            })
+        })
+        .map_err(|e| EngineError::Load {
+            path: String::new(),
+            reason: e.to_string(),
+        })?;
+    let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    Ok(EngineThread { submitter, info })
 }
 
 /// A queue of at most `max_waiting` waiting jobs.

@@ -201,7 +201,7 @@ pub fn start(
     let m = &config.model;
     let l = &config.limits;
     Ok(match m.engine {
-        EngineKind::Cached => std::sync::Arc::new(cached::CachedEngine::start(cached::CachedConfig {
+        EngineKind::Cached => std::sync::Arc::new(cached::start(cached::CachedConfig {
             model_path,
             device: match m.device {
                 DeviceKind::Cpu => ggml_ext::runtime::Device::Cpu,
@@ -217,7 +217,7 @@ pub fn start(
             top_k: m.top_k,
             mask_placeholder: config.prompt.mask_placeholder.clone(),
         })?),
-        EngineKind::Reference => std::sync::Arc::new(reference::ReferenceEngine::start(reference::ReferenceConfig {
+        EngineKind::Reference => std::sync::Arc::new(reference::start(reference::ReferenceConfig {
             model_path,
             threads: m.threads,
             context_length: m.context_length,

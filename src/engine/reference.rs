@@ -17,12 +17,10 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
 use super::canvas::Canvas;
-use super::jobs::{self, Intake, Job, Submitter};
+use super::jobs::{self, Intake, Job};
 use super::prompt::{self, FittedPrompt};
 use super::vocab::{backend, ChatModel};
-use super::{
-    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
-};
+use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, Revision, StopReason};
 
 /// Settings of the reference engine.
 #[derive(Debug, Clone)]
@@ -40,55 +38,23 @@ pub struct ReferenceConfig {
     pub mask_placeholder: String,
 }
 
-/// Handle to the engine thread. Dropping it lets the thread finish its replies and exit.
-pub struct ReferenceEngine {
-    submitter: Submitter,
-    info: EngineInfo,
-}
-
-impl ReferenceEngine {
-    /// Loads the model on a new thread and returns once it is ready (or failed to load).
-    /// Blocks: call it from a blocking context.
-    pub fn start(config: ReferenceConfig) -> Result<Self, EngineError> {
-        let (submitter, intake) = jobs::queue(config.max_waiting);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("reference-engine".into())
-            .spawn(move || {
-                let loaded = match ChatModel::load(&config.model_path, false) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                match Worker::new(&loaded, &config) {
-                    Ok(worker) => {
-                        let _ = ready_tx.send(Ok(worker.info.clone()));
-                        worker.run(intake);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                };
-            })
-            .map_err(|e| EngineError::Load {
-                path: String::new(),
-                reason: e.to_string(),
-            })?;
-        let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
-        Ok(Self { submitter, info })
-    }
-}
-
-impl Engine for ReferenceEngine {
-    fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError> {
-        self.submitter.submit(request)
-    }
-
-    fn info(&self) -> &EngineInfo {
-        &self.info
-    }
+/// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
+/// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
+/// context.
+pub fn start(config: ReferenceConfig) -> Result<impl Engine, EngineError> {
+    jobs::spawn("reference-engine", config.max_waiting, move |intake, ready| {
+        let loaded = match ChatModel::load(&config.model_path, false) {
+            Ok(l) => l,
+            Err(e) => return ready(Err(e)),
+        };
+        match Worker::new(&loaded, &config) {
+            Ok(worker) => {
+                ready(Ok(worker.info.clone()));
+                worker.run(intake);
+            }
+            Err(e) => ready(Err(e)),
+        };
+    })
 }
 
 /// A reply in progress.
