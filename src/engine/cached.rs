@@ -30,7 +30,7 @@ use super::canvas::Canvas;
 use super::jobs::{self, Intake, Job};
 use super::prompt::{self, FittedPrompt};
 use super::vocab::ChatModel;
-use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, Revision, StopReason};
+use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
 
 /// What the steps inside a block recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -175,19 +175,7 @@ impl Worker {
     /// Fits and prefills the prompt and announces the reply; `None` when it failed.
     fn admit(&mut self, job: Job) -> Option<Reply> {
         let queue_wait = job.queued_at.elapsed();
-        let options = &job.request.options;
-        let fitted = self
-            .context
-            .checked_sub(options.max_tokens)
-            .ok_or(EngineError::ContextOverflow {
-                needed: options.max_tokens,
-                limit: self.context,
-            })
-            .and_then(|budget| {
-                prompt::fit(&job.request.system, &job.request.turns, budget, |c| {
-                    self.chat.prompt_tokens(c)
-                })
-            });
+        let fitted = self.chat.fit_prompt(&job.request, self.context);
         let shift = self.model.shape().family.logit_shift();
         let prepared = fitted.and_then(|f| {
             let committed = &f.tokens[..f.tokens.len().saturating_sub(shift)];
@@ -220,7 +208,7 @@ impl Worker {
             self.release(slot);
             return None;
         }
-        let canvas = Canvas::new(options, self.chat.mask, self.chat.end_tokens.clone());
+        let canvas = Canvas::new(&job.request.options, self.chat.mask, self.chat.end_tokens.clone());
         let lead = tokens[tokens.len().saturating_sub(shift)..].to_vec();
         Some(Reply {
             job,
@@ -313,7 +301,7 @@ impl Worker {
         let (gone, running): (Vec<Reply>, Vec<Reply>) =
             std::mem::take(replies).into_iter().partition(|r| r.job.abandoned());
         for r in gone {
-            self.finish(&r, StopReason::Cancelled);
+            r.job.finish(&r.canvas, &self.chat, StopReason::Cancelled);
             self.release(r.slot);
         }
         *replies = running;
@@ -345,7 +333,7 @@ impl Worker {
                 let error = EngineError::Decode(e.to_string());
                 for r in replies.drain(..) {
                     r.job.fail(error.clone());
-                    self.slots[r.slot].busy = false;
+                    self.release(r.slot);
                 }
                 return;
             }
@@ -356,13 +344,16 @@ impl Worker {
                 unreachable!("the top-k head returns top-k predictions")
             };
             let unmasked = r.canvas.step_top_k(&plan.active, &tops);
-            keep.push(self.report(r, unmasked));
+            keep.push(
+                r.job
+                    .report_step(&r.canvas, &self.chat, &self.config.mask_placeholder, unmasked),
+            );
         }
         let mut flags = keep.into_iter();
         replies.retain(|r| {
             let kept = flags.next().unwrap_or(false);
             if !kept {
-                self.slots[r.slot].busy = false;
+                self.release(r.slot);
             }
             kept
         });
@@ -395,36 +386,5 @@ impl Worker {
             outputs: active.iter().map(|p| p - window.start).collect(),
             active,
         }
-    }
-
-    /// Sends the revision (and the completion when done); returns whether the reply continues.
-    fn report(&self, r: &Reply, unmasked: usize) -> bool {
-        let revision = Revision {
-            step: r.canvas.steps(),
-            text: self.render(&r.canvas, &self.config.mask_placeholder),
-            masked: r.canvas.masked(),
-            unmasked,
-        };
-        if r.job.events.send(EngineEvent::Revision(revision)).is_err() {
-            return false;
-        }
-        if r.canvas.is_complete() {
-            self.finish(r, StopReason::Completed);
-            return false;
-        }
-        true
-    }
-
-    fn finish(&self, r: &Reply, reason: StopReason) {
-        r.job.finish(Completion {
-            reason,
-            text: self.render(&r.canvas, ""),
-            completion_tokens: r.canvas.reply_len(),
-            steps: r.canvas.steps(),
-        });
-    }
-
-    fn render(&self, canvas: &Canvas, placeholder: &str) -> String {
-        self.chat.render(canvas.tokens(), canvas.reply_len(), placeholder)
     }
 }

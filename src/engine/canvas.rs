@@ -97,35 +97,32 @@ impl Canvas {
     /// Runs one denoising step given the logits of each active position (same order as
     /// [`Self::active_positions`]). Returns how many positions were unmasked.
     pub fn step(&mut self, active: &[usize], logits: &[&[f32]]) -> usize {
-        debug_assert_eq!(active.len(), logits.len());
-        if active.is_empty() {
-            return 0;
-        }
-        let candidates: Vec<Candidate> = active
-            .iter()
-            .zip(logits)
-            .map(|(&position, row)| self.sample(position, row))
-            .collect();
-        self.apply(active, candidates)
+        self.step_with(active, logits, |canvas, position, row| canvas.sample(position, row))
     }
 
     /// Runs one denoising step given each active position's most likely tokens (probabilities
     /// after temperature, mask token excluded), as the cached engine's graph returns them. With a
     /// temperature the token is sampled among those `k`.
     pub fn step_top_k(&mut self, active: &[usize], tops: &[TopK]) -> usize {
-        debug_assert_eq!(active.len(), tops.len());
+        self.step_with(active, tops, Self::sample_top_k)
+    }
+
+    /// One step: a candidate per active position from its row, then the policy's choice.
+    fn step_with<R>(
+        &mut self,
+        active: &[usize],
+        rows: &[R],
+        sample: impl Fn(&mut Self, usize, &R) -> Candidate,
+    ) -> usize {
+        debug_assert_eq!(active.len(), rows.len());
         if active.is_empty() {
             return 0;
         }
         let candidates: Vec<Candidate> = active
             .iter()
-            .zip(tops)
-            .map(|(&position, top)| self.sample_top_k(position, top))
+            .zip(rows)
+            .map(|(&position, row)| sample(self, position, row))
             .collect();
-        self.apply(active, candidates)
-    }
-
-    fn apply(&mut self, active: &[usize], candidates: Vec<Candidate>) -> usize {
         let block = active[0] / self.block_length;
         if block != self.block {
             self.block = block;

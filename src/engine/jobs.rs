@@ -13,7 +13,11 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream};
+use super::canvas::Canvas;
+use super::vocab::ChatModel;
+use super::{
+    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
+};
 
 /// A reply request on its way to (or inside) an engine thread.
 pub(crate) struct Job {
@@ -33,8 +37,33 @@ impl Job {
         let _ = self.events.send(EngineEvent::Failed(error));
     }
 
-    pub fn finish(&self, completion: Completion) {
-        let _ = self.events.send(EngineEvent::Finished(completion));
+    /// Sends the whole reply after a step that unmasked `unmasked` positions, and the completion
+    /// once nothing is masked. Returns whether the reply goes on.
+    pub fn report_step(&self, canvas: &Canvas, chat: &ChatModel, placeholder: &str, unmasked: usize) -> bool {
+        let revision = Revision {
+            step: canvas.steps(),
+            text: chat.render(canvas.tokens(), canvas.reply_len(), placeholder),
+            masked: canvas.masked(),
+            unmasked,
+        };
+        if self.events.send(EngineEvent::Revision(revision)).is_err() {
+            return false;
+        }
+        if canvas.is_complete() {
+            self.finish(canvas, chat, StopReason::Completed);
+            return false;
+        }
+        true
+    }
+
+    /// Ends the reply with what `canvas` holds.
+    pub fn finish(&self, canvas: &Canvas, chat: &ChatModel, reason: StopReason) {
+        let _ = self.events.send(EngineEvent::Finished(Completion {
+            reason,
+            text: chat.render(canvas.tokens(), canvas.reply_len(), ""),
+            completion_tokens: canvas.reply_len(),
+            steps: canvas.steps(),
+        }));
     }
 }
 

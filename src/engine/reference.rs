@@ -18,9 +18,9 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::canvas::Canvas;
 use super::jobs::{self, Intake, Job};
-use super::prompt::{self, FittedPrompt};
+use super::prompt::FittedPrompt;
 use super::vocab::{backend, ChatModel};
-use super::{Completion, Engine, EngineError, EngineEvent, EngineInfo, Revision, StopReason};
+use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
 
 /// Settings of the reference engine.
 #[derive(Debug, Clone)]
@@ -119,19 +119,7 @@ impl<'m> Worker<'m> {
     /// Fits the prompt and announces the reply; `None` when it failed.
     fn admit(&mut self, job: Job) -> Option<Active> {
         let queue_wait = job.queued_at.elapsed();
-        let options = &job.request.options;
-        let context = self.info.context_length;
-        let fitted = context
-            .checked_sub(options.max_tokens)
-            .ok_or(EngineError::ContextOverflow {
-                needed: options.max_tokens,
-                limit: context,
-            })
-            .and_then(|budget| {
-                prompt::fit(&job.request.system, &job.request.turns, budget, |chat| {
-                    self.loaded.prompt_tokens(chat)
-                })
-            });
+        let fitted = self.loaded.fit_prompt(&job.request, self.info.context_length);
         let FittedPrompt {
             tokens, dropped_turns, ..
         } = match fitted {
@@ -150,7 +138,7 @@ impl<'m> Worker<'m> {
         if job.events.send(started).is_err() {
             return None;
         }
-        let canvas = Canvas::new(options, self.loaded.mask, self.loaded.end_tokens.clone());
+        let canvas = Canvas::new(&job.request.options, self.loaded.mask, self.loaded.end_tokens.clone());
         Some(Active {
             job,
             prompt: tokens,
@@ -163,7 +151,7 @@ impl<'m> Worker<'m> {
         replies.retain(|a| {
             let stop = a.job.abandoned();
             if stop {
-                self.finish(a, StopReason::Cancelled);
+                a.job.finish(&a.canvas, self.loaded, StopReason::Cancelled);
             }
             !stop
         });
@@ -196,33 +184,7 @@ impl<'m> Worker<'m> {
             .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
             .collect();
         let unmasked = a.canvas.step(active, &rows);
-        let revision = Revision {
-            step: a.canvas.steps(),
-            text: self.render(&a.canvas, &self.placeholder),
-            masked: a.canvas.masked(),
-            unmasked,
-        };
-        if a.job.events.send(EngineEvent::Revision(revision)).is_err() {
-            return false;
-        }
-        if a.canvas.is_complete() {
-            self.finish(a, StopReason::Completed);
-            return false;
-        }
-        true
-    }
-
-    fn finish(&self, a: &Active, reason: StopReason) {
-        a.job.finish(Completion {
-            reason,
-            text: self.render(&a.canvas, ""),
-            completion_tokens: a.canvas.reply_len(),
-            steps: a.canvas.steps(),
-        });
-    }
-
-    fn render(&self, canvas: &Canvas, placeholder: &str) -> String {
-        self.loaded.render(canvas.tokens(), canvas.reply_len(), placeholder)
+        a.job.report_step(&a.canvas, self.loaded, &self.placeholder, unmasked)
     }
 
     /// Adds `[prompt + canvas]` to the batch, asking for the logits of the `active` canvas

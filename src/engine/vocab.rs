@@ -9,7 +9,8 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 
-use super::{ChatTurn, EngineError};
+use super::prompt::{self, FittedPrompt};
+use super::{ChatTurn, EngineError, GenerateRequest};
 
 /// Architectures llama.cpp runs as diffusion models.
 pub const DIFFUSION_ARCHITECTURES: [&str; 4] = ["llada", "llada-moe", "dream", "rnd1"];
@@ -95,6 +96,16 @@ impl ChatModel {
     /// tokenizes it, control tokens included.
     pub fn prompt_tokens(&self, chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
         chat_tokens(&self.model, &self.template, chat)
+    }
+
+    /// The prompt of `request`, fitted beside its canvas into a `context`-token window.
+    pub fn fit_prompt(&self, request: &GenerateRequest, context: usize) -> Result<FittedPrompt, EngineError> {
+        let canvas = request.options.max_tokens;
+        let budget = context.checked_sub(canvas).ok_or(EngineError::ContextOverflow {
+            needed: canvas,
+            limit: context,
+        })?;
+        prompt::fit(&request.system, &request.turns, budget, |chat| self.prompt_tokens(chat))
     }
 
     /// The text of `tokens[..reply_len]`, each masked position shown as `placeholder`.

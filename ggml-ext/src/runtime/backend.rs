@@ -17,7 +17,8 @@ pub enum Device {
     Gpu,
 }
 
-/// Owns the backends and the scheduler. Weights and caches are allocated on `primary`.
+/// Owns the backends and the scheduler. Weights and caches are allocated on `primary`; the
+/// scheduler starts once the weights are loaded, since its size depends on the layer count.
 pub(crate) struct Backend {
     primary: sys::ggml_backend_t,
     /// The CPU backend, also `primary` on CPU-only runs; last in the scheduler's list as ggml requires.
@@ -32,8 +33,8 @@ pub(crate) struct Backend {
 unsafe impl Send for Backend {}
 
 impl Backend {
-    /// Starts the backends. `graph_size` bounds the nodes of any graph later computed.
-    pub(crate) fn new(device: Device, threads: usize, graph_size: usize) -> Result<Self, RuntimeError> {
+    /// Starts the backends (the scheduler comes with [`Self::start_scheduler`]).
+    pub(crate) fn new(device: Device, threads: usize) -> Result<Self, RuntimeError> {
         // SAFETY: plain constructor; a null return is handled.
         let cpu = unsafe { sys::ggml_backend_cpu_init() };
         if cpu.is_null() {
@@ -62,9 +63,28 @@ impl Backend {
                 gpu
             }
         };
-        let mut backends = if primary == cpu { vec![cpu] } else { vec![primary, cpu] };
+        // SAFETY: `primary` is live; ggml returns a static NUL-terminated name.
+        let name = unsafe { CStr::from_ptr(sys::ggml_backend_name(primary)) }
+            .to_string_lossy()
+            .into_owned();
+        Ok(Self {
+            primary,
+            cpu,
+            sched: std::ptr::null_mut(),
+            graph_size: 0,
+            description: format!("{name} ({} threads)", threads.max(1)),
+        })
+    }
+
+    /// Starts the scheduler for graphs of at most `graph_size` nodes.
+    pub(crate) fn start_scheduler(&mut self, graph_size: usize) -> Result<(), RuntimeError> {
+        let mut backends = if self.primary == self.cpu {
+            vec![self.cpu]
+        } else {
+            vec![self.primary, self.cpu]
+        };
         // SAFETY: `backends` holds live backends, CPU last; null buffer types select each default.
-        let sched = unsafe {
+        self.sched = unsafe {
             sys::ggml_backend_sched_new(
                 backends.as_mut_ptr(),
                 std::ptr::null_mut(),
@@ -74,22 +94,11 @@ impl Backend {
                 true,
             )
         };
-        // SAFETY: `primary` is live; ggml returns a static NUL-terminated name.
-        let name = unsafe { CStr::from_ptr(sys::ggml_backend_name(primary)) }
-            .to_string_lossy()
-            .into_owned();
-        let description = format!("{name} ({} threads)", threads.max(1));
-        let backend = Self {
-            primary,
-            cpu,
-            sched,
-            graph_size,
-            description,
-        };
-        if sched.is_null() {
+        if self.sched.is_null() {
             return Err(RuntimeError::Device("the backend scheduler failed to start".into()));
         }
-        Ok(backend)
+        self.graph_size = graph_size;
+        Ok(())
     }
 
     pub(crate) fn primary(&self) -> sys::ggml_backend_t {

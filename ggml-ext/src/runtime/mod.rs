@@ -135,13 +135,9 @@ impl DiffusionModel {
     /// Loads `path` (a `llada` or `dream` GGUF of any weight type ggml multiplies).
     pub fn load(path: &Path, config: RuntimeConfig) -> Result<Self, RuntimeError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let probe = weights::probe_layers(path)?;
-        let backend = backend::Backend::new(
-            config.device,
-            config.threads,
-            graph::graph_size(probe, config.max_segments),
-        )?;
+        let mut backend = backend::Backend::new(config.device, config.threads)?;
         let weights = weights::load(path, backend.primary())?;
+        backend.start_scheduler(graph::graph_size(weights.shape.n_layer, config.max_segments))?;
         let mut bias = vec![0.0; weights.shape.n_vocab];
         if let Some(m) = weights.shape.mask_token.filter(|m| (*m as usize) < bias.len()) {
             bias[m as usize] = f32::NEG_INFINITY;

@@ -335,32 +335,3 @@ fn read_tensor_data(path: &Path, gguf: &Gguf, mut weights: Weights) -> Result<We
     }
     Ok(weights)
 }
-
-/// The block count of `path`, read from its metadata alone (the graph size depends on it).
-pub(crate) fn probe_layers(path: &Path) -> Result<usize, RuntimeError> {
-    let fail = |reason: &str| RuntimeError::Load {
-        path: path.display().to_string(),
-        reason: reason.to_owned(),
-    };
-    let c_path = path
-        .to_str()
-        .and_then(|s| CString::new(s).ok())
-        .ok_or_else(|| fail("the path is not valid UTF-8"))?;
-    if !path.is_file() {
-        return Err(fail("no such file"));
-    }
-    let params = sys::gguf_init_params {
-        no_alloc: true,
-        ctx: std::ptr::null_mut(),
-    };
-    // SAFETY: `c_path` is NUL-terminated; without a context pointer only metadata is read.
-    let raw = unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) };
-    if raw.is_null() {
-        return Err(fail("not a readable GGUF file"));
-    }
-    let gguf = Gguf(raw);
-    let arch = gguf.string("general.architecture").unwrap_or_default();
-    gguf.int(&format!("{arch}.block_count"))
-        .map(|n| n as usize)
-        .ok_or_else(|| fail(&format!("missing {arch}.block_count")))
-}
