@@ -71,3 +71,41 @@ async fn the_service_answers_support_questions_with_the_bundled_model() {
     }
     server.stop().await;
 }
+
+/// The model copies what the customer named, in the turn that names it and in later turns that only refer
+/// to it. The order number and the product name `Umber` are reserved for held-out data, so no training
+/// dialog contains them: a memorised reply cannot pass.
+#[tokio::test]
+async fn an_order_number_or_product_named_earlier_comes_back_in_the_reply() {
+    let mut config = common::test_config();
+    config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND)
+        .unwrap()
+        .display()
+        .to_string();
+    config.decode.max_tokens = 64;
+    config.decode.block_length = 32;
+    let server = TestServer::start(config).await;
+    let mut client = server.connect().await;
+    for turns in [
+        [
+            ("Where is my order NW-48214?", ["NW-48214"]),
+            ("Can I still cancel it?", ["NW-48214"]),
+        ],
+        [
+            ("What's the warranty on the Umber 2-Person Tent?", ["Umber 2-Person Tent"]),
+            ("Is it in stock?", ["Umber 2-Person Tent"]),
+        ],
+    ] {
+        let session = client.create_session().await;
+        for (question, expected) in turns {
+            let events = client.exchange(&session, question, json!({})).await;
+            let done = events.last().unwrap();
+            assert_eq!(done["status"], "completed", "{done}");
+            let text = done["text"].as_str().unwrap();
+            for value in expected {
+                assert!(text.contains(value), "{question:?} got {text:?}");
+            }
+        }
+    }
+    server.stop().await;
+}

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
@@ -111,9 +110,28 @@ pub struct CorpusConfig {
     pub follow_up_rate: f64,
     /// Chance that a phrasing is typed casually (lowercase start, no final punctuation).
     pub casual_rate: f64,
+    /// Chance that a training phrasing gets an opener, a closer or both from the domain's `[chatter]`.
+    pub chatter_rate: f64,
+    /// Chance that a standalone turn names an order or a product (when one is left to ask about). Replies that
+    /// copy a slot are what teaches the model to copy, so they are drawn more often than their share of intents.
+    pub slot_rate: f64,
 }
 
 impl CorpusConfig {
+    /// The settings `dllm-train pipeline` uses.
+    pub fn new(seed: u64, dialogs: usize) -> Self {
+        CorpusConfig {
+            seed,
+            dialogs,
+            heldout_fraction: 0.05,
+            max_user_turns: 4,
+            follow_up_rate: 0.6,
+            casual_rate: 0.25,
+            chatter_rate: 0.3,
+            slot_rate: 0.35,
+        }
+    }
+
     fn validate(&self) -> Result<(), CorpusError> {
         if self.max_user_turns == 0 {
             return Err(CorpusError::Config {
@@ -125,6 +143,8 @@ impl CorpusConfig {
             ("heldout_fraction", self.heldout_fraction),
             ("follow_up_rate", self.follow_up_rate),
             ("casual_rate", self.casual_rate),
+            ("chatter_rate", self.chatter_rate),
+            ("slot_rate", self.slot_rate),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(CorpusError::Config {
@@ -184,17 +204,16 @@ pub fn generate(domain: &Domain, config: &CorpusConfig) -> Result<Corpus, Corpus
 struct Pool<'a> {
     domain: &'a Domain,
     split: Split,
-    products: &'a [Product],
-    orders: RangeInclusive<u32>,
+    product_names: &'a [String],
 }
 
 /// The thing an earlier turn named, which follow-ups refer back to.
-enum Referent<'a> {
+enum Referent {
     Order(String),
-    Product(&'a Product),
+    Product(Product),
 }
 
-impl Referent<'_> {
+impl Referent {
     fn kind(&self) -> SlotKind {
         match self {
             Referent::Order(_) => SlotKind::Order,
@@ -215,15 +234,14 @@ impl Referent<'_> {
 
 impl<'a> Pool<'a> {
     fn new(domain: &'a Domain, split: Split) -> Self {
-        let (products, [lo, hi]) = match split {
-            Split::Train => (&domain.catalog.products, domain.orders.train_range),
-            Split::Heldout => (&domain.catalog.heldout_products, domain.orders.heldout_range),
+        let product_names = match split {
+            Split::Train => &domain.catalog.names,
+            Split::Heldout => &domain.catalog.heldout_names,
         };
         Pool {
             domain,
             split,
-            products,
-            orders: lo..=hi,
+            product_names,
         }
     }
 
@@ -234,17 +252,58 @@ impl<'a> Pool<'a> {
         }
     }
 
-    fn referent(&self, kind: SlotKind, rng: &mut StdRng) -> Referent<'a> {
+    fn referent(&self, kind: SlotKind, rng: &mut StdRng) -> Referent {
         match kind {
-            SlotKind::Order => Referent::Order(self.domain.orders.format(rng.random_range(self.orders.clone()))),
-            SlotKind::Product => Referent::Product(self.products.choose(rng).expect("validated: products not empty")),
+            SlotKind::Order => {
+                let orders = &self.domain.orders;
+                let [lo, hi] = orders.range;
+                // Validation keeps the held-out share strictly between 0 and 1, so both splits have numbers.
+                let n = std::iter::repeat_with(|| rng.random_range(lo..=hi))
+                    .find(|&n| orders.is_heldout(n) == (self.split == Split::Heldout))
+                    .expect("repeat_with never ends");
+                Referent::Order(orders.format(n))
+            }
+            SlotKind::Product => {
+                let line = self
+                    .domain
+                    .catalog
+                    .lines
+                    .choose(rng)
+                    .expect("validated: lines not empty");
+                let name = self.product_names.choose(rng).expect("validated: names not empty");
+                Referent::Product(line.product(name))
+            }
         }
+    }
+
+    /// A training phrasing sometimes comes wrapped in a greeting or sign-off; held-out phrasings stay as written.
+    fn chatter(&self, intent: &Intent, phrasing: String, config: &CorpusConfig, rng: &mut StdRng) -> String {
+        if self.split == Split::Heldout || intent.position != Position::Any || !rng.random_bool(config.chatter_rate) {
+            return phrasing;
+        }
+        let chatter = &self.domain.chatter;
+        let (open, close) = match rng.random_range(0..3) {
+            0 => (true, false),
+            1 => (false, true),
+            _ => (true, true),
+        };
+        let mut text = String::new();
+        if open {
+            text.push_str(chatter.openers.choose(rng).expect("validated: openers not empty"));
+            text.push_str(&lowercase_first(&phrasing));
+        } else {
+            text.push_str(&phrasing);
+        }
+        if close {
+            text.push_str(chatter.closers.choose(rng).expect("validated: closers not empty"));
+        }
+        text
     }
 
     fn dialog(&self, index: usize, config: &CorpusConfig, rng: &mut StdRng) -> Dialog {
         let user_turns = rng.random_range(1..=config.max_user_turns);
         let mut turns = Vec::with_capacity(2 * user_turns);
-        let mut context: Option<Referent<'a>> = None;
+        let mut context: Option<Referent> = None;
         let mut asked: Vec<&str> = Vec::with_capacity(user_turns);
         for turn in 0..user_turns {
             let intent = self.pick_intent(turn, user_turns, &asked, context.as_ref(), config, rng);
@@ -265,6 +324,7 @@ impl<'a> Pool<'a> {
             } else {
                 phrasing.clone()
             };
+            let phrasing = self.chatter(intent, phrasing, config, rng);
             let answer = fill(&intent.answer, &slots);
             turns.push(Turn::User {
                 content: fill(&phrasing, &slots),
@@ -290,7 +350,7 @@ impl<'a> Pool<'a> {
         turn: usize,
         user_turns: usize,
         asked: &[&str],
-        context: Option<&Referent<'a>>,
+        context: Option<&Referent>,
         config: &CorpusConfig,
         rng: &mut StdRng,
     ) -> &'a Intent {
@@ -316,7 +376,13 @@ impl<'a> Pool<'a> {
         let pool = if !contextual.is_empty() && (standalone.is_empty() || rng.random_bool(config.follow_up_rate)) {
             contextual
         } else {
-            standalone
+            let (slotted, plain): (Vec<&Intent>, Vec<&Intent>) =
+                standalone.into_iter().partition(|intent| intent.slot.is_some());
+            if !slotted.is_empty() && (plain.is_empty() || rng.random_bool(config.slot_rate)) {
+                slotted
+            } else {
+                plain
+            }
         };
         pool.choose(rng)
             .expect("checked in generate: enough standalone intents")
@@ -326,8 +392,16 @@ impl<'a> Pool<'a> {
 /// A casually typed variant: lowercase first letter, no final punctuation. It normalizes like the original,
 /// so held-out checks still hold.
 fn casual(phrasing: &str) -> String {
-    let trimmed = phrasing.trim_end_matches(['?', '.', '!']);
-    let mut chars = trimmed.chars();
+    lowercase_first(phrasing.trim_end_matches(['?', '.', '!']))
+}
+
+/// `text` (a template: slots are still placeholders) with its first letter lowercased, unless that is the word "I".
+fn lowercase_first(text: &str) -> String {
+    let first_word = text.split_whitespace().next().unwrap_or("");
+    if first_word == "I" || first_word.starts_with("I'") {
+        return text.to_owned();
+    }
+    let mut chars = text.chars();
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => String::new(),
@@ -463,12 +537,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, CorpusError> {
 #[cfg(test)]
 pub(crate) fn test_config(seed: u64, dialogs: usize) -> CorpusConfig {
     CorpusConfig {
-        seed,
-        dialogs,
         heldout_fraction: 0.25,
-        max_user_turns: 4,
-        follow_up_rate: 0.6,
-        casual_rate: 0.25,
+        ..CorpusConfig::new(seed, dialogs)
     }
 }
 
@@ -542,8 +612,7 @@ mod tests {
             .flat_map(user_turns)
             .filter_map(|(_, _, slots)| slots.get("order").map(String::as_str))
             .collect();
-        let [lo, hi] = domain.orders.train_range;
-        let train_products: Vec<&str> = domain.catalog.products.iter().map(|p| p.name.as_str()).collect();
+        let train_names = &domain.catalog.names;
         let mut orders_seen = 0;
         for dialog in &corpus.heldout {
             assert_eq!(dialog.split, Split::Heldout);
@@ -561,12 +630,19 @@ mod tests {
                     orders_seen += 1;
                     assert!(!train_orders.contains(order.as_str()), "{order} also appears in train");
                     let n: u32 = order.trim_start_matches(domain.orders.prefix.as_str()).parse().unwrap();
-                    assert!(!(lo..=hi).contains(&n), "{order} is in the train range");
+                    assert!(domain.orders.is_heldout(n), "{order} is not a held-out number");
                 }
                 if let Some(product) = slots.get("product") {
                     assert!(
-                        !train_products.contains(&product.as_str()),
-                        "{product} is a train product"
+                        domain
+                            .catalog
+                            .heldout_names
+                            .iter()
+                            .any(|name| product.contains(name.as_str()))
+                            && !train_names
+                                .iter()
+                                .any(|name| product.split(' ').any(|word| word == name)),
+                        "{product} is not a held-out product"
                     );
                 }
             }

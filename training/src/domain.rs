@@ -45,6 +45,7 @@ pub struct Domain {
     pub assistant: Assistant,
     pub orders: Orders,
     pub catalog: Catalog,
+    pub chatter: Chatter,
     /// Business facts by id; each must be listed in some intent's `covers`.
     pub knowledge: BTreeMap<String, String>,
     pub intents: Vec<Intent>,
@@ -63,10 +64,11 @@ pub struct Orders {
     pub prefix: String,
     /// Numbers are zero-padded to this many digits.
     pub digits: u32,
-    /// Inclusive range of training order numbers.
-    pub train_range: [u32; 2],
-    /// Inclusive range of held-out order numbers; must not overlap `train_range`.
-    pub heldout_range: [u32; 2],
+    /// Inclusive range every order number is drawn from.
+    pub range: [u32; 2],
+    /// Share of the numbers reserved for held-out dialogs. A fixed scramble of the number picks them, so both
+    /// splits see every digit at every position and still never share a number.
+    pub heldout_share: f64,
 }
 
 impl Orders {
@@ -74,21 +76,63 @@ impl Orders {
     pub fn format(&self, n: u32) -> String {
         format!("{}{:0width$}", self.prefix, n, width = self.digits as usize)
     }
+
+    /// Whether `n` belongs to the held-out split.
+    pub fn is_heldout(&self, n: u32) -> bool {
+        // SplitMix64's finaliser: neighbouring numbers land far apart, so the choice has no visible pattern.
+        let mut x = u64::from(n).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x as f64 / u64::MAX as f64) < self.heldout_share
+    }
+}
+
+/// Words customers wrap around a request. Training dialogs add them to some phrasings so the model learns to
+/// answer the request, not the greeting or sign-off around it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chatter {
+    /// Put before a phrasing, such as `Hi, `.
+    pub openers: Vec<String>,
+    /// Put after a phrasing, such as ` Thanks!`.
+    pub closers: Vec<String>,
+}
+
+/// Products are made, not listed: a product line's pattern with a model name in `{name}`. Training dialogs draw
+/// from hundreds of combinations, so a reply can only name the right product by copying it from the question.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub lines: Vec<ProductLine>,
+    /// Model names for training dialogs.
+    pub names: Vec<String>,
+    /// Model names that appear only in held-out dialogs.
+    pub heldout_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Catalog {
-    pub products: Vec<Product>,
-    /// Products that appear only in held-out dialogs.
-    pub heldout_products: Vec<Product>,
+pub struct ProductLine {
+    /// The product's name with `{name}` where the model name goes, such as `{name} 2-Person Tent`.
+    pub pattern: String,
+    /// Fills `{warranty}`, worded to follow "a" ("1-year", "lifetime").
+    pub warranty: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+impl ProductLine {
+    pub fn product(&self, name: &str) -> Product {
+        Product {
+            name: self.pattern.replace("{name}", name),
+            warranty: self.warranty.clone(),
+        }
+    }
+}
+
+/// One product as a dialog names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
     pub name: String,
-    /// Fills `{warranty}`, worded to follow "a" ("1-year", "lifetime").
     pub warranty: String,
 }
 
@@ -192,6 +236,17 @@ impl Domain {
         non_empty("assistant.system_prompt", &self.assistant.system_prompt)?;
         self.validate_orders()?;
         self.validate_catalog()?;
+        for (field, words) in [
+            ("chatter.openers", &self.chatter.openers),
+            ("chatter.closers", &self.chatter.closers),
+        ] {
+            if words.is_empty() {
+                return Err(DomainError::Empty { field: field.into() });
+            }
+            for (i, word) in words.iter().enumerate() {
+                non_empty(&format!("{field}[{i}]"), word)?;
+            }
+        }
         if self.knowledge.is_empty() {
             return Err(DomainError::Empty {
                 field: "knowledge".into(),
@@ -246,42 +301,56 @@ impl Domain {
         if !(1..=9).contains(&orders.digits) {
             return Err(invalid("orders.digits", "must be between 1 and 9"));
         }
-        let limit = 10u32.pow(orders.digits);
-        for (field, [lo, hi]) in [
-            ("orders.train_range", orders.train_range),
-            ("orders.heldout_range", orders.heldout_range),
-        ] {
-            if lo > hi {
-                return Err(invalid(field, "start is above end"));
-            }
-            if hi >= limit {
-                return Err(invalid(field, &format!("end does not fit in {} digits", orders.digits)));
-            }
+        let [lo, hi] = orders.range;
+        if lo > hi {
+            return Err(invalid("orders.range", "start is above end"));
         }
-        let [a_lo, a_hi] = orders.train_range;
-        let [b_lo, b_hi] = orders.heldout_range;
-        if a_lo <= b_hi && b_lo <= a_hi {
-            return Err(invalid("orders.heldout_range", "overlaps orders.train_range"));
+        if hi >= 10u32.pow(orders.digits) {
+            return Err(invalid(
+                "orders.range",
+                &format!("end does not fit in {} digits", orders.digits),
+            ));
+        }
+        if hi - lo < 99 {
+            return Err(invalid("orders.range", "holds fewer than 100 numbers"));
+        }
+        if !(orders.heldout_share > 0.0 && orders.heldout_share < 1.0) {
+            return Err(invalid("orders.heldout_share", "must be above 0 and below 1"));
         }
         Ok(())
     }
 
     fn validate_catalog(&self) -> Result<(), DomainError> {
+        let catalog = &self.catalog;
+        if catalog.lines.is_empty() {
+            return Err(DomainError::Empty {
+                field: "catalog.lines".into(),
+            });
+        }
+        for (i, line) in catalog.lines.iter().enumerate() {
+            let field = format!("catalog.lines[{i}]");
+            non_empty(&format!("{field}.warranty"), &line.warranty)?;
+            if line.pattern.matches("{name}").count() != 1 || placeholders(&line.pattern).count() != 1 {
+                return Err(DomainError::SlotMismatch {
+                    field: format!("{field}.pattern"),
+                    expected: vec!["name".into()],
+                });
+            }
+        }
         let mut seen = BTreeSet::new();
-        for (field, products) in [
-            ("catalog.products", &self.catalog.products),
-            ("catalog.heldout_products", &self.catalog.heldout_products),
+        for (field, names) in [
+            ("catalog.names", &catalog.names),
+            ("catalog.heldout_names", &catalog.heldout_names),
         ] {
-            if products.is_empty() {
+            if names.is_empty() {
                 return Err(DomainError::Empty { field: field.into() });
             }
-            for (i, product) in products.iter().enumerate() {
-                non_empty(&format!("{field}[{i}].name"), &product.name)?;
-                non_empty(&format!("{field}[{i}].warranty"), &product.warranty)?;
-                if !seen.insert(product.name.as_str()) {
+            for (i, name) in names.iter().enumerate() {
+                non_empty(&format!("{field}[{i}]"), name)?;
+                if !seen.insert(name.as_str()) {
                     return Err(DomainError::Duplicate {
-                        field: format!("{field}[{i}].name"),
-                        value: product.name.clone(),
+                        field: format!("{field}[{i}]"),
+                        value: name.clone(),
                     });
                 }
             }
@@ -467,7 +536,12 @@ mod tests {
     fn northwind_parses_and_validates() {
         let domain = northwind();
         assert!(domain.intents.len() >= 30, "only {} intents", domain.intents.len());
-        assert!(domain.catalog.products.len() + domain.catalog.heldout_products.len() >= 20);
+        let catalog = &domain.catalog;
+        assert!(
+            catalog.lines.len() * catalog.names.len() >= 1000,
+            "too few train products to force copying"
+        );
+        assert!(catalog.heldout_names.len() >= 10);
         for intent in &domain.intents {
             assert!(
                 intent.phrasings.len() >= 8,
@@ -566,14 +640,34 @@ mod tests {
     }
 
     #[test]
-    fn unknown_field_and_overlapping_order_ranges_are_rejected() {
-        let typo = NORTHWIND_TOML.replacen("heldout_range", "held_out_range", 1);
+    fn unknown_field_bad_order_share_and_name_in_both_splits_are_rejected() {
+        let typo = NORTHWIND_TOML.replacen("heldout_share", "held_out_share", 1);
         assert!(matches!(Domain::from_toml(&typo), Err(DomainError::Parse(_))));
-        let overlap = NORTHWIND_TOML.replacen("heldout_range = [80000, 99999]", "heldout_range = [70000, 99999]", 1);
-        match Domain::from_toml(&overlap) {
-            Err(DomainError::Invalid { field, .. }) => assert_eq!(field, "orders.heldout_range"),
-            other => panic!("expected Invalid, got {other:?}"),
+        let share = NORTHWIND_TOML.replacen("heldout_share = 0.2", "heldout_share = 1.0", 1);
+        match Domain::from_toml(&share) {
+            Err(DomainError::Invalid { field, .. }) => assert_eq!(field, "orders.heldout_share"),
+            other => panic!("expected Invalid, got {:?}", other.err()),
         }
+        let both = NORTHWIND_TOML.replacen("\"Solstice\",", "\"Aspen\",", 1);
+        match Domain::from_toml(&both) {
+            Err(DomainError::Duplicate { field, value }) => {
+                assert_eq!((field.as_str(), value.as_str()), ("catalog.heldout_names[0]", "Aspen"))
+            }
+            other => panic!("expected Duplicate, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn order_numbers_split_by_share_across_every_leading_digit() {
+        let orders = northwind().orders;
+        let [lo, hi] = orders.range;
+        let heldout: Vec<u32> = (lo..=hi).filter(|&n| orders.is_heldout(n)).collect();
+        let share = heldout.len() as f64 / f64::from(hi - lo + 1);
+        assert!((share - orders.heldout_share).abs() < 0.01, "held-out share {share}");
+        let lead = |n: &u32| n / 10u32.pow(orders.digits - 1);
+        let heldout_leads: BTreeSet<u32> = heldout.iter().map(lead).collect();
+        let train_leads: BTreeSet<u32> = (lo..=hi).filter(|&n| !orders.is_heldout(n)).map(|n| lead(&n)).collect();
+        assert_eq!(heldout_leads, train_leads);
     }
 
     #[test]

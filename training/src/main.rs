@@ -39,18 +39,24 @@ enum Command {
         dialogs: usize,
         #[arg(long)]
         out: PathBuf,
-        /// Share of the dialogs that goes to the held-out split.
-        #[arg(long, default_value_t = 0.05)]
-        heldout_fraction: f64,
-        /// Each dialog has between 1 and this many user turns.
-        #[arg(long, default_value_t = 4)]
-        max_user_turns: usize,
-        /// Chance that a turn is a follow-up when one is possible.
-        #[arg(long, default_value_t = 0.6)]
-        follow_up_rate: f64,
-        /// Chance that a user message is typed casually (lowercase start, no final punctuation).
-        #[arg(long, default_value_t = 0.25)]
-        casual_rate: f64,
+        /// Share of the dialogs that goes to the held-out split [default: 0.05].
+        #[arg(long)]
+        heldout_fraction: Option<f64>,
+        /// Each dialog has between 1 and this many user turns [default: 4].
+        #[arg(long)]
+        max_user_turns: Option<usize>,
+        /// Chance that a turn is a follow-up when one is possible [default: 0.6].
+        #[arg(long)]
+        follow_up_rate: Option<f64>,
+        /// Chance that a user message is typed casually (lowercase start, no final punctuation) [default: 0.25].
+        #[arg(long)]
+        casual_rate: Option<f64>,
+        /// Chance that a training message gets a greeting or sign-off from the domain's [chatter] [default: 0.3].
+        #[arg(long)]
+        chatter_rate: Option<f64>,
+        /// Chance that a standalone turn names an order or product [default: 0.35].
+        #[arg(long)]
+        slot_rate: Option<f64>,
     },
     /// Train a byte-level BPE tokenizer on a corpus directory's train split, rendered as ChatML.
     Tokenizer {
@@ -167,14 +173,18 @@ fn main() -> anyhow::Result<()> {
             max_user_turns,
             follow_up_rate,
             casual_rate,
+            chatter_rate,
+            slot_rate,
         } => {
+            let defaults = CorpusConfig::new(seed, dialogs);
             let config = CorpusConfig {
-                seed,
-                dialogs,
-                heldout_fraction,
-                max_user_turns,
-                follow_up_rate,
-                casual_rate,
+                heldout_fraction: heldout_fraction.unwrap_or(defaults.heldout_fraction),
+                max_user_turns: max_user_turns.unwrap_or(defaults.max_user_turns),
+                follow_up_rate: follow_up_rate.unwrap_or(defaults.follow_up_rate),
+                casual_rate: casual_rate.unwrap_or(defaults.casual_rate),
+                chatter_rate: chatter_rate.unwrap_or(defaults.chatter_rate),
+                slot_rate: slot_rate.unwrap_or(defaults.slot_rate),
+                ..defaults
             };
             run_corpus(&domain, &config, &out)?;
         }
@@ -240,14 +250,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let started = Instant::now();
             let corpus_dir = out.join("corpus");
-            let config = CorpusConfig {
-                seed,
-                dialogs: dialogs.unwrap_or(preset.dialogs()),
-                heldout_fraction: 0.05,
-                max_user_turns: 4,
-                follow_up_rate: 0.6,
-                casual_rate: 0.25,
-            };
+            let config = CorpusConfig::new(seed, dialogs.unwrap_or(preset.dialogs()));
             run_corpus(&domain, &config, &corpus_dir)?;
             let tokenizer_path = corpus_dir.join("tokenizer.json");
             let tok_config = TokenizerConfig {
@@ -365,6 +368,7 @@ fn run_train(
         &tok,
         config.reply_len,
         config.model.context_length,
+        config.copy_weight,
     )?;
     println!(
         "{} examples from {} dialogs in {:.2?}",
