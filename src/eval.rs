@@ -140,22 +140,21 @@ pub struct Sample {
     pub intent: Option<String>,
     pub gold: String,
     pub reply: String,
+    pub intent_correct: bool,
+    pub facts_correct: bool,
 }
 
 impl Report {
     fn score(&mut self, classifier: &IntentClassifier, user: &Turn, gold: &str, reply: &str) {
         self.replies += 1;
-        if user
+        let intent_correct = user
             .intent
             .as_deref()
-            .is_some_and(|i| classifier.classify(reply) == Some(i))
-        {
-            self.intent_correct += 1;
-        }
+            .is_some_and(|i| classifier.classify(reply) == Some(i));
+        self.intent_correct += usize::from(intent_correct);
         let lower = reply.to_lowercase();
-        if user.facts.iter().all(|f| lower.contains(&f.to_lowercase())) {
-            self.facts_correct += 1;
-        }
+        let facts_correct = user.facts.iter().all(|f| lower.contains(&f.to_lowercase()));
+        self.facts_correct += usize::from(facts_correct);
         let slots: Vec<&String> = ["order", "product"].iter().filter_map(|k| user.slots.get(*k)).collect();
         if !slots.is_empty() {
             self.slot_turns += 1;
@@ -171,7 +170,34 @@ impl Report {
             intent: user.intent.clone(),
             gold: gold.to_owned(),
             reply: reply.to_owned(),
+            intent_correct,
+            facts_correct,
         });
+    }
+
+    /// A markdown table of intent and fact accuracy per expected intent, weakest first.
+    pub fn by_intent(&self) -> String {
+        let mut tally: HashMap<&str, (usize, usize, usize)> = HashMap::new();
+        for s in &self.samples {
+            let entry = tally.entry(s.intent.as_deref().unwrap_or("-")).or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(s.intent_correct);
+            entry.2 += usize::from(s.facts_correct);
+        }
+        let mut rows: Vec<_> = tally.into_iter().collect();
+        rows.sort_by(|a, b| {
+            let share = |(n, ok, _): (usize, usize, usize)| ok as f64 / n as f64;
+            share(a.1).total_cmp(&share(b.1)).then(a.0.cmp(b.0))
+        });
+        let mut table = String::from("| intent | replies | intent | fact |\n| --- | --- | --- | --- |\n");
+        for (intent, (n, intent_ok, facts_ok)) in rows {
+            table.push_str(&format!(
+                "| {intent} | {n} | {:.0}% | {:.0}% |\n",
+                Self::pct(intent_ok, n),
+                Self::pct(facts_ok, n)
+            ));
+        }
+        table
     }
 
     /// The first `n` samples as readable lines.
@@ -433,5 +459,10 @@ mod tests {
             (2, 1, 1, 2, 1)
         );
         assert_eq!(r.intent_correct, 2);
+        assert!(
+            r.by_intent().contains("| track | 2 | 100% | 50% |"),
+            "{}",
+            r.by_intent()
+        );
     }
 }

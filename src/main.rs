@@ -46,27 +46,34 @@ enum Command {
         decode: DecodeArgs,
     },
     /// Score held-out dialogs through the real inference path and print a table.
-    Eval {
-        /// Held-out dialogs (JSONL from `dllm-train corpus`).
-        #[arg(long)]
-        heldout: PathBuf,
-        /// Reference dialogs whose replies define each intent's answers (the train split).
-        #[arg(long)]
-        reference: PathBuf,
-        /// The autoregressive twin (a `llama` GGUF) to score beside the diffusion model.
-        #[arg(long)]
-        twin: Option<PathBuf>,
-        /// Score only the first N held-out dialogs.
-        #[arg(long)]
-        max_dialogs: Option<usize>,
-        /// Also print the first N replies beside the user message and the gold reply.
-        #[arg(long, default_value_t = 0)]
-        show: usize,
-        #[command(flatten)]
-        decode: DecodeArgs,
-    },
+    Eval(EvalArgs),
     /// Measure reply latency and throughput side by side and print markdown tables.
     Bench(BenchArgs),
+}
+
+/// Options of `eval`.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Held-out dialogs (JSONL from `dllm-train corpus`).
+    #[arg(long)]
+    heldout: PathBuf,
+    /// Reference dialogs whose replies define each intent's answers (the train split).
+    #[arg(long)]
+    reference: PathBuf,
+    /// The autoregressive twin (a `llama` GGUF) to score beside the diffusion model.
+    #[arg(long)]
+    twin: Option<PathBuf>,
+    /// Score only the first N held-out dialogs.
+    #[arg(long)]
+    max_dialogs: Option<usize>,
+    /// Also print the first N replies beside the user message and the gold reply.
+    #[arg(long, default_value_t = 0)]
+    show: usize,
+    /// Also print the diffusion model's intent and fact accuracy per intent.
+    #[arg(long)]
+    by_intent: bool,
+    #[command(flatten)]
+    decode: DecodeArgs,
 }
 
 /// Options of `bench`.
@@ -98,16 +105,22 @@ struct BenchArgs {
 /// Decode options on the command line; unset ones come from `[decode]`.
 #[derive(clap::Args)]
 struct DecodeArgs {
+    /// Reply canvas length in tokens [default: decode.max_tokens]
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Most denoising steps per reply [default: decode.steps]
     #[arg(long)]
     steps: Option<usize>,
+    /// Tokens per semi-autoregressive block [default: decode.block_length]
     #[arg(long)]
     block_length: Option<usize>,
+    /// Confidence a position needs to be unmasked under the threshold policy [default: decode.threshold]
     #[arg(long)]
     threshold: Option<f32>,
+    /// 0 picks the most likely token; above 0 samples [default: decode.temperature]
     #[arg(long)]
     temperature: Option<f32>,
+    /// Sampling seed [default: decode.seed]
     #[arg(long)]
     seed: Option<u64>,
 }
@@ -161,22 +174,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { .. } => runtime.block_on(serve(config)),
         Command::Generate { prompt, decode } => runtime.block_on(generate(config, prompt, decode.options())),
-        Command::Eval {
-            heldout,
-            reference,
-            twin,
-            max_dialogs,
-            show,
-            decode,
-        } => runtime.block_on(eval(
-            config,
-            heldout,
-            reference,
-            twin,
-            max_dialogs,
-            show,
-            decode.options(),
-        )),
+        Command::Eval(args) => runtime.block_on(eval(config, args)),
         Command::Bench(args) => runtime.block_on(bench(config, args)),
     }
 }
@@ -272,17 +270,19 @@ async fn generate(config: Config, prompt: String, options: MessageOptions) -> an
     anyhow::bail!("the engine stopped before the reply finished")
 }
 
-async fn eval(
-    config: Config,
-    heldout: PathBuf,
-    reference: PathBuf,
-    twin: Option<PathBuf>,
-    max_dialogs: Option<usize>,
-    show: usize,
-    options: MessageOptions,
-) -> anyhow::Result<()> {
+async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     use dllm_chat::eval;
-    let options = options
+    let EvalArgs {
+        heldout,
+        reference,
+        twin,
+        max_dialogs,
+        show,
+        by_intent,
+        decode,
+    } = args;
+    let options = decode
+        .options()
         .resolve(&config.decode, &config.limits)
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let mut dialogs = eval::read_dialogs(&heldout)?;
@@ -301,6 +301,9 @@ async fn eval(
     let mut rows = vec![diffusion.row(&name)];
     if show > 0 {
         println!("{name}:\n{}", diffusion.show(show));
+    }
+    if by_intent {
+        println!("{name}, by intent:\n{}", diffusion.by_intent());
     }
     if let Some(twin) = twin {
         let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);

@@ -44,10 +44,8 @@ fn both_bundled_models_load_in_llama_cpp_and_the_diffusion_model_in_our_graph() 
     );
 }
 
-/// Questions phrased as in training get their policy back, over a WebSocket, with the default
-/// engine and decoding settings.
-#[tokio::test]
-async fn the_service_answers_support_questions_with_the_bundled_model() {
+/// A server on the built-in model with a 64-token canvas in blocks of 32, as the eval and bench run it.
+async fn bundled_server() -> TestServer {
     let mut config = common::test_config();
     config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND)
         .unwrap()
@@ -56,55 +54,53 @@ async fn the_service_answers_support_questions_with_the_bundled_model() {
     config.decode.max_tokens = 64;
     config.decode.steps = 64;
     config.decode.block_length = 32;
-    let server = TestServer::start(config).await;
+    TestServer::start(config).await
+}
+
+/// Sends `question` in `session` and returns the completed reply's text.
+async fn ask(client: &mut common::Client, session: &str, question: &str) -> String {
+    let events = client.exchange(session, question, json!({})).await;
+    let done = events.last().unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    done["text"].as_str().unwrap().to_owned()
+}
+
+/// Questions phrased as in training get their policy back, over a WebSocket, with the default
+/// engine and decoding settings.
+#[tokio::test]
+async fn the_service_answers_support_questions_with_the_bundled_model() {
+    let server = bundled_server().await;
     let mut client = server.connect().await;
     let session = client.create_session().await;
     for (question, expected) in [
         ("Do gift cards expire?", "never expire"),
         ("Can I talk to a human?", "human agent"),
     ] {
-        let events = client.exchange(&session, question, json!({})).await;
-        let done = events.last().unwrap();
-        assert_eq!(done["status"], "completed", "{done}");
-        let text = done["text"].as_str().unwrap();
+        let text = ask(&mut client, &session, question).await;
         assert!(text.contains(expected), "{question:?} got {text:?}");
     }
     server.stop().await;
 }
 
-/// The model copies what the customer named, in the turn that names it and in later turns that only refer
-/// to it. The order number and the product name `Umber` are reserved for held-out data, so no training
-/// dialog contains them: a memorised reply cannot pass.
+/// The model copies what the customer named, in the turn that names it and in a later turn that only
+/// refers to it. The order number and the product name `Umber` are reserved for held-out data, so no
+/// training dialog contains them: a memorised reply cannot pass.
 #[tokio::test]
 async fn an_order_number_or_product_named_earlier_comes_back_in_the_reply() {
-    let mut config = common::test_config();
-    config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND)
-        .unwrap()
-        .display()
-        .to_string();
-    config.decode.max_tokens = 64;
-    config.decode.block_length = 32;
-    let server = TestServer::start(config).await;
+    let server = bundled_server().await;
     let mut client = server.connect().await;
-    for turns in [
-        [
-            ("Where is my order NW-48214?", ["NW-48214"]),
-            ("Can I still cancel it?", ["NW-48214"]),
-        ],
-        [
-            ("What's the warranty on the Umber 2-Person Tent?", ["Umber 2-Person Tent"]),
-            ("Is it in stock?", ["Umber 2-Person Tent"]),
-        ],
+    for (value, first, follow_up) in [
+        ("NW-48214", "Where is my order NW-48214?", "Can I still cancel it?"),
+        (
+            "Umber 2-Person Tent",
+            "What's the warranty on the Umber 2-Person Tent?",
+            "Is it in stock?",
+        ),
     ] {
         let session = client.create_session().await;
-        for (question, expected) in turns {
-            let events = client.exchange(&session, question, json!({})).await;
-            let done = events.last().unwrap();
-            assert_eq!(done["status"], "completed", "{done}");
-            let text = done["text"].as_str().unwrap();
-            for value in expected {
-                assert!(text.contains(value), "{question:?} got {text:?}");
-            }
+        for question in [first, follow_up] {
+            let text = ask(&mut client, &session, question).await;
+            assert!(text.contains(value), "{question:?} got {text:?}");
         }
     }
     server.stop().await;

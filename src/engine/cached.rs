@@ -324,7 +324,7 @@ impl Worker {
                 commit: false,
             })
             .collect();
-        let evaluated = self.model.eval(&mut segments, Head::TopK(self.config.top_k.max(2)));
+        let evaluated = self.model.eval(&mut segments, Head::TopK(self.config.top_k));
         drop(segments);
         crate::metrics::engine_step(started.elapsed(), replies.len());
         let predictions = match evaluated {

@@ -688,7 +688,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::corpus::{generate, test_config};
+    use crate::corpus::{generate, test_config, Corpus};
     use crate::domain::northwind;
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
 
@@ -698,6 +698,20 @@ mod tests {
         im_end: 2,
         mask: 3,
     };
+
+    /// A generated Northwind corpus, a tokenizer trained on it and its training examples.
+    fn northwind_examples(seed: u64, dialogs: usize) -> (Corpus, Tokenizer, Vec<Example>) {
+        let domain = northwind();
+        let corpus = generate(&domain, &test_config(seed, dialogs)).unwrap();
+        let system = &domain.assistant.system_prompt;
+        let config = TokenizerConfig {
+            vocab_size: 600,
+            min_frequency: 2,
+        };
+        let tok = train_on_dialogs(system, &corpus.train, &config).unwrap();
+        let (examples, _) = build_examples(system, &corpus.train, &tok, 64, 1024, 3.0).unwrap();
+        (corpus, tok, examples)
+    }
 
     fn example(prompt: &[u32], reply: &[u32]) -> Example {
         Example {
@@ -709,19 +723,7 @@ mod tests {
 
     #[test]
     fn tokens_that_copy_a_slot_value_weigh_more() {
-        let domain = northwind();
-        let corpus = generate(&domain, &test_config(9, 200)).unwrap();
-        let system = &domain.assistant.system_prompt;
-        let tok = train_on_dialogs(
-            system,
-            &corpus.train,
-            &TokenizerConfig {
-                vocab_size: 600,
-                min_frequency: 2,
-            },
-        )
-        .unwrap();
-        let (examples, _) = build_examples(system, &corpus.train, &tok, 64, 1024, 3.0).unwrap();
+        let (_, tok, examples) = northwind_examples(9, 200);
         let mut copied_replies = 0;
         for e in &examples {
             assert_eq!(e.reply_weights.len(), e.reply.len());
@@ -818,19 +820,7 @@ mod tests {
 
     #[test]
     fn examples_render_the_prompt_like_chatml_and_end_replies_with_im_end() {
-        let domain = northwind();
-        let corpus = generate(&domain, &test_config(5, 40)).unwrap();
-        let system = &domain.assistant.system_prompt;
-        let tok = train_on_dialogs(
-            system,
-            &corpus.train,
-            &TokenizerConfig {
-                vocab_size: 600,
-                min_frequency: 2,
-            },
-        )
-        .unwrap();
-        let (examples, _) = build_examples(system, &corpus.train, &tok, 64, 1024, 3.0).unwrap();
+        let (corpus, tok, examples) = northwind_examples(5, 40);
         let assistant_turns: usize = corpus
             .train
             .iter()
@@ -840,6 +830,7 @@ mod tests {
         let first = &corpus.train[0];
         let ex = &examples[0];
         let prompt = tok.decode(&ex.prompt, false).unwrap();
+        let system = &northwind().assistant.system_prompt;
         let want = format!("{}<|im_start|>assistant\n", render_chatml(system, &first.turns[..1]));
         assert_eq!(prompt, want);
         assert_eq!(

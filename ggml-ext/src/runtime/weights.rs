@@ -25,13 +25,6 @@ pub enum Family {
 }
 
 impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Llada => "llada",
-            Family::Dream => "dream",
-        }
-    }
-
     pub(crate) fn rope_mode(self) -> i32 {
         match self {
             Family::Llada => ROPE_NORMAL,
