@@ -118,11 +118,17 @@ impl Canvas {
         if active.is_empty() {
             return 0;
         }
-        let candidates: Vec<Candidate> = active
+        // An end token fixes the reply's length. Most replies end well before the canvas does, so end tokens
+        // are often the most confident guesses; committed early they squeeze the content into the few
+        // positions left before them. An end token is therefore only committed at the first masked position,
+        // once everything before it is decided (at most one step later than otherwise).
+        let first_masked = active[0];
+        let mut candidates: Vec<Candidate> = active
             .iter()
             .zip(rows)
             .map(|(&position, row)| sample(self, position, row))
             .collect();
+        candidates.retain(|c| c.position == first_masked || !self.end_tokens.contains(&c.token));
         let block = active[0] / self.block_length;
         if block != self.block {
             self.block = block;
@@ -326,6 +332,27 @@ mod tests {
             last = c.masked();
         }
         assert_eq!(c.reply_len(), 3);
+    }
+
+    #[test]
+    fn end_tokens_wait_until_everything_before_them_is_decided() {
+        let mut c = Canvas::new(&options(8, 8, 8, Schedule::Threshold { tau: 0.9 }), MASK, vec![END]);
+        // Position 0 is unsure; every later position is sure the reply has ended.
+        let rows = |p: usize| {
+            if p == 0 {
+                peaked(4, 0.5)
+            } else {
+                peaked(END as usize, 20.0)
+            }
+        };
+        assert_eq!(run_step(&mut c, rows), 1);
+        assert_eq!(c.tokens()[0], 4);
+        assert!(c.tokens()[1..].iter().all(|t| *t == MASK), "{:?}", c.tokens());
+        assert_eq!(c.reply_len(), 8);
+        // Now the first masked position may end the reply.
+        assert_eq!(run_step(&mut c, rows), 1);
+        assert_eq!(c.reply_len(), 1);
+        assert!(c.is_complete());
     }
 
     #[test]
