@@ -6,7 +6,7 @@
 //! in the reference corpus), facts (every expected fact appears), slots (the order number or
 //! product of the dialog appears verbatim), exact match, and tokens per step.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -78,42 +78,66 @@ fn words(text: &str) -> HashSet<String> {
         .collect()
 }
 
-/// Assigns a reply to the intent whose reference answers it overlaps most (Jaccard on words).
+/// `text` with each slot value (order number, product, warranty) replaced by its placeholder, so answers
+/// of one intent compare alike whichever order or product they name.
+fn without_slots(text: &str, slots: &BTreeMap<String, String>) -> String {
+    let mut values: Vec<(&String, &String)> = slots.iter().collect();
+    // Longer values first, so a product name is replaced before any shorter value inside it.
+    values.sort_by_key(|(_, value)| std::cmp::Reverse(value.len()));
+    values
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .fold(text.to_owned(), |text, (key, value)| {
+            text.replace(value.as_str(), &format!("{{{key}}}"))
+        })
+}
+
+/// Assigns a reply to the answer template it overlaps most (Jaccard on words, slot values replaced by
+/// their placeholders). A template can belong to several intents ("return order NW-1" and "can I
+/// return it?" get the same answer); a reply is right for any of them.
 pub struct IntentClassifier {
-    answers: Vec<(String, HashSet<String>)>,
+    templates: Vec<(HashSet<String>, BTreeSet<String>)>,
 }
 
 impl IntentClassifier {
     /// Reference answers: every (user intent -> following assistant reply) pair of `dialogs`.
     pub fn new(dialogs: &[Dialog]) -> Self {
-        let mut seen = HashSet::new();
-        let mut answers = Vec::new();
+        let mut by_template: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
         for d in dialogs {
             for pair in d.turns.windows(2) {
                 if let (Some(intent), "assistant") = (&pair[0].intent, pair[1].role.as_str()) {
-                    let w = words(&pair[1].content);
-                    let mut key: Vec<_> = w.iter().cloned().collect();
+                    let mut key: Vec<String> = words(&without_slots(&pair[1].content, &pair[0].slots))
+                        .into_iter()
+                        .collect();
                     key.sort();
-                    if seen.insert((intent.clone(), key)) {
-                        answers.push((intent.clone(), w));
-                    }
+                    by_template.entry(key).or_default().insert(intent.clone());
                 }
             }
         }
-        Self { answers }
+        let templates = by_template
+            .into_iter()
+            .map(|(key, intents)| (key.into_iter().collect(), intents))
+            .collect();
+        Self { templates }
     }
 
-    pub fn classify(&self, reply: &str) -> Option<&str> {
-        let w = words(reply);
-        self.answers
+    /// Whether the template closest to `reply` (ties included) belongs to `intent`. `slots` are the
+    /// values the turn is about; in the reply they count as their placeholders.
+    pub fn matches(&self, reply: &str, slots: &BTreeMap<String, String>, intent: &str) -> bool {
+        let w = words(&without_slots(reply, slots));
+        let scored: Vec<(f32, &BTreeSet<String>)> = self
+            .templates
             .iter()
-            .map(|(intent, a)| {
-                let inter = a.intersection(&w).count() as f32;
-                let union = a.union(&w).count().max(1) as f32;
-                (intent, inter / union)
+            .map(|(template, intents)| {
+                let inter = template.intersection(&w).count() as f32;
+                let union = template.union(&w).count().max(1) as f32;
+                (inter / union, intents)
             })
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i.as_str())
+            .collect();
+        let best = scored.iter().map(|(score, _)| *score).fold(f32::NEG_INFINITY, f32::max);
+        scored
+            .iter()
+            .any(|(score, intents)| *score == best && intents.contains(intent))
     }
 }
 
@@ -150,7 +174,7 @@ impl Report {
         let intent_correct = user
             .intent
             .as_deref()
-            .is_some_and(|i| classifier.classify(reply) == Some(i));
+            .is_some_and(|i| classifier.matches(reply, &user.slots, i));
         self.intent_correct += usize::from(intent_correct);
         let lower = reply.to_lowercase();
         let facts_correct = user.facts.iter().all(|f| lower.contains(&f.to_lowercase()));
@@ -427,21 +451,31 @@ mod tests {
     }
 
     #[test]
-    fn classifier_picks_the_closest_intent_ignoring_numbers() {
-        let reference = vec![dialog(&[
+    fn classifier_picks_the_closest_template_whatever_slot_it_names() {
+        let mut reference = vec![dialog(&[
             ("returns", "return?", "Returns are accepted within 30 days of delivery."),
             (
                 "track",
                 "where?",
                 "Order NW-12345 ships soon; the tracking link is emailed.",
             ),
+            (
+                "track_followup",
+                "and it?",
+                "Order NW-12345 ships soon; the tracking link is emailed.",
+            ),
         ])];
+        reference[0].turns[2].slots.insert("order".into(), "NW-12345".into());
+        reference[0].turns[4].slots.insert("order".into(), "NW-12345".into());
         let c = IntentClassifier::new(&reference);
-        assert_eq!(
-            c.classify("Order NW-99999 ships soon; the tracking link is emailed."),
-            Some("track")
-        );
-        assert_eq!(c.classify("returns within 30 days"), Some("returns"));
+        assert_eq!(c.templates.len(), 2, "one template per distinct answer");
+        let slots = BTreeMap::from([("order".to_owned(), "NW-99999".to_owned())]);
+        let reply = "Order NW-99999 ships soon; the tracking link is emailed.";
+        // Two intents share the template: the reply is right for both and wrong for the third.
+        assert!(c.matches(reply, &slots, "track"));
+        assert!(c.matches(reply, &slots, "track_followup"));
+        assert!(!c.matches(reply, &slots, "returns"));
+        assert!(c.matches("returns within 30 days", &BTreeMap::new(), "returns"));
     }
 
     #[test]

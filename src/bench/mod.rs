@@ -12,6 +12,7 @@
 
 pub mod server;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
@@ -58,6 +59,8 @@ pub struct ConcurrencyResult {
 pub struct Conversation {
     pub turns: Vec<ChatTurn>,
     pub intent: Option<String>,
+    /// The order number or product the last user turn is about.
+    pub slots: BTreeMap<String, String>,
 }
 
 impl Conversation {
@@ -68,6 +71,7 @@ impl Conversation {
         Some(Conversation {
             turns: self.turns[..=previous].to_vec(),
             intent: None,
+            slots: BTreeMap::new(),
         })
     }
 }
@@ -89,6 +93,7 @@ pub fn conversations(dialogs: &[Dialog]) -> Vec<Conversation> {
                     })
                     .collect(),
                 intent: d.turns[last_user].intent.clone(),
+                slots: d.turns[last_user].slots.clone(),
             })
         })
         .collect()
@@ -155,7 +160,7 @@ pub async fn run_cases(
             }
             let m = measure(case.engine.as_ref(), system, c.turns.clone(), &case.options).await?;
             if let (Some(classifier), Some(intent)) = (classifier, &c.intent) {
-                correct += usize::from(classifier.classify(&m.text) == Some(intent.as_str()));
+                correct += usize::from(classifier.matches(&m.text, &c.slots, intent));
             }
             measured.push(m);
         }
