@@ -317,6 +317,14 @@ impl Domain {
         if !(orders.heldout_share > 0.0 && orders.heldout_share < 1.0) {
             return Err(invalid("orders.heldout_share", "must be above 0 and below 1"));
         }
+        // The generator draws until it hits a number of the split it needs: both splits must have one.
+        let mut splits = (lo..=hi).map(|n| orders.is_heldout(n));
+        if !(splits.clone().any(|held_out| held_out) && splits.any(|held_out| !held_out)) {
+            return Err(invalid(
+                "orders.heldout_share",
+                "leaves one split without order numbers in orders.range",
+            ));
+        }
         Ok(())
     }
 
@@ -643,10 +651,12 @@ mod tests {
     fn unknown_field_bad_order_share_and_name_in_both_splits_are_rejected() {
         let typo = NORTHWIND_TOML.replacen("heldout_share", "held_out_share", 1);
         assert!(matches!(Domain::from_toml(&typo), Err(DomainError::Parse(_))));
-        let share = NORTHWIND_TOML.replacen("heldout_share = 0.2", "heldout_share = 1.0", 1);
-        match Domain::from_toml(&share) {
-            Err(DomainError::Invalid { field, .. }) => assert_eq!(field, "orders.heldout_share"),
-            other => panic!("expected Invalid, got {:?}", other.err()),
+        for share in ["heldout_share = 1.0", "heldout_share = 0.000001"] {
+            let broken = NORTHWIND_TOML.replacen("heldout_share = 0.2", share, 1);
+            match Domain::from_toml(&broken) {
+                Err(DomainError::Invalid { field, .. }) => assert_eq!(field, "orders.heldout_share"),
+                other => panic!("{share}: expected Invalid, got {:?}", other.err()),
+            }
         }
         let both = NORTHWIND_TOML.replacen("\"Solstice\",", "\"Aspen\",", 1);
         match Domain::from_toml(&both) {
