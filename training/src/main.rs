@@ -371,8 +371,9 @@ fn run_train(
         config.copy_weight,
     )?;
     println!(
-        "{} examples from {} dialogs in {:.2?}",
+        "{} packed dialogs ({} replies) from {} dialogs in {:.2?}",
         examples.len(),
+        examples.iter().map(train::Example::replies).sum::<usize>(),
         dialogs.len(),
         started.elapsed()
     );

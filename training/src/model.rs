@@ -189,30 +189,70 @@ pub struct Transformer {
     device: Device,
 }
 
+/// Where a token sits for attention: its RoPE position and its attention group. A query sees every key of
+/// its own group and the keys of earlier groups that are `visible_later`; a packed dialog uses this to train
+/// all its replies in one sequence while each reply sees only the conversation before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    pub position: u32,
+    pub group: u32,
+    pub visible_later: bool,
+}
+
+impl Place {
+    /// Position `position` of an unpacked sequence: one group, everything visible.
+    pub fn plain(position: usize) -> Self {
+        Place {
+            position: position as u32,
+            group: 0,
+            visible_later: true,
+        }
+    }
+}
+
 /// One batch of right-padded sequences.
 pub struct Batch {
     /// `(batch, seq)` token ids.
     pub tokens: Tensor,
     /// Which positions hold real tokens, per sequence (padding keys are masked out of attention).
     pub valid: Vec<Vec<bool>>,
+    /// The place of every position, per sequence (padding included).
+    pub places: Vec<Vec<Place>>,
 }
 
 impl Batch {
-    /// Pads `sequences` with `pad` to the longest one.
+    /// Pads `sequences` with `pad` to the longest one; token `i` of a sequence sits at position `i`.
     pub fn new(sequences: &[Vec<u32>], pad: u32, device: &Device) -> Result<Self> {
-        let len = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let placed: Vec<(Vec<u32>, Vec<Place>)> = sequences
+            .iter()
+            .map(|s| (s.clone(), (0..s.len()).map(Place::plain).collect()))
+            .collect();
+        Self::placed(&placed, pad, device)
+    }
+
+    /// Pads `sequences` (tokens and their places, equally long) with `pad` to the longest one.
+    pub fn placed(sequences: &[(Vec<u32>, Vec<Place>)], pad: u32, device: &Device) -> Result<Self> {
+        let len = sequences.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(sequences.len() * len);
         let mut valid = Vec::with_capacity(sequences.len());
-        for seq in sequences {
+        let mut places = Vec::with_capacity(sequences.len());
+        for (seq, place) in sequences {
+            if seq.len() != place.len() {
+                candle_core::bail!("{} tokens but {} places", seq.len(), place.len());
+            }
             ids.extend_from_slice(seq);
             ids.extend(std::iter::repeat_n(pad, len - seq.len()));
             let mut v = vec![true; seq.len()];
             v.resize(len, false);
             valid.push(v);
+            let mut p = place.clone();
+            p.extend((seq.len()..len).map(Place::plain));
+            places.push(p);
         }
         Ok(Batch {
             tokens: Tensor::from_vec(ids, (sequences.len(), len), device)?,
             valid,
+            places,
         })
     }
 }
@@ -272,8 +312,8 @@ impl Transformer {
     /// Hidden states after the last block, before the final norm: `(batch, seq, embd)`.
     pub fn hidden(&self, batch: &Batch, causal: bool) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
-        let mask = attention_mask(&batch.valid, causal, &self.device)?;
-        let (cos, sin) = rope_tables(t, self.config.head_dim(), self.config.rope_freq_base, &self.device)?;
+        let mask = attention_mask(batch, causal, &self.device)?;
+        let (cos, sin) = self.rope_at(batch)?;
         let flat = batch.tokens.flatten_all()?;
         let mut x = self
             .embedding
@@ -290,6 +330,18 @@ impl Transformer {
             x = (x + f)?;
         }
         Ok(x)
+    }
+
+    /// cos and sin at every token's position: `(batch, 1, seq, head_dim/2)`.
+    fn rope_at(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let (b, t) = batch.tokens.dims2()?;
+        let flat: Vec<u32> = batch.places.iter().flatten().map(|p| p.position).collect();
+        let longest = flat.iter().max().map_or(0, |&p| p as usize + 1);
+        let (cos, sin) = rope_tables(longest, self.config.head_dim(), self.config.rope_freq_base, &self.device)?;
+        let index = Tensor::from_vec(flat, b * t, &self.device)?;
+        let half = self.config.head_dim() / 2;
+        let at = |table: Tensor| table.index_select(&index, 0)?.reshape((b, 1, t, half));
+        Ok((at(cos)?, at(sin)?))
     }
 
     /// Logits for the rows of `hidden` (any leading shape, last dim embd).
@@ -320,15 +372,16 @@ impl Transformer {
 }
 
 /// `(batch, 1, seq, seq)` additive mask: 0 where query `i` may see key `j`, a large negative value where the
-/// key is padding or (causal) in the future.
-pub fn attention_mask(valid: &[Vec<bool>], causal: bool, device: &Device) -> Result<Tensor> {
-    let b = valid.len();
-    let t = valid.first().map_or(0, Vec::len);
+/// key is padding, (causal) in the future, or in another group that is not an earlier one's visible key.
+pub fn attention_mask(batch: &Batch, causal: bool, device: &Device) -> Result<Tensor> {
+    let b = batch.valid.len();
+    let t = batch.valid.first().map_or(0, Vec::len);
     let mut m = vec![0f32; b * t * t];
-    for (bi, v) in valid.iter().enumerate() {
-        for i in 0..t {
-            for (j, &ok) in v.iter().enumerate() {
-                if !ok || (causal && j > i) {
+    for (bi, (valid, places)) in batch.valid.iter().zip(&batch.places).enumerate() {
+        for (i, query) in places.iter().enumerate() {
+            for (j, (&ok, key)) in valid.iter().zip(places).enumerate() {
+                let grouped = key.group == query.group || (key.group < query.group && key.visible_later);
+                if !ok || (causal && j > i) || !grouped {
                     m[(bi * t + i) * t + j] = -1e9;
                 }
             }
@@ -356,14 +409,13 @@ pub fn rope_tables(seq: usize, head_dim: usize, base: f32, device: &Device) -> R
 }
 
 /// RoPE in llama.cpp's normal layout on `(batch, head, seq, head_dim)`: each adjacent pair
-/// `(x[2i], x[2i+1])` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`. Built from differentiable ops.
+/// `(x[2i], x[2i+1])` becomes `(x0 cos - x1 sin, x0 sin + x1 cos)`. `cos` and `sin` broadcast to
+/// `(batch, head, seq, head_dim/2)`. Built from differentiable ops.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let pairs = x.reshape((b, h, t, d / 2, 2))?;
     let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
     let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-    let cos = cos.narrow(0, 0, t)?;
-    let sin = sin.narrow(0, 0, t)?;
     let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
     let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
     Tensor::stack(&[r0, r1], 4)?.reshape((b, h, t, d))
@@ -498,6 +550,49 @@ mod tests {
             for (a, b) in lpad[0][p].iter().zip(&lal[0][p]) {
                 assert!((a - b).abs() < 1e-5);
             }
+        }
+    }
+
+    #[test]
+    fn packed_groups_see_only_earlier_visible_groups_at_their_own_positions() {
+        let c = tiny_config();
+        let vm = init_params(&c, 4, &Device::Cpu).unwrap();
+        let m = Transformer::from_varmap(&c, &vm).unwrap();
+        let dev = Device::Cpu;
+        let place = |position, group, visible_later| Place {
+            position,
+            group,
+            visible_later,
+        };
+        // [a b | c d (hidden) | e]: e sits at position 2, where c would be.
+        let places = vec![
+            place(0, 0, true),
+            place(1, 0, true),
+            place(2, 1, false),
+            place(3, 1, false),
+            place(2, 2, true),
+        ];
+        let packed = |tokens: Vec<u32>, causal: bool| {
+            let batch = Batch::placed(&[(tokens, places.clone())], 0, &dev).unwrap();
+            m.forward(&batch, causal).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let base = packed(vec![5, 6, 7, 8, 9], false);
+        // A hidden group is invisible to later groups, a later group to earlier ones.
+        let hidden_changed = packed(vec![5, 6, 7, 11, 9], false);
+        assert_eq!(base[4], hidden_changed[4]);
+        assert_ne!(base[2], hidden_changed[2]);
+        let later_changed = packed(vec![5, 6, 7, 8, 12], false);
+        assert_eq!(base[..4], later_changed[..4]);
+        // A visible earlier group does reach later groups.
+        let visible_changed = packed(vec![13, 6, 7, 8, 9], false);
+        assert_ne!(base[4], visible_changed[4]);
+        assert_ne!(base[2], visible_changed[2]);
+        // Causal and packed, e sees a b at positions 0 1 and itself at 2, like the plain [a b e].
+        let causal = packed(vec![5, 6, 7, 8, 9], true);
+        let plain = Batch::new(&[vec![5, 6, 9]], 0, &dev).unwrap();
+        let plain: Vec<Vec<f32>> = m.forward(&plain, true).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (a, b) in causal[4].iter().zip(&plain[2]) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Supervised fine-tuning data and the training loop for both objectives.
 //!
-//! Every assistant turn of a training dialog is one example: the prompt is the ChatML render of the system
-//! prompt and the turns before it, ending in `<|im_start|>assistant\n` (byte-identical to what llama.cpp's
-//! ChatML template renders), and the reply is the assistant's content tokens followed by `<|im_end|>`.
+//! A training dialog is one packed example: per assistant turn, the tokens since the previous reply (the
+//! system prompt or the `\n` after `<|im_end|>`, the user turn, `<|im_start|>assistant\n`; byte-identical
+//! to what llama.cpp's ChatML template renders) and the reply (content tokens and `<|im_end|>`). Every reply
+//! trains in the one sequence; one example per reply would repeat the history each time, which made up most
+//! of the tokens of a multi-turn dialog.
 //!
-//! - **Diffusion** (LLaDA SFT): the reply is padded with `<|endoftext|>` to [`TrainConfig::reply_len`]
-//!   positions. Per example `t ~ U(eps, 1]`; every reply position (padding included) is replaced by
+//! - **Diffusion** (LLaDA SFT): each reply is padded with `<|endoftext|>` to [`TrainConfig::reply_len`]
+//!   positions, draws `t ~ U(eps, 1]`, and every reply position (padding included) is replaced by
 //!   `<|mdm_mask|>` with probability `t`. The loss is the cross-entropy at masked positions weighted by
-//!   `1/t`, summed, divided by the reply length and averaged over the batch. Prompt tokens are never masked
-//!   and carry no loss; attention is bidirectional over the non-padding keys.
-//! - **Autoregressive** twin: causal attention, next-token cross-entropy on the reply up to and including
-//!   `<|im_end|>`, averaged over those tokens.
+//!   `1/t`, summed, divided by the reply length and averaged over the batch's replies. Prompt tokens are
+//!   never masked and carry no loss. Attention groups ([`diffusion_batch`]) keep each reply to the
+//!   conversation before it, at the positions it has at inference.
+//! - **Autoregressive** twin: the dialog as one causal sequence, next-token cross-entropy on every reply up to
+//!   and including `<|im_end|>`, averaged over those tokens.
 //!
 //! Batches are right-padded with `<|endoftext|>`; padded keys are masked out of attention and padded
 //! positions out of the loss. Data order, masking and initialisation all derive from one seed.
@@ -29,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::corpus::{render_chatml, Dialog, Turn, IM_END, IM_START};
-use crate::model::{init_params, log_softmax_last, Batch, ModelConfig, Objective, Transformer};
+use crate::model::{init_params, log_softmax_last, Batch, ModelConfig, Objective, Place, Transformer};
 use crate::tokenizer::{ENDOFTEXT, MASK};
 
 /// The lower bound of the masking ratio `t`.
@@ -63,10 +66,11 @@ impl SpecialIds {
     }
 }
 
-/// One supervised example.
+/// One reply of a training dialog and the tokens between it and the reply before.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    /// System prompt, earlier turns and `<|im_start|>assistant\n`.
+pub struct ReplyTurn {
+    /// For the first reply the system prompt and the user turn, for later ones the `\n` after the previous
+    /// `<|im_end|>` and the user turn; always ending in `<|im_start|>assistant\n`.
     pub prompt: Vec<u32>,
     /// The reply's content tokens and `<|im_end|>`, unpadded.
     pub reply: Vec<u32>,
@@ -75,15 +79,44 @@ pub struct Example {
     pub reply_weights: Vec<f32>,
 }
 
-impl Example {
+impl ReplyTurn {
     /// The loss weight of reply position `i`; padding past the reply weighs 1.
     fn weight(&self, i: usize) -> f32 {
         self.reply_weights.get(i).copied().unwrap_or(1.0)
     }
 }
 
-/// Turns dialogs into examples, skipping replies longer than `reply_len` (with `<|im_end|>`) and sequences
-/// longer than `max_len`. Returns the examples and the number skipped.
+/// One training dialog, packed: the turns' `prompt ++ reply` concatenated are the ChatML render of the
+/// dialog, so every reply trains in one sequence instead of one sequence per reply that repeats the history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub turns: Vec<ReplyTurn>,
+}
+
+impl Example {
+    /// Tokens in the packed sequence: the dialog for next-token; for diffusion (at most) every reply padded
+    /// to `reply_len` and, for the turns after it, a clean copy of every reply but the last.
+    pub fn packed_len(&self, objective: Objective, reply_len: usize) -> usize {
+        let dialog: usize = self.turns.iter().map(|t| t.prompt.len() + t.reply.len()).sum();
+        match objective {
+            Objective::Autoregressive => dialog,
+            Objective::Diffusion => {
+                let last = self.turns.last().map_or(0, |t| t.reply.len());
+                dialog - last + self.turns.len() * reply_len
+            }
+        }
+    }
+
+    /// The replies in the example.
+    pub fn replies(&self) -> usize {
+        self.turns.len()
+    }
+}
+
+/// Turns dialogs into packed examples. A dialog is cut before a reply longer than `reply_len` (with
+/// `<|im_end|>`), before one whose prompt and padded reply would pass `max_len`, and before one whose
+/// prompt does not tokenize as a continuation of the turns before it. Returns the examples and the number of
+/// replies left out.
 pub fn build_examples(
     system: &str,
     dialogs: &[Dialog],
@@ -101,18 +134,22 @@ pub fn build_examples(
     let mut examples = Vec::new();
     let mut skipped = 0;
     for dialog in dialogs {
+        let mut turns = Vec::new();
+        // The dialog's tokens so far; with this reply padded, the packed diffusion sequence.
+        let mut history: Vec<u32> = Vec::new();
+        let replies = dialog.turns.iter().filter(|t| matches!(t, Turn::Assistant { .. })).count();
         for (i, turn) in dialog.turns.iter().enumerate() {
             let Turn::Assistant { content } = turn else { continue };
             let mut prompt_text = render_chatml(system, &dialog.turns[..i]);
             prompt_text.push_str(IM_START);
             prompt_text.push_str("assistant\n");
-            let prompt = encode(&prompt_text)?.get_ids().to_vec();
+            let full_prompt = encode(&prompt_text)?.get_ids().to_vec();
             let encoded = encode(content)?;
             let mut reply = encoded.get_ids().to_vec();
             reply.push(ids.im_end);
-            if reply.len() > reply_len || prompt.len() + reply_len > max_len {
-                skipped += 1;
-                continue;
+            let Some(prompt) = full_prompt.strip_prefix(history.as_slice()) else { break };
+            if reply.len() > reply_len || history.len() + prompt.len() + reply_len > max_len {
+                break;
             }
             let slot_spans = slot_spans(content, dialog.turns[..i].last());
             let mut reply_weights: Vec<f32> = encoded
@@ -128,11 +165,18 @@ pub fn build_examples(
                 })
                 .collect();
             reply_weights.push(1.0);
-            examples.push(Example {
+            let prompt = prompt.to_vec();
+            history.extend_from_slice(&prompt);
+            history.extend_from_slice(&reply);
+            turns.push(ReplyTurn {
                 prompt,
                 reply,
                 reply_weights,
             });
+        }
+        skipped += replies - turns.len();
+        if !turns.is_empty() {
+            examples.push(Example { turns });
         }
     }
     Ok((examples, skipped))
@@ -157,28 +201,31 @@ pub fn pad_reply(reply: &[u32], len: usize, pad: u32) -> Vec<u32> {
     out
 }
 
-/// The diffusion corruption of one example: `prompt ++ padded reply` with each reply position replaced by
-/// `mask` with probability `t`. Returns the noisy sequence and, per position, whether it was masked.
-pub fn mask_sequence(
-    prompt: &[u32],
-    padded_reply: &[u32],
-    t: f64,
-    mask: u32,
-    rng: &mut impl Rng,
-) -> (Vec<u32>, Vec<bool>) {
-    let mut tokens = prompt.to_vec();
-    let mut masked = vec![false; prompt.len()];
-    for &tok in padded_reply {
-        let m = rng.random::<f64>() < t;
-        tokens.push(if m { mask } else { tok });
-        masked.push(m);
-    }
-    (tokens, masked)
+/// Replaces each token of `padded_reply` by `mask` with probability `t`. Returns the noisy reply and, per
+/// position, whether it was masked.
+pub fn mask_reply(padded_reply: &[u32], t: f64, mask: u32, rng: &mut impl Rng) -> (Vec<u32>, Vec<bool>) {
+    padded_reply
+        .iter()
+        .map(|&tok| {
+            let m = rng.random::<f64>() < t;
+            (if m { mask } else { tok }, m)
+        })
+        .unzip()
 }
 
-/// Samples the masking ratio `t ~ U(eps, 1]`.
-pub fn sample_ratio(rng: &mut impl Rng) -> f64 {
-    MIN_MASK_RATIO + (1.0 - MIN_MASK_RATIO) * (1.0 - rng.random::<f64>())
+/// `n` masking ratios in `(eps, 1]`, one per reply of a batch, stratified: one uniform offset spaced by
+/// `1/n` (the low-discrepancy sampler of MDLM), then shuffled. Each is still `U(eps, 1]`, but a batch always
+/// spans the whole range, which lowers the variance of the `1/t`-weighted loss.
+pub fn stratified_ratios(n: usize, rng: &mut impl Rng) -> Vec<f64> {
+    let offset = rng.random::<f64>();
+    let mut ratios: Vec<f64> = (0..n)
+        .map(|i| {
+            let u = (offset + i as f64 / n as f64).fract();
+            MIN_MASK_RATIO + (1.0 - MIN_MASK_RATIO) * (1.0 - u)
+        })
+        .collect();
+    ratios.shuffle(rng);
+    ratios
 }
 
 /// A batch ready for the loss: the padded input, the flat (batch * seq) positions that carry loss, their
@@ -192,7 +239,15 @@ pub struct LossBatch {
     pub tokens: usize,
 }
 
-/// Builds the diffusion batch of `examples`: masks drawn from `rng`, redrawn if nothing at all was masked.
+/// Builds the diffusion batch of packed `examples`. Each reply is padded with end tokens to a length drawn
+/// between its own and `reply_len` (the model learns to stop wherever the canvas ends, and the batch carries
+/// less padding), draws its own `t` ([`stratified_ratios`]) and is masked. Attention groups rebuild what
+/// the cached engine computes at inference: the prompt is prefilled chunk by chunk (the system prompt and
+/// first user turn, then each earlier reply with the user turn after it), every chunk seeing the ones
+/// before it, and the canvas sees them all. So a noisy reply is its own group that no later group sees,
+/// and the turns after it see a clean copy of the reply, grouped with the next prompt at the positions the
+/// reply had. The loss weight of a masked position is `1 / (t * reply_len)` averaged over the batch's
+/// replies. Masks are redrawn if nothing at all was masked.
 pub fn diffusion_batch(
     examples: &[&Example],
     reply_len: usize,
@@ -200,56 +255,81 @@ pub fn diffusion_batch(
     rng: &mut impl Rng,
     device: &Device,
 ) -> candle_core::Result<LossBatch> {
-    let b = examples.len();
-    let padded: Vec<Vec<u32>> = examples
-        .iter()
-        .map(|e| pad_reply(&e.reply, reply_len, ids.end_of_text))
-        .collect();
-    let seq = examples.iter().map(|e| e.prompt.len() + reply_len).max().unwrap_or(0);
+    let replies: usize = examples.iter().map(|e| e.replies()).sum();
     loop {
-        let mut seqs = Vec::with_capacity(b);
-        let (mut positions, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
-        for (bi, (e, reply)) in examples.iter().zip(&padded).enumerate() {
-            let t = sample_ratio(rng);
-            let (tokens, masked) = mask_sequence(&e.prompt, reply, t, ids.mask, rng);
-            for (p, &m) in masked.iter().enumerate() {
-                if m {
-                    positions.push((bi * seq + p) as u32);
-                    targets.push(reply[p - e.prompt.len()]);
-                    let position = p - e.prompt.len();
-                    weights.push(e.weight(position) / (t * reply_len as f64 * b as f64) as f32);
+        let mut ratios = stratified_ratios(replies, rng).into_iter();
+        let mut seqs = Vec::with_capacity(examples.len());
+        // (sequence, index) of every masked position, its target and weight.
+        let (mut masked_at, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+        for (bi, e) in examples.iter().enumerate() {
+            let (mut tokens, mut places) = (Vec::new(), Vec::new());
+            let mut position = 0u32;
+            let mut push = |tokens: &mut Vec<u32>, tok: u32, position: u32, group: u32, visible_later: bool| {
+                tokens.push(tok);
+                places.push(Place {
+                    position,
+                    group,
+                    visible_later,
+                });
+            };
+            for (k, turn) in e.turns.iter().enumerate() {
+                let group = 2 * k as u32;
+                let clean_previous = k.checked_sub(1).map_or(&[][..], |p| e.turns[p].reply.as_slice());
+                for &tok in clean_previous.iter().chain(&turn.prompt) {
+                    push(&mut tokens, tok, position, group, true);
+                    position += 1;
+                }
+                let padded_len = rng.random_range(turn.reply.len()..=reply_len.max(turn.reply.len()));
+                let padded = pad_reply(&turn.reply, padded_len, ids.end_of_text);
+                let t = ratios.next().expect("one ratio per reply");
+                let (noisy, masked) = mask_reply(&padded, t, ids.mask, rng);
+                for (j, (&tok, &m)) in noisy.iter().zip(&masked).enumerate() {
+                    if m {
+                        masked_at.push((bi, tokens.len()));
+                        targets.push(padded[j]);
+                        weights.push(turn.weight(j) / (t * reply_len as f64 * replies as f64) as f32);
+                    }
+                    push(&mut tokens, tok, position + j as u32, group + 1, false);
                 }
             }
-            seqs.push(tokens);
+            seqs.push((tokens, places));
         }
-        if positions.is_empty() {
+        if masked_at.is_empty() {
             continue;
         }
-        let tokens = seqs.iter().map(Vec::len).sum();
+        let seq = seqs.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
         return Ok(LossBatch {
-            batch: Batch::new(&seqs, ids.end_of_text, device)?,
-            positions,
+            batch: Batch::placed(&seqs, ids.end_of_text, device)?,
+            positions: masked_at.iter().map(|&(bi, i)| (bi * seq + i) as u32).collect(),
             targets,
             weights,
-            tokens,
+            tokens: seqs.iter().map(|(t, _)| t.len()).sum(),
         });
     }
 }
 
-/// Builds the next-token batch of `examples`: `prompt ++ reply`, loss on every reply token.
+/// Builds the next-token batch of packed `examples`: each dialog in one causal sequence, loss on every
+/// reply token (`<|im_end|>` included), averaged over them.
 pub fn autoregressive_batch(examples: &[&Example], ids: SpecialIds, device: &Device) -> candle_core::Result<LossBatch> {
-    let seqs: Vec<Vec<u32>> = examples
+    let seq = examples
         .iter()
-        .map(|e| [e.prompt.as_slice(), &e.reply].concat())
-        .collect();
-    let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        .map(|e| e.packed_len(Objective::Autoregressive, 0))
+        .max()
+        .unwrap_or(0);
+    let mut seqs = Vec::with_capacity(examples.len());
     let (mut positions, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
     for (bi, e) in examples.iter().enumerate() {
-        for (j, &tok) in e.reply.iter().enumerate() {
-            positions.push((bi * seq + e.prompt.len() - 1 + j) as u32);
-            targets.push(tok);
-            weights.push(e.weight(j));
+        let mut tokens: Vec<u32> = Vec::with_capacity(seq);
+        for turn in &e.turns {
+            tokens.extend_from_slice(&turn.prompt);
+            for (j, &tok) in turn.reply.iter().enumerate() {
+                positions.push((bi * seq + tokens.len() - 1) as u32);
+                targets.push(tok);
+                weights.push(turn.weight(j));
+                tokens.push(tok);
+            }
         }
+        seqs.push(tokens);
     }
     let total = targets.len() as f32;
     weights.iter_mut().for_each(|w| *w /= total);
@@ -292,7 +372,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Global gradient-norm clip (0 disables).
     pub grad_clip: f64,
-    /// Reply positions per diffusion example (padding included).
+    /// Most reply positions of a diffusion example: each reply is padded with end tokens to a length drawn
+    /// between its own and this. Inference canvases up to this long are what the model knows.
     pub reply_len: usize,
     /// Loss weight of reply tokens that copy an order number or product from the conversation. Copying an
     /// unseen value is the skill the held-out slots test, and those few tokens are easily drowned out.
@@ -380,7 +461,7 @@ impl Preset {
                 objective,
                 model,
                 seed,
-                batch_size: 16,
+                batch_size: 8,
                 steps: 6000,
                 learning_rate: 2e-3,
                 min_lr_ratio: 0.1,
@@ -411,7 +492,9 @@ pub struct TrainState {
     pub loss: f64,
     pub tokens_seen: usize,
     pub elapsed_seconds: f64,
+    /// Packed dialogs trained on.
     pub examples: usize,
+    /// Replies left out of them (too long, or past the context).
     pub skipped_examples: usize,
 }
 
@@ -533,10 +616,7 @@ pub fn train(
     let mut mask_rng = StdRng::seed_from_u64(config.seed ^ 0x0ba5_c0de);
     let lengths: Vec<usize> = examples
         .iter()
-        .map(|e| match config.objective {
-            Objective::Diffusion => e.prompt.len() + config.reply_len,
-            Objective::Autoregressive => e.prompt.len() + e.reply.len(),
-        })
+        .map(|e| e.packed_len(config.objective, config.reply_len))
         .collect();
 
     let mut planned = config.steps;
@@ -555,10 +635,11 @@ pub fn train(
         }
     };
     log(format!(
-        "training {} ({} parameters) on {} examples ({} skipped), batch {}, up to {} steps{}",
+        "training {} ({} parameters) on {} dialogs, {} replies ({} left out), batch {} dialogs, up to {} steps{}",
         config.objective.name(),
         config.model.parameter_count(),
         examples.len(),
+        examples.iter().map(Example::replies).sum::<usize>(),
         skipped,
         config.batch_size,
         planned,
@@ -713,11 +794,16 @@ mod tests {
         (corpus, tok, examples)
     }
 
-    fn example(prompt: &[u32], reply: &[u32]) -> Example {
+    fn example(turns: &[(&[u32], &[u32])]) -> Example {
         Example {
-            prompt: prompt.to_vec(),
-            reply: reply.to_vec(),
-            reply_weights: vec![1.0; reply.len()],
+            turns: turns
+                .iter()
+                .map(|(prompt, reply)| ReplyTurn {
+                    prompt: prompt.to_vec(),
+                    reply: reply.to_vec(),
+                    reply_weights: vec![1.0; reply.len()],
+                })
+                .collect(),
         }
     }
 
@@ -726,32 +812,40 @@ mod tests {
         let (_, tok, examples) = northwind_examples(9, 200);
         let mut copied_replies = 0;
         for e in &examples {
-            assert_eq!(e.reply_weights.len(), e.reply.len());
-            let heavy: Vec<u32> = e
-                .reply
-                .iter()
-                .zip(&e.reply_weights)
-                .filter(|(_, &w)| w == 3.0)
-                .map(|(&t, _)| t)
-                .collect();
-            if heavy.is_empty() {
-                assert!(e.reply_weights.iter().all(|&w| w == 1.0));
-                continue;
+            let mut context = Vec::new();
+            for turn in &e.turns {
+                context.extend_from_slice(&turn.prompt);
+                assert_eq!(turn.reply_weights.len(), turn.reply.len());
+                let heavy: Vec<u32> = turn
+                    .reply
+                    .iter()
+                    .zip(&turn.reply_weights)
+                    .filter(|(_, &w)| w == 3.0)
+                    .map(|(&t, _)| t)
+                    .collect();
+                if heavy.is_empty() {
+                    assert!(turn.reply_weights.iter().all(|&w| w == 1.0));
+                } else {
+                    copied_replies += 1;
+                    // The heavy tokens spell a value that the conversation so far already contains.
+                    let heavy_text = tok.decode(&heavy, false).unwrap();
+                    let value = heavy_text.trim();
+                    assert!(
+                        value.starts_with("NW-") || value.split(' ').count() >= 2,
+                        "{heavy_text:?}"
+                    );
+                    let context_text = tok.decode(&context, false).unwrap();
+                    assert!(context_text.contains(value), "{value:?} is not in the conversation");
+                }
+                context.extend_from_slice(&turn.reply);
             }
-            copied_replies += 1;
-            let heavy_text = tok.decode(&heavy, false).unwrap();
-            let prompt_text = tok.decode(&e.prompt, false).unwrap();
-            // The heavy tokens spell a value that the conversation so far already contains.
-            let value = heavy_text.trim();
-            assert!(
-                value.starts_with("NW-") || value.split(' ').count() >= 2,
-                "{heavy_text:?}"
-            );
-            assert!(prompt_text.contains(value), "{value:?} is not in the prompt");
         }
         assert!(copied_replies > 20, "{copied_replies}");
-        // The diffusion and next-token batches carry the weights.
-        let copy = examples.iter().find(|e| e.reply_weights.contains(&3.0)).unwrap();
+        // The next-token batch carries the weights.
+        let copy = examples
+            .iter()
+            .find(|e| e.turns.iter().any(|t| t.reply_weights.contains(&3.0)))
+            .unwrap();
         let lb = autoregressive_batch(&[copy], IDS, &Device::Cpu).unwrap();
         let max = lb.weights.iter().cloned().fold(0.0, f32::max);
         let min = lb.weights.iter().cloned().fold(f32::MAX, f32::min);
@@ -759,85 +853,119 @@ mod tests {
     }
 
     #[test]
-    fn masking_touches_only_the_reply_and_about_a_t_fraction() {
+    fn masking_replaces_about_a_t_fraction_of_the_reply() {
         let mut rng = StdRng::seed_from_u64(1);
-        let prompt: Vec<u32> = (10..40).collect();
         let reply = pad_reply(&[50, 51, 52, 2], 64, 0);
         for &t in &[0.1, 0.5, 0.9] {
             let mut masked_count = 0;
             let trials = 400;
             for _ in 0..trials {
-                let (tokens, masked) = mask_sequence(&prompt, &reply, t, IDS.mask, &mut rng);
-                assert_eq!(tokens.len(), prompt.len() + reply.len());
-                assert_eq!(&tokens[..prompt.len()], prompt.as_slice());
-                assert!(masked[..prompt.len()].iter().all(|m| !m));
-                for (p, &m) in masked.iter().enumerate().skip(prompt.len()) {
-                    let want = if m { IDS.mask } else { reply[p - prompt.len()] };
-                    assert_eq!(tokens[p], want);
+                let (tokens, masked) = mask_reply(&reply, t, IDS.mask, &mut rng);
+                assert_eq!(tokens.len(), reply.len());
+                for (p, &m) in masked.iter().enumerate() {
+                    assert_eq!(tokens[p], if m { IDS.mask } else { reply[p] });
                 }
                 masked_count += masked.iter().filter(|&&m| m).count();
             }
             let fraction = masked_count as f64 / (trials * reply.len()) as f64;
             assert!((fraction - t).abs() < 0.02, "t {t}: masked fraction {fraction}");
         }
-        for _ in 0..1000 {
-            let t = sample_ratio(&mut rng);
-            assert!(t > MIN_MASK_RATIO - 1e-12 && t <= 1.0);
+        for n in [1, 7, 20] {
+            let mut ratios = stratified_ratios(n, &mut rng);
+            assert_eq!(ratios.len(), n);
+            assert!(ratios.iter().all(|&t| t > MIN_MASK_RATIO - 1e-12 && t <= 1.0));
+            // One per stratum of width 1/n.
+            ratios.sort_by(f64::total_cmp);
+            for pair in ratios.windows(2) {
+                let gap = (pair[1] - pair[0]) / (1.0 - MIN_MASK_RATIO);
+                assert!((gap - 1.0 / n as f64).abs() < 1e-9, "{ratios:?}");
+            }
         }
     }
 
     #[test]
-    fn diffusion_batch_puts_loss_on_masked_reply_positions_only() {
+    fn diffusion_batch_lays_out_replies_like_the_cached_prefill() {
         let mut rng = StdRng::seed_from_u64(4);
-        let a = example(&[1, 7, 8, 9], &[20, 21, 2]);
-        let b = example(&[1, 7, 8, 9, 10, 11], &[22, 2]);
-        let lb = diffusion_batch(&[&a, &b], 8, IDS, &mut rng, &Device::Cpu).unwrap();
-        let seq = 6 + 8;
-        let tokens: Vec<Vec<u32>> = lb.batch.tokens.to_vec2().unwrap();
-        assert_eq!(tokens[0].len(), seq);
-        assert_eq!(lb.batch.valid[0].iter().filter(|&&v| v).count(), 4 + 8);
-        assert!(lb.batch.valid[1].iter().all(|&v| v));
-        for (&p, &target) in lb.positions.iter().zip(&lb.targets) {
-            let (bi, pos) = (p as usize / seq, p as usize % seq);
-            let ex = [&a, &b][bi];
-            assert!(pos >= ex.prompt.len() && pos < ex.prompt.len() + 8);
-            assert_eq!(tokens[bi][pos], IDS.mask);
-            assert_eq!(target, pad_reply(&ex.reply, 8, 0)[pos - ex.prompt.len()]);
+        let a = example(&[(&[1, 7, 8, 9], &[20, 21, 2]), (&[10, 11], &[22, 2])]);
+        let b = example(&[(&[1, 7, 8, 9, 10, 11], &[23, 2])]);
+        let reply_len = 8;
+        let mut padded_lengths = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let lb = diffusion_batch(&[&a, &b], reply_len, IDS, &mut rng, &Device::Cpu).unwrap();
+            let tokens: Vec<Vec<u32>> = lb.batch.tokens.to_vec2().unwrap();
+            let seq = tokens[0].len();
+            // Runs of (group, first position, length) of a: prompt, noisy reply, clean reply + prompt, noisy reply.
+            let places = &lb.batch.places[0];
+            let valid = lb.batch.valid[0].iter().filter(|&&v| v).count();
+            let mut runs: Vec<(u32, u32, usize, usize)> = Vec::new();
+            for (i, p) in places[..valid].iter().enumerate() {
+                match runs.last_mut() {
+                    Some(run) if run.0 == p.group => {
+                        assert_eq!(p.position, run.1 + run.3 as u32, "positions run on within a group");
+                        run.3 += 1;
+                    }
+                    _ => runs.push((p.group, p.position, i, 1)),
+                }
+                // No later group sees a noisy reply.
+                assert_eq!(p.visible_later, p.group % 2 == 0);
+            }
+            let groups: Vec<u32> = runs.iter().map(|r| r.0).collect();
+            assert_eq!(groups, [0, 1, 2, 3]);
+            let (first_reply, clean, second_reply) = (runs[1], runs[2], runs[3]);
+            assert_eq!((runs[0].1, runs[0].3), (0, 4));
+            assert!((3..=reply_len).contains(&first_reply.3) && (2..=reply_len).contains(&second_reply.3));
+            padded_lengths.insert(first_reply.3);
+            // The clean copy sits where the noisy reply starts; the next reply follows the unpadded one.
+            assert_eq!(first_reply.1, 4);
+            assert_eq!(clean.1, 4);
+            assert_eq!(tokens[0][clean.2..clean.2 + clean.3], [20, 21, 2, 10, 11]);
+            assert_eq!(second_reply.1, 9);
+            let noisy = [(0, first_reply.2, &a.turns[0]), (0, second_reply.2, &a.turns[1]), (1, 6, &b.turns[0])];
+            for (&p, &target) in lb.positions.iter().zip(&lb.targets) {
+                let (bi, pos) = (p as usize / seq, p as usize % seq);
+                assert_eq!(tokens[bi][pos], IDS.mask);
+                let &(_, start, turn) = noisy
+                    .iter()
+                    .find(|(b, start, _)| *b == bi && (*start..start + reply_len).contains(&pos))
+                    .expect("loss only on noisy reply positions");
+                assert_eq!(target, pad_reply(&turn.reply, reply_len, 0)[pos - start]);
+            }
+            assert!(!lb.positions.is_empty());
         }
-        assert!(!lb.positions.is_empty());
+        // Padding lengths vary between the reply's own and reply_len.
+        assert!(padded_lengths.len() >= 4, "{padded_lengths:?}");
     }
 
     #[test]
-    fn autoregressive_batch_predicts_each_reply_token_from_the_one_before() {
-        let a = example(&[1, 7, 8], &[20, 21, 2]);
-        let b = example(&[1, 7], &[22, 2]);
+    fn autoregressive_batch_predicts_every_reply_token_from_the_one_before() {
+        let a = example(&[(&[1, 7, 8], &[20, 21, 2]), (&[9], &[24, 2])]);
+        let b = example(&[(&[1, 7], &[22, 2])]);
         let lb = autoregressive_batch(&[&a, &b], IDS, &Device::Cpu).unwrap();
-        // seq = 6; a: positions 2,3,4 predict 20,21,2; b: positions 6+1, 6+2 predict 22, 2.
-        assert_eq!(lb.positions, vec![2, 3, 4, 7, 8]);
-        assert_eq!(lb.targets, vec![20, 21, 2, 22, 2]);
+        // seq = 9; a: positions 2,3,4 predict 20,21,2 and 6,7 predict 24,2; b: 9+1, 9+2 predict 22, 2.
+        assert_eq!(lb.positions, vec![2, 3, 4, 6, 7, 10, 11]);
+        assert_eq!(lb.targets, vec![20, 21, 2, 24, 2, 22, 2]);
+        let tokens: Vec<Vec<u32>> = lb.batch.tokens.to_vec2().unwrap();
+        assert_eq!(tokens[0], vec![1, 7, 8, 20, 21, 2, 9, 24, 2]);
         assert!((lb.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
     #[test]
-    fn examples_render_the_prompt_like_chatml_and_end_replies_with_im_end() {
+    fn a_packed_example_is_the_chatml_render_of_its_dialog() {
         let (corpus, tok, examples) = northwind_examples(5, 40);
-        let assistant_turns: usize = corpus
-            .train
-            .iter()
-            .map(|d| d.turns.iter().filter(|t| matches!(t, Turn::Assistant { .. })).count())
-            .sum();
-        assert!(examples.len() > assistant_turns / 2);
-        let first = &corpus.train[0];
-        let ex = &examples[0];
-        let prompt = tok.decode(&ex.prompt, false).unwrap();
+        assert_eq!(examples.len(), corpus.train.len());
         let system = &northwind().assistant.system_prompt;
-        let want = format!("{}<|im_start|>assistant\n", render_chatml(system, &first.turns[..1]));
-        assert_eq!(prompt, want);
-        assert_eq!(
-            tok.decode(&ex.reply, false).unwrap(),
-            format!("{}<|im_end|>", first.turns[1].content())
-        );
-        assert_eq!(*ex.reply.last().unwrap(), tok.token_to_id(IM_END).unwrap());
+        for (dialog, ex) in corpus.train.iter().zip(&examples) {
+            assert_eq!(ex.replies(), dialog.turns.len() / 2);
+            let mut tokens = Vec::new();
+            for turn in &ex.turns {
+                assert!(tok.decode(&turn.prompt, false).unwrap().ends_with("<|im_start|>assistant\n"));
+                assert_eq!(*turn.reply.last().unwrap(), tok.token_to_id(IM_END).unwrap());
+                tokens.extend_from_slice(&turn.prompt);
+                tokens.extend_from_slice(&turn.reply);
+            }
+            let rendered = render_chatml(system, &dialog.turns);
+            assert_eq!(tok.decode(&tokens, false).unwrap(), rendered.trim_end_matches('\n'));
+        }
     }
 
     #[test]
