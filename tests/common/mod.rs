@@ -141,10 +141,14 @@ impl Client {
         self.ws.send(m).await.unwrap();
     }
 
-    /// The next JSON event (pings are skipped); panics on close or timeout.
+    /// The next JSON event (pings are skipped); panics on close or timeout. The deadline counts from
+    /// the call, so the server's keep-alive pings cannot extend it.
     pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("event in time");
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("event in time");
             match m {
                 Some(Ok(Message::Text(t))) => return serde_json::from_str(t.as_str()).unwrap(),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
