@@ -106,8 +106,9 @@ async fn an_order_number_question_gets_that_number_back() {
         assert!(text.contains("cancel"), "{order} follow-up: {text:?}");
         followed += usize::from(text.contains(order));
     }
-    eprintln!("verbatim: {asked}/{} asked, {followed}/{} followed up", orders.len(), orders.len());
-    assert!(asked * 4 >= orders.len() * 3, "{asked} of {} numbers came back", orders.len());
-    assert!(followed * 4 >= orders.len() * 3, "{followed} of {} follow-ups named the order", orders.len());
+    let n = orders.len();
+    eprintln!("verbatim: {asked}/{n} asked, {followed}/{n} followed up");
+    assert!(asked * 4 >= n * 3, "{asked} of {n} numbers came back");
+    assert!(followed * 4 >= n * 3, "{followed} of {n} follow-ups named the order");
     server.stop().await;
 }

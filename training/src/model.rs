@@ -337,7 +337,12 @@ impl Transformer {
         let (b, t) = batch.tokens.dims2()?;
         let flat: Vec<u32> = batch.places.iter().flatten().map(|p| p.position).collect();
         let longest = flat.iter().max().map_or(0, |&p| p as usize + 1);
-        let (cos, sin) = rope_tables(longest, self.config.head_dim(), self.config.rope_freq_base, &self.device)?;
+        let (cos, sin) = rope_tables(
+            longest,
+            self.config.head_dim(),
+            self.config.rope_freq_base,
+            &self.device,
+        )?;
         let index = Tensor::from_vec(flat, b * t, &self.device)?;
         let half = self.config.head_dim() / 2;
         let at = |table: Tensor| table.index_select(&index, 0)?.reshape((b, 1, t, half));
@@ -574,7 +579,12 @@ mod tests {
         ];
         let packed = |tokens: Vec<u32>, causal: bool| {
             let batch = Batch::placed(&[(tokens, places.clone())], 0, &dev).unwrap();
-            m.forward(&batch, causal).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+            m.forward(&batch, causal)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
         };
         let base = packed(vec![5, 6, 7, 8, 9], false);
         // A hidden group is invisible to later groups, a later group to earlier ones.

@@ -137,7 +137,11 @@ pub fn build_examples(
         let mut turns = Vec::new();
         // The dialog's tokens so far; with this reply padded, the packed diffusion sequence.
         let mut history: Vec<u32> = Vec::new();
-        let replies = dialog.turns.iter().filter(|t| matches!(t, Turn::Assistant { .. })).count();
+        let replies = dialog
+            .turns
+            .iter()
+            .filter(|t| matches!(t, Turn::Assistant { .. }))
+            .count();
         for (i, turn) in dialog.turns.iter().enumerate() {
             let Turn::Assistant { content } = turn else { continue };
             let mut prompt_text = render_chatml(system, &dialog.turns[..i]);
@@ -147,7 +151,9 @@ pub fn build_examples(
             let encoded = encode(content)?;
             let mut reply = encoded.get_ids().to_vec();
             reply.push(ids.im_end);
-            let Some(prompt) = full_prompt.strip_prefix(history.as_slice()) else { break };
+            let Some(prompt) = full_prompt.strip_prefix(history.as_slice()) else {
+                break;
+            };
             if reply.len() > reply_len || history.len() + prompt.len() + reply_len > max_len {
                 break;
             }
@@ -258,25 +264,22 @@ pub fn diffusion_batch(
     let replies: usize = examples.iter().map(|e| e.replies()).sum();
     loop {
         let mut ratios = stratified_ratios(replies, rng).into_iter();
-        let mut seqs = Vec::with_capacity(examples.len());
+        let mut seqs: Vec<(Vec<u32>, Vec<Place>)> = Vec::with_capacity(examples.len());
         // (sequence, index) of every masked position, its target and weight.
         let (mut masked_at, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
         for (bi, e) in examples.iter().enumerate() {
-            let (mut tokens, mut places) = (Vec::new(), Vec::new());
-            let mut position = 0u32;
-            let mut push = |tokens: &mut Vec<u32>, tok: u32, position: u32, group: u32, visible_later: bool| {
-                tokens.push(tok);
-                places.push(Place {
-                    position,
-                    group,
-                    visible_later,
-                });
+            let mut placed: Vec<(u32, Place)> = Vec::new();
+            let place = |position, group, visible_later| Place {
+                position,
+                group,
+                visible_later,
             };
+            let mut position = 0u32;
             for (k, turn) in e.turns.iter().enumerate() {
                 let group = 2 * k as u32;
                 let clean_previous = k.checked_sub(1).map_or(&[][..], |p| e.turns[p].reply.as_slice());
                 for &tok in clean_previous.iter().chain(&turn.prompt) {
-                    push(&mut tokens, tok, position, group, true);
+                    placed.push((tok, place(position, group, true)));
                     position += 1;
                 }
                 let padded_len = rng.random_range(turn.reply.len()..=reply_len.max(turn.reply.len()));
@@ -285,14 +288,14 @@ pub fn diffusion_batch(
                 let (noisy, masked) = mask_reply(&padded, t, ids.mask, rng);
                 for (j, (&tok, &m)) in noisy.iter().zip(&masked).enumerate() {
                     if m {
-                        masked_at.push((bi, tokens.len()));
+                        masked_at.push((bi, placed.len()));
                         targets.push(padded[j]);
                         weights.push(turn.weight(j) / (t * reply_len as f64 * replies as f64) as f32);
                     }
-                    push(&mut tokens, tok, position + j as u32, group + 1, false);
+                    placed.push((tok, place(position + j as u32, group + 1, false)));
                 }
             }
-            seqs.push((tokens, places));
+            seqs.push(placed.into_iter().unzip());
         }
         if masked_at.is_empty() {
             continue;
@@ -920,7 +923,11 @@ mod tests {
             assert_eq!(clean.1, 4);
             assert_eq!(tokens[0][clean.2..clean.2 + clean.3], [20, 21, 2, 10, 11]);
             assert_eq!(second_reply.1, 9);
-            let noisy = [(0, first_reply.2, &a.turns[0]), (0, second_reply.2, &a.turns[1]), (1, 6, &b.turns[0])];
+            let noisy = [
+                (0, first_reply.2, &a.turns[0]),
+                (0, second_reply.2, &a.turns[1]),
+                (1, 6, &b.turns[0]),
+            ];
             for (&p, &target) in lb.positions.iter().zip(&lb.targets) {
                 let (bi, pos) = (p as usize / seq, p as usize % seq);
                 assert_eq!(tokens[bi][pos], IDS.mask);
@@ -958,7 +965,10 @@ mod tests {
             assert_eq!(ex.replies(), dialog.turns.len() / 2);
             let mut tokens = Vec::new();
             for turn in &ex.turns {
-                assert!(tok.decode(&turn.prompt, false).unwrap().ends_with("<|im_start|>assistant\n"));
+                assert!(tok
+                    .decode(&turn.prompt, false)
+                    .unwrap()
+                    .ends_with("<|im_start|>assistant\n"));
                 assert_eq!(*turn.reply.last().unwrap(), tok.token_to_id(IM_END).unwrap());
                 tokens.extend_from_slice(&turn.prompt);
                 tokens.extend_from_slice(&turn.reply);
