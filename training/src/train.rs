@@ -6,8 +6,8 @@
 //! trains in the one sequence; one example per reply would repeat the history each time, which made up most
 //! of the tokens of a multi-turn dialog.
 //!
-//! - **Diffusion** (LLaDA SFT): each reply is padded with `<|endoftext|>` to [`TrainConfig::reply_len`]
-//!   positions, draws `t ~ U(eps, 1]`, and every reply position (padding included) is replaced by
+//! - **Diffusion** (LLaDA SFT): each reply is padded with `<|endoftext|>` to a length drawn up to
+//!   [`TrainConfig::reply_len`], draws a stratified `t ~ U(eps, 1]`, and every reply position (padding included) is replaced by
 //!   `<|mdm_mask|>` with probability `t`. The loss is the cross-entropy at masked positions weighted by
 //!   `1/t`, summed, divided by the reply length and averaged over the batch's replies. Prompt tokens are
 //!   never masked and carry no loss. Attention groups ([`diffusion_batch`]) keep each reply to the
