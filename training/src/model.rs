@@ -200,6 +200,14 @@ pub struct Place {
 }
 
 impl Place {
+    pub fn new(position: u32, group: u32, visible_later: bool) -> Self {
+        Place {
+            position,
+            group,
+            visible_later,
+        }
+    }
+
     /// Position `position` of an unpacked sequence: one group, everything visible.
     pub fn plain(position: usize) -> Self {
         Place {
@@ -564,11 +572,7 @@ mod tests {
         let vm = init_params(&c, 4, &Device::Cpu).unwrap();
         let m = Transformer::from_varmap(&c, &vm).unwrap();
         let dev = Device::Cpu;
-        let place = |position, group, visible_later| Place {
-            position,
-            group,
-            visible_later,
-        };
+        let place = Place::new;
         // [a b | c d (hidden) | e]: e sits at position 2, where c would be.
         let places = vec![
             place(0, 0, true),

@@ -7,11 +7,11 @@
 //! of the tokens of a multi-turn dialog.
 //!
 //! - **Diffusion** (LLaDA SFT): each reply is padded with `<|endoftext|>` to a length drawn up to
-//!   [`TrainConfig::reply_len`], draws a stratified `t ~ U(eps, 1]`, and every reply position (padding included) is replaced by
-//!   `<|mdm_mask|>` with probability `t`. The loss is the cross-entropy at masked positions weighted by
-//!   `1/t`, summed, divided by the reply length and averaged over the batch's replies. Prompt tokens are
-//!   never masked and carry no loss. Attention groups ([`diffusion_batch`]) keep each reply to the
-//!   conversation before it, at the positions it has at inference.
+//!   [`TrainConfig::reply_len`], draws a stratified `t ~ U(eps, 1]`, and every reply position (padding
+//!   included) is replaced by `<|mdm_mask|>` with probability `t`. The loss is the cross-entropy at masked
+//!   positions weighted by `1/t`, summed, divided by the reply length and averaged over the batch's replies.
+//!   Prompt tokens are never masked and carry no loss. Attention groups ([`diffusion_batch`]) keep each
+//!   reply to the conversation before it, at the positions it has at inference.
 //! - **Autoregressive** twin: the dialog as one causal sequence, next-token cross-entropy on every reply up to
 //!   and including `<|im_end|>`, averaged over those tokens.
 //!
@@ -269,17 +269,12 @@ pub fn diffusion_batch(
         let (mut masked_at, mut targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
         for (bi, e) in examples.iter().enumerate() {
             let mut placed: Vec<(u32, Place)> = Vec::new();
-            let place = |position, group, visible_later| Place {
-                position,
-                group,
-                visible_later,
-            };
             let mut position = 0u32;
             for (k, turn) in e.turns.iter().enumerate() {
                 let group = 2 * k as u32;
                 let clean_previous = k.checked_sub(1).map_or(&[][..], |p| e.turns[p].reply.as_slice());
                 for &tok in clean_previous.iter().chain(&turn.prompt) {
-                    placed.push((tok, place(position, group, true)));
+                    placed.push((tok, Place::new(position, group, true)));
                     position += 1;
                 }
                 let padded_len = rng.random_range(turn.reply.len()..=reply_len.max(turn.reply.len()));
@@ -292,7 +287,7 @@ pub fn diffusion_batch(
                         targets.push(padded[j]);
                         weights.push(turn.weight(j) / (t * reply_len as f64 * replies as f64) as f32);
                     }
-                    placed.push((tok, place(position + j as u32, group + 1, false)));
+                    placed.push((tok, Place::new(position + j as u32, group + 1, false)));
                 }
             }
             seqs.push(placed.into_iter().unzip());
