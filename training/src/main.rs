@@ -333,12 +333,12 @@ fn run_tokenizer(dir: &Path, config: &TokenizerConfig, out: &Path) -> anyhow::Re
 }
 
 /// A training step allocates and frees tensors of a few MB per op. By default glibc gives such blocks back to
-/// the kernel and page-faults them in again at the next op, which cost about 13% of the small preset's
-/// training throughput on the 2-core machine (709 -> 813 tokens/s over the same 30 steps).
+/// the kernel and page-faults them in again at the next op, which cost about an eighth of the small preset's
+/// training throughput on the 2-core machine (673-711 -> 764-822 tokens/s over the same 30 steps).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocation thresholds. It runs first in `main`, before any other
-    // thread exists, and the values are in range (an out-of-range one is ignored and reported by the 0 return).
+    // thread exists. A value glibc rejects leaves that threshold at its default, which is only slower.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
