@@ -86,7 +86,7 @@ enum Command {
         /// diffusion | autoregressive
         #[arg(long)]
         objective: Objective,
-        /// tiny | small
+        /// tiny | small | medium
         #[arg(long)]
         preset: Preset,
         #[arg(long, default_value_t = 1)]
@@ -109,6 +109,9 @@ enum Command {
         /// Start from this checkpoint (model.safetensors of the same shape) instead of random weights.
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// cpu, or cuda[:N] (a build with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
     },
     /// Write a checkpoint as an F32 GGUF, plus F16 and Q8_0 copies.
     Export {
@@ -139,7 +142,7 @@ enum Command {
         domain: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// tiny | small
+        /// tiny | small | medium
         #[arg(long)]
         preset: Preset,
         #[arg(long, default_value_t = 1)]
@@ -159,6 +162,12 @@ enum Command {
         /// Override the preset's step count.
         #[arg(long)]
         steps: Option<usize>,
+        /// Override the preset's batch size (both models).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// cpu, or cuda[:N] (a build with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_parser = parse_device)]
+        device: Device,
     },
 }
 
@@ -214,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             lr,
             save_every,
             init_from,
+            device,
         } => {
             let overrides = Overrides {
                 max_minutes,
@@ -223,7 +233,16 @@ fn main() -> anyhow::Result<()> {
                 lr,
                 save_every,
             };
-            run_train(&dir, &tokenizer_path, &out, objective, preset, seed, &overrides)?;
+            run_train(
+                &dir,
+                &tokenizer_path,
+                &out,
+                objective,
+                preset,
+                seed,
+                &overrides,
+                &device,
+            )?;
         }
         Command::Export {
             ckpt,
@@ -248,6 +267,8 @@ fn main() -> anyhow::Result<()> {
             twin_max_minutes,
             dialogs,
             steps,
+            batch_size,
+            device,
         } => {
             let started = Instant::now();
             let corpus_dir = out.join("corpus");
@@ -272,6 +293,7 @@ fn main() -> anyhow::Result<()> {
                     // Adapting a trained causal model takes a gentler peak than random weights do.
                     lr: adapt.then(|| preset.config(objective, 0, seed).learning_rate / 2.0),
                     steps,
+                    batch_size,
                     ..Overrides::default()
                 };
                 let ckpt_dir = out.join(format!("{arch}-ckpt"));
@@ -283,6 +305,7 @@ fn main() -> anyhow::Result<()> {
                     preset,
                     seed,
                     &overrides,
+                    &device,
                 )?;
                 let f32_path = out.join(format!("{name}-{arch}-f32.gguf"));
                 run_export(
@@ -299,6 +322,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+fn parse_device(name: &str) -> Result<Device, String> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("unknown device {other:?} (cpu | cuda | cuda:N)"))?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err("this dllm-train was built without CUDA: rebuild with `--features cuda`".into());
+    }
+    Device::new_cuda(ordinal).map_err(|e| format!("opening CUDA device {ordinal}: {e}"))
 }
 
 fn run_corpus(domain: &Path, config: &CorpusConfig, out: &Path) -> anyhow::Result<()> {
@@ -357,6 +396,8 @@ struct Overrides {
     save_every: Option<usize>,
 }
 
+// The command's flags, one argument each.
+#[allow(clippy::too_many_arguments)]
 fn run_train(
     dir: &Path,
     tokenizer_path: &Path,
@@ -365,6 +406,7 @@ fn run_train(
     preset: Preset,
     seed: u64,
     overrides: &Overrides,
+    device: &Device,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let manifest = corpus::read_manifest(dir)?;
@@ -392,7 +434,7 @@ fn run_train(
         dialogs.len(),
         started.elapsed()
     );
-    train::train(&config, &examples, skipped, SpecialIds::of(&tok)?, out)?;
+    train::train(&config, &examples, skipped, SpecialIds::of(&tok)?, out, device)?;
     Ok(())
 }
 

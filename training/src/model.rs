@@ -386,21 +386,40 @@ impl Transformer {
 
 /// `(batch, 1, seq, seq)` additive mask: 0 where query `i` may see key `j`, a large negative value where the
 /// key is padding, (causal) in the future, or in another group that is not an earlier one's visible key.
+/// Built with tensor ops on `device` from per-position vectors, so a GPU run does not spend each step
+/// filling `batch * seq * seq` floats on the host.
 pub fn attention_mask(batch: &Batch, causal: bool, device: &Device) -> Result<Tensor> {
     let b = batch.valid.len();
     let t = batch.valid.first().map_or(0, Vec::len);
-    let mut m = vec![0f32; b * t * t];
-    for (bi, (valid, places)) in batch.valid.iter().zip(&batch.places).enumerate() {
-        for (i, query) in places.iter().enumerate() {
-            for (j, (&ok, key)) in valid.iter().zip(places).enumerate() {
-                let grouped = key.group == query.group || (key.group < query.group && key.visible_later);
-                if !ok || (causal && j > i) || !grouped {
-                    m[(bi * t + i) * t + j] = -1e9;
-                }
-            }
-        }
+    let per_position = |f: &dyn Fn(&Place, bool) -> f32| -> Result<Tensor> {
+        let values: Vec<f32> = batch
+            .places
+            .iter()
+            .zip(&batch.valid)
+            .flat_map(|(places, valid)| places.iter().zip(valid).map(|(p, &v)| f(p, v)))
+            .collect();
+        Tensor::from_vec(values, (b, 1, t), device)
+    };
+    let group = per_position(&|p, _| p.group as f32)?;
+    let visible = per_position(&|p, _| f32::from(u8::from(p.visible_later)))?;
+    let valid = per_position(&|_, v| f32::from(u8::from(v)))?;
+    let (query_group, key_group) = (group.reshape((b, 1, t, 1))?, group.reshape((b, 1, 1, t))?);
+    let same = key_group.broadcast_eq(&query_group)?.to_dtype(DType::F32)?;
+    let earlier = key_group.broadcast_lt(&query_group)?.to_dtype(DType::F32)?;
+    let shown_earlier = earlier.broadcast_mul(&visible.reshape((b, 1, 1, t))?)?;
+    let mut allowed = same
+        .maximum(&shown_earlier)?
+        .broadcast_mul(&valid.reshape((b, 1, 1, t))?)?;
+    if causal {
+        let index = Tensor::arange(0u32, t as u32, device)?;
+        let past = index
+            .reshape((1, t))?
+            .broadcast_le(&index.reshape((t, 1))?)?
+            .to_dtype(DType::F32)?;
+        allowed = allowed.broadcast_mul(&past)?;
     }
-    Tensor::from_vec(m, (b, 1, t, t), device)
+    // 1 -> 0 and 0 -> -1e9.
+    allowed.affine(1e9, -1e9)
 }
 
 /// cos and sin of `pos * base^(-2i/head_dim)` as `(seq, head_dim/2)` tables.
@@ -564,6 +583,69 @@ mod tests {
                 assert!((a - b).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn attention_mask_allows_own_group_earlier_visible_groups_and_real_keys() {
+        let dev = Device::Cpu;
+        let place = Place::new;
+        let packed = vec![
+            place(0, 0, true),
+            place(1, 0, true),
+            place(2, 1, false),
+            place(3, 1, false),
+            place(2, 2, true),
+        ];
+        let plain: Vec<Place> = (0..3).map(Place::plain).collect();
+        let batch = Batch::placed(&[(vec![5; 5], packed), (vec![5; 3], plain)], 0, &dev).unwrap();
+        let allowed = |causal: bool| -> Vec<Vec<Vec<u8>>> {
+            let mask: Vec<Vec<Vec<f32>>> = attention_mask(&batch, causal, &dev)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+                .to_vec3()
+                .unwrap();
+            mask.iter()
+                .map(|rows| {
+                    rows.iter()
+                        .map(|row| {
+                            row.iter()
+                                .map(|&m| {
+                                    assert!(m == 0.0 || m == -1e9, "{m}");
+                                    u8::from(m == 0.0)
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let open = allowed(false);
+        assert_eq!(
+            open[0],
+            [
+                [1, 1, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [1, 1, 1, 1, 0],
+                [1, 1, 1, 1, 0],
+                [1, 1, 0, 0, 1]
+            ]
+        );
+        // The second sequence's two padding keys are hidden from every query.
+        assert!(open[1].iter().all(|row| row == &[1, 1, 1, 0, 0]));
+        let causal = allowed(true);
+        assert_eq!(
+            causal[0],
+            [
+                [1, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0],
+                [1, 1, 1, 0, 0],
+                [1, 1, 1, 1, 0],
+                [1, 1, 0, 0, 1]
+            ]
+        );
+        assert_eq!(causal[1][2], [1, 1, 1, 0, 0]);
+        assert_eq!(causal[1][0], [1, 0, 0, 0, 0]);
     }
 
     #[test]

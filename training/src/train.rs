@@ -386,11 +386,12 @@ pub struct TrainConfig {
     pub init_from: Option<PathBuf>,
 }
 
-/// Named sizes: `tiny` for CI, `small` for the shipped model.
+/// Named sizes: `tiny` for CI, `small` for the shipped model, `medium` for a GPU run (`--device cuda`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     Tiny,
     Small,
+    Medium,
 }
 
 impl std::str::FromStr for Preset {
@@ -400,7 +401,8 @@ impl std::str::FromStr for Preset {
         match s {
             "tiny" => Ok(Preset::Tiny),
             "small" => Ok(Preset::Small),
-            other => Err(format!("unknown preset {other:?} (tiny | small)")),
+            "medium" => Ok(Preset::Medium),
+            other => Err(format!("unknown preset {other:?} (tiny | small | medium)")),
         }
     }
 }
@@ -410,7 +412,7 @@ impl Preset {
     pub fn dialogs(self) -> usize {
         match self {
             Preset::Tiny => 300,
-            Preset::Small => 20_000,
+            Preset::Small | Preset::Medium => 20_000,
         }
     }
 
@@ -418,7 +420,7 @@ impl Preset {
     pub fn vocab_size(self) -> usize {
         match self {
             Preset::Tiny => 1024,
-            Preset::Small => 4096,
+            Preset::Small | Preset::Medium => 4096,
         }
     }
 
@@ -426,6 +428,7 @@ impl Preset {
         let (n_embd, n_layer, n_head, n_ff) = match self {
             Preset::Tiny => (64, 2, 2, 128),
             Preset::Small => (256, 4, 4, 704),
+            Preset::Medium => (384, 6, 6, 1024),
         };
         let model = ModelConfig {
             vocab_size,
@@ -469,6 +472,23 @@ impl Preset {
                 reply_len: 64,
                 copy_weight: 3.0,
                 save_every: 250,
+                max_minutes: None,
+                init_from: None,
+            },
+            Preset::Medium => TrainConfig {
+                objective,
+                model,
+                seed,
+                batch_size: 32,
+                steps: 20_000,
+                learning_rate: 1e-3,
+                min_lr_ratio: 0.1,
+                warmup_steps: 200,
+                weight_decay: 0.05,
+                grad_clip: 1.0,
+                reply_len: 64,
+                copy_weight: 3.0,
+                save_every: 1000,
                 max_minutes: None,
                 init_from: None,
             },
@@ -565,6 +585,7 @@ pub fn train(
     skipped: usize,
     ids: SpecialIds,
     out: &Path,
+    device: &Device,
 ) -> anyhow::Result<TrainReport> {
     config.model.validate().map_err(anyhow::Error::msg)?;
     if examples.len() < config.batch_size {
@@ -574,8 +595,7 @@ pub fn train(
             config.batch_size
         );
     }
-    let device = Device::Cpu;
-    let mut varmap = init_params(&config.model, config.seed, &device)?;
+    let mut varmap = init_params(&config.model, config.seed, device)?;
     if let Some(init) = &config.init_from {
         varmap
             .load(init)
@@ -671,8 +691,8 @@ pub fn train(
         };
         let chosen: Vec<&Example> = next.iter().map(|&i| &examples[i]).collect();
         let lb = match config.objective {
-            Objective::Diffusion => diffusion_batch(&chosen, config.reply_len, ids, &mut mask_rng, &device)?,
-            Objective::Autoregressive => autoregressive_batch(&chosen, ids, &device)?,
+            Objective::Diffusion => diffusion_batch(&chosen, config.reply_len, ids, &mut mask_rng, device)?,
+            Objective::Autoregressive => autoregressive_batch(&chosen, ids, device)?,
         };
         let lr = learning_rate(config, step, planned);
         opt_decay.set_learning_rate(lr);
@@ -684,13 +704,13 @@ pub fn train(
         }
         let mut grads = loss_t.backward()?;
         if config.grad_clip > 0.0 {
-            let mut sq = 0f64;
-            for var in &all_vars {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-                }
-            }
-            let norm = sq.sqrt();
+            // One read of the norm per step: on a GPU every read back is a synchronisation.
+            let squares = all_vars
+                .iter()
+                .filter_map(|var| grads.get(var.as_tensor()))
+                .map(|g| g.sqr()?.sum_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let norm = (Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt();
             if norm > config.grad_clip {
                 let scale = config.grad_clip / norm;
                 for var in &all_vars {
@@ -1005,8 +1025,8 @@ mod tests {
         config.warmup_steps = 2;
         config.batch_size = 4;
         let dir = std::env::temp_dir().join(format!("dllm-train-test-{}", std::process::id()));
-        let a = train(&config, &examples, skipped, ids, &dir.join("a")).unwrap();
-        let b = train(&config, &examples, skipped, ids, &dir.join("b")).unwrap();
+        let a = train(&config, &examples, skipped, ids, &dir.join("a"), &Device::Cpu).unwrap();
+        let b = train(&config, &examples, skipped, ids, &dir.join("b"), &Device::Cpu).unwrap();
         assert_eq!(a.state.step, 12);
         assert_eq!(a.state.loss, b.state.loss);
         let wa = std::fs::read(dir.join("a").join(CHECKPOINT_FILE)).unwrap();
