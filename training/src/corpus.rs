@@ -115,6 +115,10 @@ pub struct CorpusConfig {
     /// Chance that a standalone turn names an order or a product (when one is left to ask about). Replies that
     /// copy a slot are what teaches the model to copy, so they are drawn more often than their share of intents.
     pub slot_rate: f64,
+    /// Chance that a training product's model name is composed from the domain's `name_syllables` instead of
+    /// drawn from its `names` list (when it has syllables).
+    #[serde(default)]
+    pub composed_name_rate: f64,
 }
 
 impl CorpusConfig {
@@ -129,6 +133,7 @@ impl CorpusConfig {
             casual_rate: 0.25,
             chatter_rate: 0.3,
             slot_rate: 0.35,
+            composed_name_rate: 0.5,
         }
     }
 
@@ -145,6 +150,7 @@ impl CorpusConfig {
             ("casual_rate", self.casual_rate),
             ("chatter_rate", self.chatter_rate),
             ("slot_rate", self.slot_rate),
+            ("composed_name_rate", self.composed_name_rate),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(CorpusError::Config {
@@ -252,7 +258,7 @@ impl<'a> Pool<'a> {
         }
     }
 
-    fn referent(&self, kind: SlotKind, rng: &mut StdRng) -> Referent {
+    fn referent(&self, kind: SlotKind, config: &CorpusConfig, rng: &mut StdRng) -> Referent {
         match kind {
             SlotKind::Order => {
                 let orders = &self.domain.orders;
@@ -270,10 +276,32 @@ impl<'a> Pool<'a> {
                     .lines
                     .choose(rng)
                     .expect("validated: lines not empty");
-                let name = self.product_names.choose(rng).expect("validated: names not empty");
-                Referent::Product(line.product(name))
+                Referent::Product(line.product(&self.product_name(config, rng)))
             }
         }
+    }
+
+    /// A held-out name, or for training a listed name or (at `composed_name_rate`) one composed from two or
+    /// three syllables that is never a held-out name.
+    fn product_name(&self, config: &CorpusConfig, rng: &mut StdRng) -> String {
+        let syllables = &self.domain.catalog.name_syllables;
+        if self.split == Split::Heldout || syllables.is_empty() || !rng.random_bool(config.composed_name_rate) {
+            return self
+                .product_names
+                .choose(rng)
+                .expect("validated: names not empty")
+                .clone();
+        }
+        let heldout = &self.domain.catalog.heldout_names;
+        std::iter::repeat_with(|| {
+            let count = rng.random_range(2..=3);
+            let word: String = (0..count)
+                .map(|_| syllables.choose(rng).expect("checked: syllables not empty").as_str())
+                .collect();
+            capitalize(&word)
+        })
+        .find(|name| !heldout.iter().any(|h| h.eq_ignore_ascii_case(name)))
+        .expect("repeat_with never ends")
     }
 
     /// A training phrasing sometimes comes wrapped in a greeting or sign-off; held-out phrasings stay as written.
@@ -308,7 +336,7 @@ impl<'a> Pool<'a> {
         for turn in 0..user_turns {
             let intent = self.pick_intent(turn, user_turns, &asked, context.as_ref(), config, rng);
             if let Some(kind) = intent.slot {
-                context = Some(self.referent(kind, rng));
+                context = Some(self.referent(kind, config, rng));
             }
             // pick_intent offers a `needs` intent only when the context holds that kind.
             let slots = match (intent.referent(), &context) {
@@ -393,6 +421,14 @@ impl<'a> Pool<'a> {
 /// so held-out checks still hold.
 fn casual(phrasing: &str) -> String {
     lowercase_first(phrasing.trim_end_matches(['?', '.', '!']))
+}
+
+fn capitalize(word: &str) -> String {
+    let mut chars = word.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 /// `text` (a template: slots are still placeholders) with its first letter lowercased, unless that is the word "I".
@@ -648,6 +684,71 @@ mod tests {
             }
         }
         assert!(orders_seen > 0 && !train_orders.is_empty());
+    }
+
+    #[test]
+    fn training_composes_product_names_that_are_never_held_out() {
+        let domain = northwind();
+        let catalog = &domain.catalog;
+        // Any split into syllables counts: a short syllable can be a prefix of the one that was drawn.
+        fn composed_of(rest: &str, syllables: &[String], parts: usize) -> bool {
+            if rest.is_empty() {
+                return parts == 0;
+            }
+            parts > 0
+                && syllables.iter().any(|s| {
+                    rest.strip_prefix(s.as_str())
+                        .is_some_and(|r| composed_of(r, syllables, parts - 1))
+                })
+        }
+        let composed_from_syllables =
+            |name: &str| (2..=3).any(|parts| composed_of(&name.to_lowercase(), &catalog.name_syllables, parts));
+        let names_of = |dialogs: &[Dialog]| -> Vec<String> {
+            dialogs
+                .iter()
+                .flat_map(user_turns)
+                .filter_map(|(_, _, slots)| slots.get("product").cloned())
+                .map(|product| {
+                    let line = catalog
+                        .lines
+                        .iter()
+                        .find(|line| {
+                            let (before, after) = line.pattern.split_once("{name}").unwrap();
+                            product.starts_with(before) && product.ends_with(after)
+                        })
+                        .unwrap_or_else(|| panic!("{product} matches no product line"));
+                    let (before, after) = line.pattern.split_once("{name}").unwrap();
+                    product[before.len()..product.len() - after.len()].to_owned()
+                })
+                .collect()
+        };
+        let config = test_config(5, 1200);
+        let corpus = generate(&domain, &config).unwrap();
+        let train = names_of(&corpus.train);
+        let composed: Vec<&String> = train.iter().filter(|n| !catalog.names.contains(n)).collect();
+        assert!(
+            composed.len() * 4 > train.len() && composed.len() * 4 < 3 * train.len(),
+            "{} of {} names composed at rate {}",
+            composed.len(),
+            train.len(),
+            config.composed_name_rate
+        );
+        for name in &composed {
+            assert!(composed_from_syllables(name), "{name} is neither listed nor composed");
+            assert!(!catalog.heldout_names.iter().any(|h| h.eq_ignore_ascii_case(name)));
+        }
+        let heldout = names_of(&corpus.heldout);
+        assert!(!heldout.is_empty() && heldout.iter().all(|n| catalog.heldout_names.contains(n)));
+
+        let none = generate(
+            &domain,
+            &CorpusConfig {
+                composed_name_rate: 0.0,
+                ..config
+            },
+        )
+        .unwrap();
+        assert!(names_of(&none.train).iter().all(|n| catalog.names.contains(n)));
     }
 
     #[test]

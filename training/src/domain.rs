@@ -107,6 +107,10 @@ pub struct Catalog {
     pub lines: Vec<ProductLine>,
     /// Model names for training dialogs.
     pub names: Vec<String>,
+    /// Syllables that training dialogs also compose model names from (two or three, capitalized), so that
+    /// naming the right product has to be learned as copying. Optional.
+    #[serde(default)]
+    pub name_syllables: Vec<String>,
     /// Model names that appear only in held-out dialogs.
     pub heldout_names: Vec<String>,
 }
@@ -361,6 +365,13 @@ impl Domain {
                         value: name.clone(),
                     });
                 }
+            }
+        }
+        for (i, syllable) in catalog.name_syllables.iter().enumerate() {
+            let field = format!("catalog.name_syllables[{i}]");
+            non_empty(&field, syllable)?;
+            if !syllable.chars().all(char::is_alphabetic) {
+                return Err(invalid(&field, "must be letters only"));
             }
         }
         Ok(())

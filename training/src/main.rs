@@ -57,6 +57,9 @@ enum Command {
         /// Chance that a standalone turn names an order or product [default: 0.35].
         #[arg(long)]
         slot_rate: Option<f64>,
+        /// Chance that a training product's model name is composed from the domain's name syllables [default: 0.5].
+        #[arg(long)]
+        composed_name_rate: Option<f64>,
     },
     /// Train a byte-level BPE tokenizer on a corpus directory's train split, rendered as ChatML.
     Tokenizer {
@@ -185,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             casual_rate,
             chatter_rate,
             slot_rate,
+            composed_name_rate,
         } => {
             let defaults = CorpusConfig::new(seed, dialogs);
             let config = CorpusConfig {
@@ -194,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                 casual_rate: casual_rate.unwrap_or(defaults.casual_rate),
                 chatter_rate: chatter_rate.unwrap_or(defaults.chatter_rate),
                 slot_rate: slot_rate.unwrap_or(defaults.slot_rate),
+                composed_name_rate: composed_name_rate.unwrap_or(defaults.composed_name_rate),
                 ..defaults
             };
             run_corpus(&domain, &config, &out)?;
