@@ -66,19 +66,29 @@ async fn ask(client: &mut common::Client, session: &str, question: &str) -> Stri
 }
 
 /// Questions phrased as in training get their policy back, over a WebSocket, with the default
-/// engine and decoding settings.
+/// engine and decoding settings. The model routes most training phrasings right, not all (98% of the
+/// replies of 300 training dialogs, `models/README.md`), so the test needs five of six.
 #[tokio::test]
 async fn the_service_answers_support_questions_with_the_bundled_model() {
     let server = bundled_server().await;
     let mut client = server.connect().await;
     let session = client.create_session().await;
-    for (question, expected) in [
+    let questions = [
         ("Do gift cards expire?", "never expire"),
         ("Can I talk to a human?", "human agent"),
-    ] {
+        ("Will my gift card ever expire?", "never expire"),
+        ("Get me a human agent", "human agent"),
+        ("Do gift card balances expire?", "never expire"),
+        ("Please escalate this to a human", "human agent"),
+    ];
+    let mut answered = 0;
+    for (question, expected) in questions {
         let text = ask(&mut client, &session, question).await;
-        assert!(text.contains(expected), "{question:?} got {text:?}");
+        eprintln!("{question:?}: {text}");
+        answered += usize::from(text.contains(expected));
     }
+    let n = questions.len();
+    assert!(answered + 1 >= n, "{answered} of {n} questions got their policy");
     server.stop().await;
 }
 
