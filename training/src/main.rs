@@ -499,3 +499,22 @@ fn print_stats(split: &str, stats: &SplitStats) {
         stats.dialogs, stats.user_turns, stats.distinct_user_utterances, stats.dialogs_by_user_turns
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_device;
+
+    #[test]
+    fn devices_parse_or_say_what_is_wrong() {
+        assert!(matches!(parse_device("cpu"), Ok(candle_core::Device::Cpu)));
+        let unknown = parse_device("gpu").unwrap_err();
+        assert!(unknown.contains("cpu | cuda | cuda:N"), "{unknown}");
+        assert!(parse_device("cuda:x").unwrap_err().contains("unknown device"));
+        if !candle_core::utils::cuda_is_available() {
+            for name in ["cuda", "cuda:1"] {
+                let err = parse_device(name).unwrap_err();
+                assert!(err.contains("--features cuda"), "{err}");
+            }
+        }
+    }
+}
