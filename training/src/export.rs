@@ -132,6 +132,7 @@ mod tests {
     use std::sync::{Mutex, OnceLock};
 
     use candle_core::Device;
+    use candle_nn::VarMap;
     use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
     use llama_cpp_2::llama_backend::LlamaBackend;
     use llama_cpp_2::llama_batch::LlamaBatch;
@@ -142,8 +143,9 @@ mod tests {
     use super::*;
     use crate::corpus::{generate, test_config};
     use crate::domain::northwind;
-    use crate::model::{init_params, Batch, Transformer};
+    use crate::model::{gguf_tokens, init_params, Batch, Transformer};
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
+    use crate::train::init_weights;
 
     /// llama.cpp's backend may be initialised once per process.
     fn backend() -> &'static LlamaBackend {
@@ -280,6 +282,71 @@ mod tests {
     fn llada_export_reproduces_candle_logits() {
         let diff = max_logit_diff(Objective::Diffusion, 12);
         assert!(diff < 1e-3, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn training_starts_from_an_exported_gguf_with_its_weights_and_vocabulary() {
+        let tokenizer = test_tokenizer();
+        let config = ModelConfig {
+            vocab_size: tokenizer.get_vocab_size(true),
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_ff: 96,
+            context_length: 256,
+            rope_freq_base: 10000.0,
+            rms_eps: 1e-5,
+        };
+        let values = |varmap: &VarMap| -> HashMap<String, Vec<f32>> {
+            let data = varmap.data().lock().unwrap();
+            data.iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+                .collect()
+        };
+        let trained = init_params(&config, 21, &Device::Cpu).unwrap();
+        let tensors: HashMap<String, Tensor> = trained
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("dllm-init-test-{}", std::process::id()));
+        let f32_path = dir.join("m-f32.gguf");
+        let q8 = sibling(&f32_path, "q8_0");
+        export(
+            &f32_path,
+            None,
+            Some(&q8),
+            &config,
+            Objective::Diffusion,
+            &tokenizer,
+            &tensors,
+            2,
+        )
+        .unwrap();
+        let want = values(&trained);
+
+        let mut exact = init_params(&config, 22, &Device::Cpu).unwrap();
+        init_weights(&mut exact, &f32_path, &Device::Cpu).unwrap();
+        assert_eq!(values(&exact), want);
+
+        let mut quantized = init_params(&config, 22, &Device::Cpu).unwrap();
+        init_weights(&mut quantized, &q8, &Device::Cpu).unwrap();
+        for (name, got) in values(&quantized) {
+            let reference = &want[&name];
+            let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got.iter().zip(reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // Q8_0 keeps 8 bits per value under one scale per 32: errors stay near 1/254 of the largest.
+            assert!(err <= scale / 100.0, "{name}: error {err} against max {scale}");
+        }
+        assert_eq!(gguf_tokens(&q8).unwrap(), gguf_vocab(&tokenizer).unwrap().tokens);
+
+        let wider = ModelConfig { n_embd: 128, ..config };
+        let mut other_shape = init_params(&wider, 22, &Device::Cpu).unwrap();
+        let err = init_weights(&mut other_shape, &q8, &Device::Cpu).unwrap_err();
+        assert!(format!("{err:#}").contains("shape"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Checks a trained export against its checkpoint and prints a sample reply. Run with

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{Linear, VarMap};
 use rand::rngs::StdRng;
@@ -474,6 +475,29 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)
+}
+
+/// Reads the tensors of a GGUF file this crate exported (or any file with the same tensor names), each
+/// dequantized to F32 in candle's dimension order, so that training can continue from a shipped Q8_0 model.
+pub fn load_gguf(path: &std::path::Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut file = std::fs::File::open(path)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let tensor = content.tensor(&mut file, name, device)?.dequantize(device)?;
+        tensors.insert(name.clone(), tensor.to_dtype(DType::F32)?);
+    }
+    Ok(tensors)
+}
+
+/// A GGUF file's `tokenizer.ggml.tokens`, in id order.
+pub fn gguf_tokens(path: &std::path::Path) -> Result<Vec<String>> {
+    let mut file = std::fs::File::open(path)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+    match content.metadata.get("tokenizer.ggml.tokens") {
+        Some(value) => value.to_vec()?.iter().map(|t| t.to_string().cloned()).collect(),
+        None => candle_core::bail!("{} has no tokenizer.ggml.tokens", path.display()),
+    }
 }
 
 /// Reads a checkpoint written by [`VarMap::save`].

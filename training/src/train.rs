@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::corpus::{render_chatml, Dialog, Turn, IM_END, IM_START};
-use crate::model::{init_params, log_softmax_last, Batch, ModelConfig, Objective, Place, Transformer};
+use crate::model::{init_params, load_gguf, log_softmax_last, Batch, ModelConfig, Objective, Place, Transformer};
 use crate::tokenizer::{ENDOFTEXT, MASK};
 
 /// The lower bound of the masking ratio `t`.
@@ -577,6 +577,23 @@ pub struct TrainReport {
     pub tokens_per_second: f64,
 }
 
+/// Sets every parameter from a checkpoint (`model.safetensors`) or from an exported GGUF file (`*.gguf`, any
+/// weight type), which must hold a tensor of the same name and shape for each.
+pub fn init_weights(varmap: &mut VarMap, path: &Path, device: &Device) -> anyhow::Result<()> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let weights = load_gguf(path, device)?;
+        let mut names: Vec<String> = varmap.data().lock().expect("varmap lock").keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let tensor = weights.get(&name).with_context(|| format!("no tensor {name}"))?;
+            varmap.set_one(&name, tensor)?;
+        }
+    } else {
+        varmap.load(path)?;
+    }
+    Ok(())
+}
+
 /// Trains `config` on `examples` and writes `out/model.safetensors` and `out/state.json` every
 /// `save_every` steps and at the end.
 pub fn train(
@@ -597,9 +614,7 @@ pub fn train(
     }
     let mut varmap = init_params(&config.model, config.seed, device)?;
     if let Some(init) = &config.init_from {
-        varmap
-            .load(init)
-            .with_context(|| format!("initialising from {}", init.display()))?;
+        init_weights(&mut varmap, init, device).with_context(|| format!("initialising from {}", init.display()))?;
     }
     let model = Transformer::from_varmap(&config.model, &varmap)?;
     let causal = config.objective.causal();
