@@ -119,6 +119,43 @@ pub struct CorpusConfig {
     /// drawn from its `names` list (when it has syllables).
     #[serde(default)]
     pub composed_name_rate: f64,
+    /// Compose training names from these tokenizer pieces instead of the domain's syllables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_pieces: Option<NamePieces>,
+}
+
+/// The word pieces of a tokenizer's vocabulary, to compose training product names from. The output layer only
+/// learns to write tokens that some training reply writes, and a held-out name can split into pieces that no
+/// listed or syllable-composed name contains; names built from every piece leave none of them unlearned.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NamePieces {
+    /// Capitalised pieces that start a word after a space (`Sol` of the token `ĠSol`).
+    pub initials: Vec<String>,
+    /// Lower-case pieces inside a word (`st`, `ice`).
+    pub continuations: Vec<String>,
+}
+
+impl NamePieces {
+    /// Picks the pieces out of byte-level BPE token strings, where `Ġ` stands for a leading space.
+    pub fn from_tokens<S: AsRef<str>>(tokens: &[S]) -> Self {
+        let lower = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase());
+        let mut pieces = NamePieces::default();
+        for token in tokens.iter().map(AsRef::as_ref) {
+            if let Some(word) = token.strip_prefix('\u{120}') {
+                let mut chars = word.chars();
+                if chars.next().is_some_and(|c| c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_lowercase()) {
+                    pieces.initials.push(word.to_owned());
+                }
+            } else if lower(token) {
+                pieces.continuations.push(token.to_owned());
+            }
+        }
+        pieces
+    }
+
+    fn is_empty(&self) -> bool {
+        self.initials.is_empty() || self.continuations.is_empty()
+    }
 }
 
 impl CorpusConfig {
@@ -134,6 +171,7 @@ impl CorpusConfig {
             chatter_rate: 0.3,
             slot_rate: 0.35,
             composed_name_rate: 0.5,
+            name_pieces: None,
         }
     }
 
@@ -281,11 +319,14 @@ impl<'a> Pool<'a> {
         }
     }
 
-    /// A held-out name, or for training a listed name or (at `composed_name_rate`) one composed from two or
-    /// three syllables that is never a held-out name.
+    /// A held-out name, or for training a listed name or (at `composed_name_rate`) a composed one that is never
+    /// a held-out name: an initial and one or two continuations from `name_pieces` when given, else two or
+    /// three of the domain's syllables.
     fn product_name(&self, config: &CorpusConfig, rng: &mut StdRng) -> String {
         let syllables = &self.domain.catalog.name_syllables;
-        if self.split == Split::Heldout || syllables.is_empty() || !rng.random_bool(config.composed_name_rate) {
+        let pieces = config.name_pieces.as_ref().filter(|p| !p.is_empty());
+        let composable = pieces.is_some() || !syllables.is_empty();
+        if self.split == Split::Heldout || !composable || !rng.random_bool(config.composed_name_rate) {
             return self
                 .product_names
                 .choose(rng)
@@ -293,15 +334,25 @@ impl<'a> Pool<'a> {
                 .clone();
         }
         let heldout = &self.domain.catalog.heldout_names;
-        std::iter::repeat_with(|| {
-            let count = rng.random_range(2..=3);
-            let word: String = (0..count)
-                .map(|_| syllables.choose(rng).expect("checked: syllables not empty").as_str())
-                .collect();
-            capitalize(&word)
-        })
-        .find(|name| !heldout.iter().any(|h| h.eq_ignore_ascii_case(name)))
-        .expect("repeat_with never ends")
+        let mut compose = || match pieces {
+            Some(pieces) => {
+                let mut word = pieces.initials.choose(rng).expect("checked: not empty").clone();
+                for _ in 0..rng.random_range(1..=2) {
+                    word.push_str(pieces.continuations.choose(rng).expect("checked: not empty"));
+                }
+                word
+            }
+            None => {
+                let count = rng.random_range(2..=3);
+                let word: String = (0..count)
+                    .map(|_| syllables.choose(rng).expect("checked: syllables not empty").as_str())
+                    .collect();
+                capitalize(&word)
+            }
+        };
+        std::iter::repeat_with(&mut compose)
+            .find(|name| !heldout.iter().any(|h| h.eq_ignore_ascii_case(name)))
+            .expect("repeat_with never ends")
     }
 
     /// A training phrasing sometimes comes wrapped in a greeting or sign-off; held-out phrasings stay as written.

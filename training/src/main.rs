@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use dllm_train::corpus::{self, CorpusConfig, SplitStats, TRAIN_FILE};
+use dllm_train::corpus::{self, CorpusConfig, NamePieces, SplitStats, TRAIN_FILE};
 use dllm_train::domain::Domain;
 use dllm_train::export;
-use dllm_train::model::{load_checkpoint, Objective};
+use dllm_train::model::{gguf_tokens, load_checkpoint, Objective};
 use dllm_train::tokenizer::{self, TokenizerConfig};
 use dllm_train::train::{self, Preset, SpecialIds, TrainState};
 
@@ -60,6 +60,10 @@ enum Command {
         /// Chance that a training product's model name is composed from the domain's name syllables [default: 0.5].
         #[arg(long)]
         composed_name_rate: Option<f64>,
+        /// Compose training product names from the word pieces of this tokenizer.json instead of the domain's
+        /// syllables, so that every piece is written in some training reply.
+        #[arg(long)]
+        name_pieces_from: Option<PathBuf>,
     },
     /// Train a byte-level BPE tokenizer on a corpus directory's train split, rendered as ChatML.
     Tokenizer {
@@ -109,7 +113,8 @@ enum Command {
         /// Save a checkpoint every this many steps.
         #[arg(long)]
         save_every: Option<usize>,
-        /// Start from this checkpoint (model.safetensors of the same shape) instead of random weights.
+        /// Start from these weights instead of random ones: a checkpoint (model.safetensors) or an exported
+        /// GGUF file (e.g. a bundled Q8_0 model, whose vocabulary must be --tokenizer's), of the same shape.
         #[arg(long)]
         init_from: Option<PathBuf>,
         /// cpu, or cuda[:N] (a build with `--features cuda`).
@@ -168,6 +173,10 @@ enum Command {
         /// Override the preset's batch size (both models).
         #[arg(long)]
         batch_size: Option<usize>,
+        /// After training the tokenizer, write the corpus again with training product names composed from its
+        /// word pieces (`corpus --name-pieces-from`) at this rate instead of the syllable names.
+        #[arg(long)]
+        name_pieces_rate: Option<f64>,
         /// cpu, or cuda[:N] (a build with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
@@ -189,7 +198,12 @@ fn main() -> anyhow::Result<()> {
             chatter_rate,
             slot_rate,
             composed_name_rate,
+            name_pieces_from,
         } => {
+            let name_pieces = match name_pieces_from {
+                Some(path) => Some(name_pieces_of(&path)?),
+                None => None,
+            };
             let defaults = CorpusConfig::new(seed, dialogs);
             let config = CorpusConfig {
                 heldout_fraction: heldout_fraction.unwrap_or(defaults.heldout_fraction),
@@ -199,6 +213,7 @@ fn main() -> anyhow::Result<()> {
                 chatter_rate: chatter_rate.unwrap_or(defaults.chatter_rate),
                 slot_rate: slot_rate.unwrap_or(defaults.slot_rate),
                 composed_name_rate: composed_name_rate.unwrap_or(defaults.composed_name_rate),
+                name_pieces,
                 ..defaults
             };
             run_corpus(&domain, &config, &out)?;
@@ -273,6 +288,7 @@ fn main() -> anyhow::Result<()> {
             dialogs,
             steps,
             batch_size,
+            name_pieces_rate,
             device,
         } => {
             let started = Instant::now();
@@ -285,6 +301,14 @@ fn main() -> anyhow::Result<()> {
                 min_frequency: 2,
             };
             run_tokenizer(&corpus_dir, &tok_config, &tokenizer_path)?;
+            if let Some(rate) = name_pieces_rate {
+                let with_pieces = CorpusConfig {
+                    composed_name_rate: rate,
+                    name_pieces: Some(name_pieces_of(&tokenizer_path)?),
+                    ..config
+                };
+                run_corpus(&domain, &with_pieces, &corpus_dir)?;
+            }
             let name = domain.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
             let twin_ckpt = out.join("llama-ckpt").join(train::CHECKPOINT_FILE);
             for (objective, arch) in [(Objective::Autoregressive, "llama"), (Objective::Diffusion, "llada")] {
@@ -356,6 +380,19 @@ fn run_corpus(domain: &Path, config: &CorpusConfig, out: &Path) -> anyhow::Resul
     Ok(())
 }
 
+/// The word pieces of a trained tokenizer's vocabulary.
+fn name_pieces_of(tokenizer_path: &Path) -> anyhow::Result<NamePieces> {
+    let tok = tokenizer::load(tokenizer_path)?;
+    let pieces = NamePieces::from_tokens(&tokenizer::gguf_vocab(&tok)?.tokens);
+    println!(
+        "{} word-initial and {} inner name pieces from {}",
+        pieces.initials.len(),
+        pieces.continuations.len(),
+        tokenizer_path.display()
+    );
+    Ok(pieces)
+}
+
 fn run_tokenizer(dir: &Path, config: &TokenizerConfig, out: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
     let manifest = corpus::read_manifest(dir)?;
@@ -417,6 +454,23 @@ fn run_train(
     let manifest = corpus::read_manifest(dir)?;
     let dialogs = corpus::read_jsonl(&dir.join(TRAIN_FILE))?;
     let tok = tokenizer::load(tokenizer_path)?;
+    if let Some(init) = overrides
+        .init_from
+        .as_deref()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+    {
+        // Weights are only worth continuing from under the tokenizer they were trained with.
+        let tokens = gguf_tokens(init).with_context(|| format!("reading {}", init.display()))?;
+        if tokens != tokenizer::gguf_vocab(&tok)?.tokens {
+            anyhow::bail!(
+                "{} was trained with another vocabulary than {} ({} tokens there, {} here)",
+                init.display(),
+                tokenizer_path.display(),
+                tokens.len(),
+                tok.get_vocab_size(true)
+            );
+        }
+    }
     let mut config = preset.config(objective, tok.get_vocab_size(true), seed);
     config.max_minutes = overrides.max_minutes;
     config.init_from = overrides.init_from.clone();

@@ -219,7 +219,7 @@ pub fn gguf_vocab(tokenizer: &Tokenizer) -> Result<GgufVocab, TokenizerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::corpus::{generate, test_config};
+    use crate::corpus::{generate, test_config, CorpusConfig, NamePieces, Turn};
     use crate::domain::northwind;
 
     fn small_tokenizer(dialogs: usize, vocab_size: usize) -> (Tokenizer, Vec<String>) {
@@ -238,6 +238,56 @@ mod tests {
             .map(|d| render_chatml(system, &d.turns))
             .collect();
         (tokenizer, texts)
+    }
+
+    /// Tokens of the held-out names (as written after a space) that no training reply writes.
+    fn unwritten_name_tokens(tokenizer: &Tokenizer, train: &[Dialog], heldout_names: &[String]) -> Vec<String> {
+        let written: std::collections::HashSet<u32> = train
+            .iter()
+            .flat_map(|d| &d.turns)
+            .filter(|t| matches!(t, Turn::Assistant { .. }))
+            .flat_map(|t| tokenizer.encode(t.content(), false).unwrap().get_ids().to_vec())
+            .collect();
+        let mut unwritten: Vec<String> = heldout_names
+            .iter()
+            .flat_map(|name| {
+                tokenizer
+                    .encode(format!(" {name}"), false)
+                    .unwrap()
+                    .get_tokens()
+                    .to_vec()
+            })
+            .filter(|token| !written.contains(&tokenizer.token_to_id(token).unwrap()))
+            .collect();
+        unwritten.sort();
+        unwritten.dedup();
+        unwritten
+    }
+
+    #[test]
+    fn names_composed_from_vocabulary_pieces_write_the_tokens_of_held_out_names() {
+        let domain = northwind();
+        let config = test_config(9, 8000);
+        let corpus = generate(&domain, &config).unwrap();
+        let tok_config = TokenizerConfig {
+            vocab_size: 4096,
+            min_frequency: 2,
+        };
+        let tokenizer = train_on_dialogs(&domain.assistant.system_prompt, &corpus.train, &tok_config).unwrap();
+        let pieces = NamePieces::from_tokens(&gguf_vocab(&tokenizer).unwrap().tokens);
+        assert!(pieces.initials.contains(&"Sol".to_owned()) && pieces.continuations.contains(&"ing".to_owned()));
+        let names = &domain.catalog.heldout_names;
+        let from_syllables = unwritten_name_tokens(&tokenizer, &corpus.train, names);
+        let with_pieces = CorpusConfig {
+            name_pieces: Some(pieces),
+            composed_name_rate: 1.0,
+            ..config
+        };
+        let from_pieces = unwritten_name_tokens(&tokenizer, &generate(&domain, &with_pieces).unwrap().train, names);
+        eprintln!("unwritten: {from_syllables:?} with syllables, {from_pieces:?} with pieces");
+        // Pieces drawn at random are not all written in a corpus this small, but most are.
+        assert!(from_syllables.len() >= 20, "{from_syllables:?}");
+        assert!(from_pieces.len() * 4 <= from_syllables.len(), "{from_pieces:?}");
     }
 
     #[test]
