@@ -138,15 +138,15 @@ pub struct NamePieces {
 impl NamePieces {
     /// Picks the pieces out of byte-level BPE token strings, where `Ġ` stands for a leading space.
     pub fn from_tokens<S: AsRef<str>>(tokens: &[S]) -> Self {
-        let lower = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase());
+        let lower = |s: &str| s.chars().all(|c| c.is_ascii_lowercase());
         let mut pieces = NamePieces::default();
         for token in tokens.iter().map(AsRef::as_ref) {
             if let Some(word) = token.strip_prefix('\u{120}') {
                 let mut chars = word.chars();
-                if chars.next().is_some_and(|c| c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_lowercase()) {
+                if chars.next().is_some_and(|c| c.is_ascii_uppercase()) && lower(chars.as_str()) {
                     pieces.initials.push(word.to_owned());
                 }
-            } else if lower(token) {
+            } else if !token.is_empty() && lower(token) {
                 pieces.continuations.push(token.to_owned());
             }
         }

@@ -174,11 +174,9 @@ mod tests {
         .unwrap()
     }
 
-    /// Exports random weights under `objective` and returns the largest difference between the logits
-    /// llama.cpp computes for a short sequence and candle's forward pass.
-    fn max_logit_diff(objective: Objective, seed: u64) -> f32 {
-        let tokenizer = test_tokenizer();
-        let config = ModelConfig {
+    /// A model small enough to export and load in a test.
+    fn test_model_config(tokenizer: &Tokenizer) -> ModelConfig {
+        ModelConfig {
             vocab_size: tokenizer.get_vocab_size(true),
             n_embd: 64,
             n_layer: 2,
@@ -187,7 +185,19 @@ mod tests {
             context_length: 256,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
-        };
+        }
+    }
+
+    fn tensors_of(varmap: &VarMap) -> HashMap<String, Tensor> {
+        let data = varmap.data().lock().unwrap();
+        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// Exports random weights under `objective` and returns the largest difference between the logits
+    /// llama.cpp computes for a short sequence and candle's forward pass.
+    fn max_logit_diff(objective: Objective, seed: u64) -> f32 {
+        let tokenizer = test_tokenizer();
+        let config = test_model_config(&tokenizer);
         // A larger init than training uses, so that attention and RoPE visibly shape the logits.
         let varmap = init_params(&config, seed, &Device::Cpu).unwrap();
         {
@@ -198,13 +208,7 @@ mod tests {
                 }
             }
         }
-        let tensors: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors = tensors_of(&varmap);
         let dir = std::env::temp_dir().join(format!("dllm-export-test-{}-{}", std::process::id(), objective.name()));
         let f32_path = dir.join("m-f32.gguf");
         let q8 = sibling(&f32_path, "q8_0");
@@ -287,16 +291,7 @@ mod tests {
     #[test]
     fn training_starts_from_an_exported_gguf_with_its_weights_and_vocabulary() {
         let tokenizer = test_tokenizer();
-        let config = ModelConfig {
-            vocab_size: tokenizer.get_vocab_size(true),
-            n_embd: 64,
-            n_layer: 2,
-            n_head: 4,
-            n_ff: 96,
-            context_length: 256,
-            rope_freq_base: 10000.0,
-            rms_eps: 1e-5,
-        };
+        let config = test_model_config(&tokenizer);
         let values = |varmap: &VarMap| -> HashMap<String, Vec<f32>> {
             let data = varmap.data().lock().unwrap();
             data.iter()
@@ -304,13 +299,7 @@ mod tests {
                 .collect()
         };
         let trained = init_params(&config, 21, &Device::Cpu).unwrap();
-        let tensors: HashMap<String, Tensor> = trained
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors = tensors_of(&trained);
         let dir = std::env::temp_dir().join(format!("dllm-init-test-{}", std::process::id()));
         let f32_path = dir.join("m-f32.gguf");
         let q8 = sibling(&f32_path, "q8_0");
