@@ -38,6 +38,7 @@ impl Default for FixtureSpec {
                 context_length: 2048,
                 rope_freq_base: 10_000.0,
                 rms_eps: 1e-5,
+                tied_embeddings: false,
             },
             seed: 42,
         }

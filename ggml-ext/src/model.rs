@@ -47,6 +47,9 @@ pub struct Hyperparams {
     pub context_length: usize,
     pub rope_freq_base: f32,
     pub rms_eps: f32,
+    /// The output projection is `token_embd` itself, so the file has no `output.weight`; llama.cpp and
+    /// the cached engine both read logits through the token embedding then.
+    pub tied_embeddings: bool,
 }
 
 impl Hyperparams {
@@ -84,7 +87,9 @@ impl Hyperparams {
             }
         }
         shapes.push(("output_norm.weight".to_owned(), vec![e]));
-        shapes.push(("output.weight".to_owned(), vec![e, n_vocab]));
+        if !self.tied_embeddings {
+            shapes.push(("output.weight".to_owned(), vec![e, n_vocab]));
+        }
         shapes
     }
 }

@@ -185,6 +185,7 @@ mod tests {
             context_length: 256,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
+            tied_embeddings: false,
         }
     }
 
@@ -195,9 +196,12 @@ mod tests {
 
     /// Exports random weights under `objective` and returns the largest difference between the logits
     /// llama.cpp computes for a short sequence and candle's forward pass.
-    fn max_logit_diff(objective: Objective, seed: u64) -> f32 {
+    fn max_logit_diff(objective: Objective, seed: u64, tied_embeddings: bool) -> f32 {
         let tokenizer = test_tokenizer();
-        let config = test_model_config(&tokenizer);
+        let config = ModelConfig {
+            tied_embeddings,
+            ..test_model_config(&tokenizer)
+        };
         // A larger init than training uses, so that attention and RoPE visibly shape the logits.
         let varmap = init_params(&config, seed, &Device::Cpu).unwrap();
         {
@@ -209,11 +213,17 @@ mod tests {
             }
         }
         let tensors = tensors_of(&varmap);
-        let dir = std::env::temp_dir().join(format!("dllm-export-test-{}-{}", std::process::id(), objective.name()));
+        let dir = std::env::temp_dir().join(format!(
+            "dllm-export-test-{}-{}-{tied_embeddings}",
+            std::process::id(),
+            objective.name()
+        ));
         let f32_path = dir.join("m-f32.gguf");
         let q8 = sibling(&f32_path, "q8_0");
         export(&f32_path, None, Some(&q8), &config, objective, &tokenizer, &tensors, 2).unwrap();
         assert!(q8.exists());
+        let written = crate::model::load_gguf(&f32_path, &Device::Cpu).unwrap();
+        assert_eq!(written.contains_key("output.weight"), !tied_embeddings);
 
         let ids: Vec<u32> = tokenizer
             .encode(
@@ -278,13 +288,19 @@ mod tests {
 
     #[test]
     fn llama_export_reproduces_candle_logits() {
-        let diff = max_logit_diff(Objective::Autoregressive, 11);
+        let diff = max_logit_diff(Objective::Autoregressive, 11, false);
         assert!(diff < 1e-3, "max abs diff {diff}");
     }
 
     #[test]
     fn llada_export_reproduces_candle_logits() {
-        let diff = max_logit_diff(Objective::Diffusion, 12);
+        let diff = max_logit_diff(Objective::Diffusion, 12, false);
+        assert!(diff < 1e-3, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn tied_llada_export_has_no_output_matrix_and_reproduces_candle_logits() {
+        let diff = max_logit_diff(Objective::Diffusion, 13, true);
         assert!(diff < 1e-3, "max abs diff {diff}");
     }
 

@@ -117,6 +117,10 @@ enum Command {
         /// GGUF file (e.g. a bundled Q8_0 model, whose vocabulary must be --tokenizer's), of the same shape.
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// Read logits through the token embedding (no separate output matrix, no `output.weight` in the
+        /// exported file). Starting from untied weights keeps their embedding and drops their output matrix.
+        #[arg(long)]
+        tied_embeddings: bool,
         /// cpu, or cuda[:N] (a build with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
@@ -177,6 +181,9 @@ enum Command {
         /// word pieces (`corpus --name-pieces-from`) at this rate instead of the syllable names.
         #[arg(long)]
         name_pieces_rate: Option<f64>,
+        /// Both models read logits through the token embedding (see `train --tied-embeddings`).
+        #[arg(long)]
+        tied_embeddings: bool,
         /// cpu, or cuda[:N] (a build with `--features cuda`).
         #[arg(long, default_value = "cpu", value_parser = parse_device)]
         device: Device,
@@ -243,6 +250,7 @@ fn main() -> anyhow::Result<()> {
             lr,
             save_every,
             init_from,
+            tied_embeddings,
             device,
         } => {
             let overrides = Overrides {
@@ -252,6 +260,7 @@ fn main() -> anyhow::Result<()> {
                 batch_size,
                 lr,
                 save_every,
+                tied_embeddings,
             };
             run_train(
                 &dir,
@@ -289,6 +298,7 @@ fn main() -> anyhow::Result<()> {
             steps,
             batch_size,
             name_pieces_rate,
+            tied_embeddings,
             device,
         } => {
             let started = Instant::now();
@@ -323,6 +333,7 @@ fn main() -> anyhow::Result<()> {
                     lr: adapt.then(|| preset.config(objective, 0, seed).learning_rate / 2.0),
                     steps,
                     batch_size,
+                    tied_embeddings,
                     ..Overrides::default()
                 };
                 let ckpt_dir = out.join(format!("{arch}-ckpt"));
@@ -436,6 +447,7 @@ struct Overrides {
     batch_size: Option<usize>,
     lr: Option<f64>,
     save_every: Option<usize>,
+    tied_embeddings: bool,
 }
 
 // The command's flags, one argument each.
@@ -478,6 +490,7 @@ fn run_train(
     config.batch_size = overrides.batch_size.unwrap_or(config.batch_size);
     config.learning_rate = overrides.lr.unwrap_or(config.learning_rate);
     config.save_every = overrides.save_every.unwrap_or(config.save_every).max(1);
+    config.model.tied_embeddings = overrides.tied_embeddings;
     let (examples, skipped) = train::build_examples(
         &manifest.system_prompt,
         &dialogs,

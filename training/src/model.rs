@@ -2,7 +2,8 @@
 //! graphs compute, so that exported weights reproduce the trained function.
 //!
 //! Per layer: `h = x + attn(rmsnorm(x))`, then `h + ffn(rmsnorm(h))` with the SwiGLU
-//! `ffn_down(silu(ffn_gate(x)) * ffn_up(x))`; a final RMSNorm and an untied output projection. Attention has
+//! `ffn_down(silu(ffn_gate(x)) * ffn_up(x))`; a final RMSNorm and an output projection, its own matrix or
+//! (`tied_embeddings`) the token embedding, as llama.cpp reads a file without `output.weight`. Attention has
 //! as many key/value heads as query heads, scale `1/sqrt(head_dim)` and RoPE in llama.cpp's "normal" layout
 //! (`LLAMA_ROPE_TYPE_NORM`, which `llama_model_rope_type` returns for both `LLM_ARCH_LLAMA` and
 //! `LLM_ARCH_LLADA`): adjacent pairs `(x[2i], x[2i+1])` rotate by `pos * base^(-2i/head_dim)`. Linear layers
@@ -76,6 +77,11 @@ pub struct ModelConfig {
     pub context_length: usize,
     pub rope_freq_base: f32,
     pub rms_eps: f32,
+    /// Logits through the token embedding instead of a separate output matrix. Copying a name from the
+    /// prompt then needs only to move the token's embedding forward, so the model can write tokens that no
+    /// training reply ever wrote.
+    #[serde(default)]
+    pub tied_embeddings: bool,
 }
 
 impl ModelConfig {
@@ -111,6 +117,7 @@ impl ModelConfig {
             context_length: self.context_length,
             rope_freq_base: self.rope_freq_base,
             rms_eps: self.rms_eps,
+            tied_embeddings: self.tied_embeddings,
         }
     }
 
@@ -304,12 +311,18 @@ impl Transformer {
         }
         let embedding = get("token_embd.weight")?;
         let device = embedding.device().clone();
+        // Sharing the embedding's tensor makes backprop add both uses into its one gradient.
+        let output = if config.tied_embeddings {
+            Linear::new(embedding.clone(), None)
+        } else {
+            lin("output.weight".to_owned())?
+        };
         Ok(Transformer {
             config: config.clone(),
             embedding,
             blocks,
             output_norm: get("output_norm.weight")?,
-            output: lin("output.weight".to_owned())?,
+            output,
             device,
         })
     }
@@ -523,6 +536,7 @@ mod tests {
             context_length: 64,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
+            tied_embeddings: false,
         }
     }
 

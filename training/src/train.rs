@@ -439,6 +439,7 @@ impl Preset {
             context_length: 1024,
             rope_freq_base: 10000.0,
             rms_eps: 1e-5,
+            tied_embeddings: false,
         };
         match self {
             Preset::Tiny => TrainConfig {
