@@ -117,6 +117,9 @@ enum Command {
         /// GGUF file (e.g. a bundled Q8_0 model, whose vocabulary must be --tokenizer's), of the same shape.
         #[arg(long)]
         init_from: Option<PathBuf>,
+        /// Override the preset's loss weight of reply tokens that copy an order number or product.
+        #[arg(long)]
+        copy_weight: Option<f32>,
         /// Read logits through the token embedding (no separate output matrix, no `output.weight` in the
         /// exported file). Starting from untied weights keeps their embedding and drops their output matrix.
         #[arg(long)]
@@ -250,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             lr,
             save_every,
             init_from,
+            copy_weight,
             tied_embeddings,
             device,
         } => {
@@ -260,6 +264,7 @@ fn main() -> anyhow::Result<()> {
                 batch_size,
                 lr,
                 save_every,
+                copy_weight,
                 tied_embeddings,
             };
             run_train(
@@ -447,6 +452,7 @@ struct Overrides {
     batch_size: Option<usize>,
     lr: Option<f64>,
     save_every: Option<usize>,
+    copy_weight: Option<f32>,
     tied_embeddings: bool,
 }
 
@@ -490,6 +496,7 @@ fn run_train(
     config.batch_size = overrides.batch_size.unwrap_or(config.batch_size);
     config.learning_rate = overrides.lr.unwrap_or(config.learning_rate);
     config.save_every = overrides.save_every.unwrap_or(config.save_every).max(1);
+    config.copy_weight = overrides.copy_weight.unwrap_or(config.copy_weight);
     config.model.tied_embeddings = overrides.tied_embeddings;
     let (examples, skipped) = train::build_examples(
         &manifest.system_prompt,
