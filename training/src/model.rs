@@ -77,9 +77,8 @@ pub struct ModelConfig {
     pub context_length: usize,
     pub rope_freq_base: f32,
     pub rms_eps: f32,
-    /// Logits through the token embedding instead of a separate output matrix. Copying a name from the
-    /// prompt then needs only to move the token's embedding forward, so the model can write tokens that no
-    /// training reply ever wrote.
+    /// Logits through the token embedding instead of a separate output matrix, so writing a token the
+    /// prompt holds does not depend on a trained output row for that token.
     #[serde(default)]
     pub tied_embeddings: bool,
 }
