@@ -37,6 +37,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub decode: DecodeConfig,
     pub store: StoreConfig,
+    pub chat: ChatConfig,
     pub auth: AuthConfig,
     pub prompt: PromptConfig,
 }
@@ -129,6 +130,24 @@ pub struct StoreConfig {
     pub session_ttl_secs: u64,
     pub connect_timeout_ms: u64,
     pub command_timeout_ms: u64,
+    pub reply_log_ttl_secs: u64,
+    pub reply_log_events: usize,
+}
+
+/// Settings of the conversation core.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    /// A session lease lasts this long unless renewed (every third of it) while its reply runs.
+    pub lease_ms: u64,
+    /// How often each replica looks for replies whose lease expired.
+    pub recovery_interval_ms: u64,
+    /// The longest one blocking read of remote reply logs waits.
+    pub tail_block_ms: u64,
+    /// A reply whose asking client went away still finishes and is stored.
+    pub finish_orphaned_replies: bool,
+    /// Events buffered per watched reply before a slow watcher skips revisions.
+    pub watch_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,7 +223,6 @@ impl Config {
         }
         let s = &self.server;
         let l = &self.limits;
-        let d = &self.decode;
         positive("server.max_connections", s.max_connections)?;
         positive("server.ping_interval_ms", s.ping_interval_ms as usize)?;
         positive("server.outgoing_queue", s.outgoing_queue)?;
@@ -255,37 +273,6 @@ impl Config {
                 reason: "must name a GGUF file".into(),
             });
         }
-        if d.max_tokens == 0 || d.max_tokens > l.max_reply_tokens {
-            return Err(ConfigError::Invalid {
-                setting: "decode.max_tokens",
-                reason: format!("must be 1..={} (limits.max_reply_tokens)", l.max_reply_tokens),
-            });
-        }
-        if d.steps == 0 || d.steps > l.max_steps {
-            return Err(ConfigError::Invalid {
-                setting: "decode.steps",
-                reason: format!("must be 1..={} (limits.max_steps)", l.max_steps),
-            });
-        }
-        positive("decode.block_length", d.block_length)?;
-        if !(d.threshold > 0.0 && d.threshold <= 1.0) {
-            return Err(ConfigError::Invalid {
-                setting: "decode.threshold",
-                reason: "must be in (0, 1]".into(),
-            });
-        }
-        if !(d.factor > 0.0 && d.factor.is_finite()) {
-            return Err(ConfigError::Invalid {
-                setting: "decode.factor",
-                reason: "must be positive".into(),
-            });
-        }
-        if !(0.0..=2.0).contains(&d.temperature) {
-            return Err(ConfigError::Invalid {
-                setting: "decode.temperature",
-                reason: "must be in [0, 2]".into(),
-            });
-        }
         let store = &self.store;
         if store.url != "memory" && !store.url.starts_with("redis://") && !store.url.starts_with("rediss://") {
             return Err(ConfigError::Invalid {
@@ -296,6 +283,23 @@ impl Config {
         positive("store.session_ttl_secs", store.session_ttl_secs as usize)?;
         positive("store.connect_timeout_ms", store.connect_timeout_ms as usize)?;
         positive("store.command_timeout_ms", store.command_timeout_ms as usize)?;
+        positive("store.reply_log_ttl_secs", store.reply_log_ttl_secs as usize)?;
+        if store.reply_log_events < 2 {
+            return Err(ConfigError::Invalid {
+                setting: "store.reply_log_events",
+                reason: "must be at least 2 (the newest revision and the terminal event)".into(),
+            });
+        }
+        let chat = &self.chat;
+        if chat.lease_ms < 300 {
+            return Err(ConfigError::Invalid {
+                setting: "chat.lease_ms",
+                reason: "must be at least 300 (it is renewed every third of it)".into(),
+            });
+        }
+        positive("chat.recovery_interval_ms", chat.recovery_interval_ms as usize)?;
+        positive("chat.tail_block_ms", chat.tail_block_ms as usize)?;
+        positive("chat.watch_buffer", chat.watch_buffer)?;
         for (i, k) in self.auth.keys.iter().enumerate() {
             if k.name.is_empty() || k.key.len() < 8 {
                 return Err(ConfigError::Invalid {
@@ -341,8 +345,8 @@ mod tests {
         assert!(err.contains("store.url"), "{err}");
 
         let mut c = Config::defaults();
-        c.decode.max_tokens = c.limits.max_reply_tokens + 1;
-        assert!(c.validate().unwrap_err().to_string().contains("decode.max_tokens"));
+        c.chat.lease_ms = 10;
+        assert!(c.validate().unwrap_err().to_string().contains("chat.lease_ms"));
     }
 
     #[test]

@@ -5,21 +5,28 @@
 //! production) so any replica can serve any session.
 //!
 //! Layout, from the wire inwards:
-//! - [`server`]: the port: WebSocket connections, replies, `/health`, `/ready`, `/metrics`,
-//!   shutdown. Subsystem errors become wire errors only there.
-//! - [`protocol`]: the JSON events of `/v1/chat` and the validation of decode options.
-//! - [`sessions`]: conversation history behind the `SessionStore` trait (Redis, in-memory).
+//! - [`server`]: the port: WebSocket connections, `/health`, `/ready`, `/metrics`, shutdown. A
+//!   thin translator over [`chat`]; subsystem errors become wire errors only there.
+//! - [`protocol`]: the JSON events of `/v1/chat`.
+//! - [`chat`]: the conversation core every front end calls: validation, the session lease (one
+//!   reply per session across replicas), history -> prompt, every store write, reply streams
+//!   that any replica can resume, recovery of replies whose replica died.
+//! - [`sessions`]: history, leases and reply logs behind the `SessionStore` trait (Redis,
+//!   in-memory).
 //! - [`engine`]: diffusion engines behind the `Engine` trait, unmasking policies, the canvas.
 //! - [`bench`]: side-by-side latency and throughput figures for engines and policies.
 //! - [`eval`]: held-out quality evaluation through the real inference paths.
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
+//! - [`app`]: the composition root that builds all of the above from a [`config::Config`].
 //!
 //! Native code (llama.cpp, ggml) runs on engine threads, never on the async runtime; all
 //! `unsafe` lives in the `ggml-ext` crate.
 
+pub mod app;
 pub mod bench;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod eval;

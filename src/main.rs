@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use dllm_chat::chat::{MessageOptions, Validator};
 use dllm_chat::config::{Config, EngineKind, ModelConfig};
 use dllm_chat::engine::{self, ChatTurn, EngineEvent, GenerateRequest};
-use dllm_chat::protocol::MessageOptions;
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -190,20 +190,11 @@ async fn start_engine(config: &Config) -> anyhow::Result<std::sync::Arc<dyn engi
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let system_prompt = config.system_prompt()?;
-    let engine = start_engine(&config).await?;
-    let store = dllm_chat::sessions::open(&config.store)
+    let bind = config.server.bind;
+    let services = dllm_chat::app::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(bind)
         .await
-        .with_context(|| format!("opening the session store {}", config.store.url))?;
-    let listener = tokio::net::TcpListener::bind(config.server.bind)
-        .await
-        .with_context(|| format!("binding {}", config.server.bind))?;
-    let services = dllm_chat::Services {
-        config,
-        store,
-        engine,
-        system_prompt,
-    };
+        .with_context(|| format!("binding {bind}"))?;
     dllm_chat::run(listener, services, shutdown_signal()).await?;
     Ok(())
 }
@@ -229,9 +220,7 @@ async fn shutdown_signal() {
 }
 
 async fn generate(config: Config, prompt: String, options: MessageOptions) -> anyhow::Result<()> {
-    let options = options
-        .resolve(&config.decode, &config.limits)
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let options = Validator::new(&config.decode, &config.limits)?.options(&options)?;
     let engine = start_engine(&config).await?;
     let request = GenerateRequest {
         system: config.system_prompt()?,
@@ -281,10 +270,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         by_intent,
         decode,
     } = args;
-    let options = decode
-        .options()
-        .resolve(&config.decode, &config.limits)
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let options = Validator::new(&config.decode, &config.limits)?.options(&decode.options())?;
     let mut dialogs = eval::read_dialogs(&heldout)?;
     dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
     let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
@@ -420,9 +406,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // The same through the real server: WebSocket clients, sessions and streamed revisions.
     let mut levels = Vec::new();
     for &level in &args.concurrency {
-        levels.push(
-            bench::server::run_concurrent(&config, prefix.clone(), &system, &pool, &adaptive, level, most).await?,
-        );
+        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &pool, &adaptive, level, most).await?);
     }
     println!(
         "cached engine through the server, the same {most} conversations N at a time (WebSocket clients, \

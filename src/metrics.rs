@@ -23,6 +23,7 @@ pub const REPLIES_WAITING: &str = "dllm_replies_waiting";
 pub const REPLIES_TOTAL: &str = "dllm_replies_total";
 pub const ERRORS_TOTAL: &str = "dllm_errors_total";
 pub const REVISIONS_SKIPPED: &str = "dllm_revisions_skipped_total";
+pub const REPLIES_RECOVERED: &str = "dllm_replies_recovered_total";
 pub const PROMPT_TOKENS: &str = "dllm_prompt_tokens_total";
 pub const ENGINE_STEP: &str = "dllm_engine_step_seconds";
 pub const ENGINE_BATCH: &str = "dllm_engine_batch_replies";
@@ -110,8 +111,14 @@ pub fn engine_step(duration: Duration, replies: usize) {
     histogram!(ENGINE_BATCH).record(replies as f64);
 }
 
-pub fn revision_skipped() {
-    counter!(REVISIONS_SKIPPED).increment(1);
+/// `n` revisions a slow reader did not get (each revision carries the whole reply).
+pub fn revisions_skipped(n: u64) {
+    counter!(REVISIONS_SKIPPED).increment(n);
+}
+
+/// A reply whose generator was lost was ended by this replica.
+pub fn reply_recovered() {
+    counter!(REPLIES_RECOVERED).increment(1);
 }
 
 /// A reply ended with `status` (completed, cancelled, failed).

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dllm_chat::config::StoreConfig;
-use dllm_chat::sessions::{self, MessageStatus, Role, SessionStore, StoreError, StoredMessage};
+use dllm_chat::sessions::{
+    self, Begin, Lease, LeaseState, LoggedEvent, MessageStatus, ReplyStart, Role, SessionStore, StoreError,
+    StoredMessage, TailCursor,
+};
 use serde_json::json;
 
 async fn stores(ttl_secs: u64) -> Vec<(&'static str, Arc<dyn SessionStore>)> {
@@ -33,6 +36,37 @@ async fn stores(ttl_secs: u64) -> Vec<(&'static str, Arc<dyn SessionStore>)> {
         ("memory", sessions::open(&memory).await.unwrap()),
         ("redis", redis_store),
     ]
+}
+
+fn start(lease_ms: u64) -> ReplyStart {
+    ReplyStart {
+        response_id: format!("resp_{}", uuid::Uuid::new_v4().simple()),
+        replica: "replica_test".into(),
+        lease_ms,
+    }
+}
+
+fn event(seq: u64) -> LoggedEvent {
+    LoggedEvent {
+        seq,
+        payload: format!("{{\"n\":{seq}}}"),
+    }
+}
+
+fn assistant(content: &str, status: MessageStatus) -> StoredMessage {
+    StoredMessage::new(Role::Assistant, content.into(), Some(status), None)
+}
+
+/// Begins a reply that must start; returns its lease and the stored user message's id.
+async fn begin(store: &dyn SessionStore, session: &str, content: &str, lease_ms: u64) -> (Lease, String) {
+    match store
+        .begin_reply(session, user(content, None), &start(lease_ms))
+        .await
+        .unwrap()
+    {
+        Begin::Started { appended, lease } => (lease, appended.message.id),
+        Begin::Busy => panic!("the session had no running reply"),
+    }
 }
 
 fn user(content: &str, client_id: Option<&str>) -> StoredMessage {
@@ -131,4 +165,251 @@ async fn redis_unreachable_is_a_typed_error() {
         "gave up in {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn one_reply_per_session_and_busy_stores_nothing() {
+    for (name, store) in stores(60).await {
+        let s = store.create("dan", json!({})).await.unwrap();
+        let (lease, message_id) = begin(store.as_ref(), &s.id, "first", 5_000).await;
+        assert_eq!(lease.session_id, s.id);
+        let running = store.running_reply(&s.id).await.unwrap().expect("running");
+        assert_eq!(
+            (running.response_id.as_str(), running.message_id.as_str(), running.token),
+            (lease.response_id.as_str(), message_id.as_str(), lease.token),
+            "{name}"
+        );
+        let second = store
+            .begin_reply(&s.id, user("second", None), &start(5_000))
+            .await
+            .unwrap();
+        assert!(matches!(second, Begin::Busy), "{name}: a second reply is refused");
+        assert_eq!(
+            store.messages(&s.id).await.unwrap().len(),
+            1,
+            "{name}: busy stored nothing"
+        );
+
+        let done = assistant("answer", MessageStatus::Completed);
+        let state = store.finish_reply(&lease, Some(done), Some(&event(9))).await.unwrap();
+        assert_eq!(state, LeaseState::Held, "{name}");
+        assert!(store.running_reply(&s.id).await.unwrap().is_none(), "{name}");
+        let history = store.messages(&s.id).await.unwrap();
+        assert_eq!(history.len(), 2, "{name}");
+        assert_eq!(history[1].content, "answer", "{name}");
+
+        let (next, _) = begin(store.as_ref(), &s.id, "third", 5_000).await;
+        assert!(next.token > lease.token, "{name}: fencing tokens increase");
+        let r = store.begin_reply("sess_nope", user("x", None), &start(5_000)).await;
+        assert!(matches!(r, Err(StoreError::NotFound(_))), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_resent_message_is_not_stored_twice_by_begin() {
+    for (name, store) in stores(60).await {
+        let s = store.create("erin", json!({})).await.unwrap();
+        let Begin::Started { appended, lease } = store
+            .begin_reply(&s.id, user("hi", Some("c-9")), &start(5_000))
+            .await
+            .unwrap()
+        else {
+            panic!("{name}: started")
+        };
+        store.finish_reply(&lease, None, None).await.unwrap();
+        let Begin::Started { appended: again, .. } = store
+            .begin_reply(&s.id, user("hi", Some("c-9")), &start(5_000))
+            .await
+            .unwrap()
+        else {
+            panic!("{name}: started again")
+        };
+        assert!(again.duplicate, "{name}");
+        assert_eq!(again.message.id, appended.message.id, "{name}");
+        let running = store.running_reply(&s.id).await.unwrap().unwrap();
+        assert_eq!(
+            running.message_id, appended.message.id,
+            "{name}: the reply answers the first copy"
+        );
+        assert_eq!(store.messages(&s.id).await.unwrap().len(), 1, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn writes_under_an_expired_lease_are_refused() {
+    for (name, store) in stores(60).await {
+        let s = store.create("fay", json!({})).await.unwrap();
+        let (lease, _) = begin(store.as_ref(), &s.id, "q", 300).await;
+        assert_eq!(
+            store.log_event(&lease, &event(1)).await.unwrap(),
+            LeaseState::Held,
+            "{name}"
+        );
+        assert_eq!(
+            store.renew_lease(&lease, 300).await.unwrap(),
+            LeaseState::Held,
+            "{name}"
+        );
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(
+            store.renew_lease(&lease, 300).await.unwrap(),
+            LeaseState::Lost,
+            "{name}"
+        );
+        assert_eq!(
+            store.log_event(&lease, &event(2)).await.unwrap(),
+            LeaseState::Lost,
+            "{name}"
+        );
+        let late = assistant("late", MessageStatus::Completed);
+        let state = store.finish_reply(&lease, Some(late), Some(&event(3))).await.unwrap();
+        assert_eq!(state, LeaseState::Lost, "{name}: a late finish writes nothing");
+        assert_eq!(store.messages(&s.id).await.unwrap().len(), 1, "{name}");
+        let log = store.reply_log(&lease.response_id).await.unwrap().unwrap();
+        let seqs: Vec<u64> = log.newest.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1], "{name}: only the event written under the lease");
+
+        // The reply awaits recovery: still busy, and listed as expired.
+        let busy = store
+            .begin_reply(&s.id, user("again", None), &start(5_000))
+            .await
+            .unwrap();
+        assert!(matches!(busy, Begin::Busy), "{name}");
+        let expired = store.expired_replies(10).await.unwrap();
+        let lost = expired
+            .iter()
+            .find(|r| r.session_id == s.id)
+            .unwrap_or_else(|| panic!("{name}: listed"));
+        let failed = assistant("", MessageStatus::Failed);
+        assert!(
+            store.recover_reply(lost, failed.clone(), &event(2)).await.unwrap(),
+            "{name}"
+        );
+        assert!(
+            !store.recover_reply(lost, failed, &event(2)).await.unwrap(),
+            "{name}: recovered once"
+        );
+        let history = store.messages(&s.id).await.unwrap();
+        assert_eq!(history.len(), 2, "{name}");
+        assert_eq!(history[1].status, Some(MessageStatus::Failed), "{name}");
+        assert!(store.running_reply(&s.id).await.unwrap().is_none(), "{name}");
+        assert!(
+            store
+                .expired_replies(10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.session_id != s.id),
+            "{name}"
+        );
+        begin(store.as_ref(), &s.id, "after recovery", 5_000).await;
+    }
+}
+
+#[tokio::test]
+async fn a_live_lease_is_not_recovered() {
+    for (name, store) in stores(60).await {
+        let s = store.create("gus", json!({})).await.unwrap();
+        let (lease, message_id) = begin(store.as_ref(), &s.id, "q", 5_000).await;
+        let running = dllm_chat::sessions::RunningReply {
+            session_id: s.id.clone(),
+            response_id: lease.response_id.clone(),
+            message_id,
+            token: lease.token,
+            replica: "replica_test".into(),
+            started_at: chrono::Utc::now(),
+        };
+        let failed = assistant("", MessageStatus::Failed);
+        assert!(
+            !store.recover_reply(&running, failed, &event(1)).await.unwrap(),
+            "{name}"
+        );
+        assert!(store
+            .expired_replies(10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.session_id != s.id));
+        assert_eq!(
+            store.log_event(&lease, &event(1)).await.unwrap(),
+            LeaseState::Held,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cancel_requests_reach_the_lease_holder() {
+    for (name, store) in stores(60).await {
+        let s = store.create("hal", json!({})).await.unwrap();
+        let (lease, _) = begin(store.as_ref(), &s.id, "q", 5_000).await;
+        assert!(!store.request_cancel(&s.id, "resp_other").await.unwrap(), "{name}");
+        assert!(store.request_cancel(&s.id, &lease.response_id).await.unwrap(), "{name}");
+        let state = store.log_event(&lease, &event(1)).await.unwrap();
+        assert_eq!(state, LeaseState::CancelRequested, "{name}");
+        assert_eq!(
+            store.renew_lease(&lease, 5_000).await.unwrap(),
+            LeaseState::CancelRequested
+        );
+        store.finish_reply(&lease, None, Some(&event(2))).await.unwrap();
+        assert!(
+            !store.request_cancel(&s.id, &lease.response_id).await.unwrap(),
+            "{name}: ended"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reply_logs_keep_the_newest_events_and_tails_see_new_ones() {
+    for (name, store) in stores(60).await {
+        let s = store.create("ivy", json!({})).await.unwrap();
+        let (lease, _) = begin(store.as_ref(), &s.id, "q", 5_000).await;
+        let empty = store
+            .reply_log(&lease.response_id)
+            .await
+            .unwrap()
+            .expect("known at once");
+        assert_eq!(empty.session_id, s.id, "{name}");
+        assert!(empty.newest.is_empty(), "{name}");
+        for seq in 1..=20 {
+            store.log_event(&lease, &event(seq)).await.unwrap();
+        }
+        let log = store.reply_log(&lease.response_id).await.unwrap().unwrap();
+        let seqs: Vec<u64> = log.newest.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![19, 20], "{name}: the two newest, oldest first");
+        assert_eq!(log.newest[1].payload, event(20).payload, "{name}");
+
+        let cursor = TailCursor {
+            session_id: s.id.clone(),
+            response_id: lease.response_id.clone(),
+            cursor: log.cursor.clone(),
+        };
+        let nothing = store
+            .tail(std::slice::from_ref(&cursor), Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(nothing.is_empty(), "{name}: nothing new: {nothing:?}");
+        let writer = {
+            let store = store.clone();
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                store.finish_reply(&lease, None, Some(&event(21))).await.unwrap();
+            })
+        };
+        let started = std::time::Instant::now();
+        let batches = store
+            .tail(std::slice::from_ref(&cursor), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{name}: woken by the write");
+        writer.await.unwrap();
+        assert_eq!(batches.len(), 1, "{name}");
+        assert_eq!(
+            batches[0].events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![21],
+            "{name}"
+        );
+        assert!(store.reply_log("resp_unknown").await.unwrap().is_none(), "{name}");
+    }
 }

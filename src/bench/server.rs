@@ -35,7 +35,6 @@ struct ClientRun {
 pub async fn run_concurrent(
     config: &Config,
     engine: Arc<dyn Engine>,
-    system_prompt: &str,
     conversations: &[Conversation],
     options: &DecodeOptions,
     level: usize,
@@ -58,12 +57,7 @@ pub async fn run_concurrent(
             .map_err(|e| ServerBenchError::Start(e.to_string()))?
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let services = crate::Services {
-        config,
-        store,
-        engine,
-        system_prompt: system_prompt.to_owned(),
-    };
+    let services = crate::app::assemble(config, engine, store).map_err(|e| ServerBenchError::Start(e.to_string()))?;
     let server = tokio::spawn(crate::run(listener, services, async {
         let _ = stopped.await;
     }));

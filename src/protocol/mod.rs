@@ -2,14 +2,14 @@
 //!
 //! [`parse`] turns a frame into a [`ClientEvent`] or a typed [`WireError`] that still carries the
 //! client's `event_id`, so a client can match every error to what it sent. Nothing here touches
-//! sessions or the engine; [`options`] validates decode options into the engine's types.
-
-pub mod options;
+//! sessions or the engine: the conversation core (`chat`) validates what a frame carries, and the
+//! reply types it reports (usage, timings, status) are written here as they are.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use options::MessageOptions;
+pub use crate::chat::events::{ReplyStatus as DoneStatus, Timings, Usage};
+pub use crate::chat::MessageOptions;
 
 /// Stable error codes; clients may branch on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,7 @@ pub enum ErrorCode {
     RateLimited,
     ContextOverflow,
     StoreUnavailable,
+    GeneratorLost,
     ShuttingDown,
     Internal,
 }
@@ -49,6 +50,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ContextOverflow => "context_overflow",
             ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::GeneratorLost => "generator_lost",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }
@@ -90,10 +92,21 @@ pub struct Envelope {
 /// What clients send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
-    SessionCreate { metadata: Value },
-    SessionResume { session_id: String, after: Option<String> },
+    SessionCreate {
+        metadata: Value,
+    },
+    SessionResume {
+        session_id: String,
+        after: Option<String>,
+    },
     MessageCreate(MessageCreate),
-    ResponseCancel { response_id: String },
+    ResponseCancel {
+        response_id: String,
+    },
+    ResponseResume {
+        response_id: String,
+        after_revision: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,6 +135,13 @@ struct SessionResumeWire {
 #[derive(Deserialize)]
 struct ResponseCancelWire {
     response_id: String,
+}
+
+#[derive(Deserialize)]
+struct ResponseResumeWire {
+    response_id: String,
+    #[serde(default)]
+    after_revision: Option<usize>,
 }
 
 /// Parses one text frame.
@@ -160,11 +180,15 @@ pub fn parse(text: &str) -> Result<Envelope, WireError> {
             let w: ResponseCancelWire = fields(&kind, value).map_err(invalid)?;
             ClientEvent::ResponseCancel { response_id: w.response_id }
         }
+        "response.resume" => {
+            let w: ResponseResumeWire = fields(&kind, value).map_err(invalid)?;
+            ClientEvent::ResponseResume { response_id: w.response_id, after_revision: w.after_revision }
+        }
         other => {
             return Err(fail(
                 ErrorCode::UnknownType,
                 format!(
-                    "unknown event type {other:?}; expected session.create, session.resume, message.create or response.cancel"
+                    "unknown event type {other:?}; expected session.create, session.resume, message.create, response.cancel or response.resume"
                 ),
             ))
         }
@@ -183,28 +207,17 @@ pub struct WireMessage {
     pub status: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DoneStatus {
-    Completed,
-    Cancelled,
-    Failed,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    /// Prompt tokens taken from the conversation's cache instead of being computed again.
-    pub cached_prompt_tokens: usize,
-    pub completion_tokens: usize,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Timings {
-    pub queue_ms: f64,
-    pub first_revision_ms: f64,
-    pub total_ms: f64,
-    pub steps: usize,
+/// The reply still running when a session is resumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireRunning {
+    pub response_id: String,
+    /// The user message it answers.
+    pub message_id: String,
+    /// The newest revision so far; 0 (with empty `text` and no `masked`) before the first.
+    pub revision: usize,
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<usize>,
 }
 
 /// What the server sends.
@@ -221,6 +234,16 @@ pub enum ServerEvent {
     SessionResumed {
         session_id: String,
         messages: Vec<WireMessage>,
+        /// The reply still running; its remaining events follow on this connection.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        running: Option<WireRunning>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event_id: Option<String>,
+    },
+    #[serde(rename = "response.resumed")]
+    ResponseResumed {
+        response_id: String,
+        session_id: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         event_id: Option<String>,
     },
@@ -282,6 +305,14 @@ mod tests {
             e.event,
             ClientEvent::ResponseCancel {
                 response_id: "r".into()
+            }
+        );
+        let e = parse(r#"{"type":"response.resume","response_id":"r","after_revision":3}"#).unwrap();
+        assert_eq!(
+            e.event,
+            ClientEvent::ResponseResume {
+                response_id: "r".into(),
+                after_revision: Some(3)
             }
         );
         let e = parse(r#"{"type":"session.resume","session_id":"s","after":"m1"}"#).unwrap();

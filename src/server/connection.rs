@@ -1,14 +1,15 @@
-//! One WebSocket connection of `/v1/chat`.
+//! One WebSocket connection of `/v1/chat`: frames in, calls of the conversation core, events
+//! out.
 //!
-//! The socket is split: a writer task owns the sink and drains a bounded queue of outgoing
-//! events; the reader loop parses frames, enforces limits and dispatches. Replies run as their
-//! own tasks and push revisions into the same queue. When the queue is full, intermediate
-//! revisions are skipped (each one carries the whole reply); every other event waits for room.
+//! The socket is split: a writer task owns the sink and drains the connection's [`Outbox`]; the
+//! reader loop parses frames, enforces the connection's limits and dispatches. Each reply the
+//! connection asked for or resumed is forwarded by a task of its own ([`forward`]); when the
+//! connection goes, those tasks are dropped (the replies themselves belong to the core and, with
+//! `chat.finish_orphaned_replies`, finish and are stored).
 //!
 //! A server-side ping timer drops peers that stopped answering (tungstenite answers pings but
 //! never sends them).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -18,15 +19,17 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
 
-use super::{errors, reply, AppState};
-use crate::protocol::{self, ClientEvent, ErrorCode, MessageCreate, ServerEvent, WireError, WireMessage};
+use super::forward::{forward, Source};
+use super::outbox::{write_loop, Outbox};
+use super::{errors, AppState};
+use crate::chat::{ChatEvent, NewMessage, ReplyWatch};
+use crate::protocol::{self, ClientEvent, ErrorCode, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
 use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
@@ -35,37 +38,9 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_TRY_AGAIN: u16 = 1013;
 
-/// What the writer task sends.
-pub(super) enum Outgoing {
-    Event(ServerEvent),
-    Ping,
-    Close(u16, &'static str),
-}
-
-/// Sending half used by the reader loop and reply tasks.
-#[derive(Clone)]
-pub(super) struct Outbox(mpsc::Sender<Outgoing>);
-
-impl Outbox {
-    /// Sends an event, waiting for room. Returns false once the connection is gone.
-    pub async fn send(&self, event: ServerEvent) -> bool {
-        self.0.send(Outgoing::Event(event)).await.is_ok()
-    }
-
-    /// Sends an event only if there is room right now; returns whether it was queued.
-    pub fn try_send(&self, event: ServerEvent) -> bool {
-        self.0.try_send(Outgoing::Event(event)).is_ok()
-    }
-
-    pub async fn error(&self, error: WireError) {
-        crate::metrics::error(error.code.as_str());
-        self.send(ServerEvent::Error { error }).await;
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.0.is_closed()
-    }
-}
+/// How long, after the core has ended every reply on shutdown, forwarders get to deliver the
+/// last events before the socket closes.
+const FLUSH_AFTER_DRAIN: Duration = Duration::from_millis(500);
 
 #[derive(Deserialize)]
 pub(super) struct ConnectParams {
@@ -131,14 +106,13 @@ async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'st
         .await;
 }
 
-/// Per-connection state shared with reply tasks.
-pub(super) struct Connection {
-    pub state: Arc<AppState>,
-    pub owner: String,
-    pub outbox: Outbox,
-    /// Running replies of this connection, by response id.
-    pub replies: Mutex<HashMap<String, CancellationToken>>,
-    pub reply_tasks: TaskTracker,
+/// Per-connection state.
+struct Connection {
+    state: Arc<AppState>,
+    owner: String,
+    outbox: Outbox,
+    /// The forwarders of this connection's replies; aborted when it closes.
+    forwarders: Mutex<JoinSet<()>>,
     rate: DefaultDirectRateLimiter,
 }
 
@@ -152,20 +126,19 @@ async fn serve(
     crate::metrics::connection_opened();
     tracing::debug!(%peer, %owner, "connection opened");
     let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(state.config.server.outgoing_queue);
+    let (outbox, rx) = Outbox::new(state.config.server.outgoing_queue);
     let writer = tokio::spawn(write_loop(sink, rx));
 
     let limits = &state.config.limits;
     let quota = Quota::per_minute(NonZeroU32::new(limits.messages_per_minute).expect("validated"))
         .allow_burst(NonZeroU32::new(limits.message_burst).expect("validated"));
-    let conn = Arc::new(Connection {
+    let conn = Connection {
         owner,
-        outbox: Outbox(tx),
-        replies: Mutex::new(HashMap::new()),
-        reply_tasks: TaskTracker::new(),
+        outbox,
+        forwarders: Mutex::new(JoinSet::new()),
         rate: RateLimiter::direct(quota),
         state: state.clone(),
-    });
+    };
 
     let server = &state.config.server;
     let mut pings = tokio::time::interval(Duration::from_millis(server.ping_interval_ms));
@@ -177,7 +150,7 @@ async fn serve(
             frame = stream.next() => {
                 last_seen = Instant::now();
                 match frame {
-                    Some(Ok(Message::Text(text))) => conn.clone().on_text(text.as_str()).await,
+                    Some(Ok(Message::Text(text))) => conn.on_text(text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => {
                         let e = WireError::new(ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text frames");
                         conn.outbox.error(e).await;
@@ -200,22 +173,26 @@ async fn serve(
                     tracing::debug!(%peer, "dropping idle peer");
                     break Some((CLOSE_GOING_AWAY, "idle timeout"));
                 }
-                let _ = conn.outbox.0.send(Outgoing::Ping).await;
+                conn.outbox.ping().await;
             }
             _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
         }
     };
 
-    // Replies of a vanished peer stop now; on shutdown they get the grace period first.
-    conn.reply_tasks.close();
+    let mut forwarders = std::mem::take(&mut *conn.forwarders.lock().expect("forwarders poisoned"));
     if state.shutdown.is_cancelled() {
-        let grace = Duration::from_millis(server.shutdown_grace_ms);
-        let _ = tokio::time::timeout(grace, conn.reply_tasks.wait()).await;
+        // Running replies get the grace period (the core cancels them after it); their last
+        // events still reach this client before the close frame.
+        let delivered = async { while forwarders.join_next().await.is_some() {} };
+        let drained = async {
+            state.drained.cancelled().await;
+            tokio::time::sleep(FLUSH_AFTER_DRAIN).await;
+        };
+        tokio::select! { _ = delivered => {}, _ = drained => {} }
     }
-    conn.cancel_replies();
-    conn.reply_tasks.wait().await;
+    forwarders.shutdown().await;
     if let Some((code, reason)) = close {
-        let _ = conn.outbox.0.send(Outgoing::Close(code, reason)).await;
+        conn.outbox.close(code, reason).await;
     }
     drop(conn);
     let _ = writer.await;
@@ -223,42 +200,8 @@ async fn serve(
     tracing::debug!(%peer, "connection closed");
 }
 
-async fn write_loop(mut sink: futures_util::stream::SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        let message = match out {
-            Outgoing::Event(event) => match serde_json::to_string(&event) {
-                Ok(text) => Message::Text(text.into()),
-                Err(e) => {
-                    tracing::error!(error = %e, "event did not serialize");
-                    continue;
-                }
-            },
-            Outgoing::Ping => Message::Ping(Default::default()),
-            Outgoing::Close(code, reason) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    })))
-                    .await;
-                break;
-            }
-        };
-        if sink.send(message).await.is_err() {
-            break;
-        }
-    }
-    let _ = sink.close().await;
-}
-
 impl Connection {
-    fn cancel_replies(&self) {
-        for token in self.replies.lock().expect("replies poisoned").values() {
-            token.cancel();
-        }
-    }
-
-    async fn on_text(self: Arc<Self>, text: &str) {
+    async fn on_text(&self, text: &str) {
         let limits = &self.state.config.limits;
         if text.len() > limits.max_frame_bytes {
             let e = WireError::new(
@@ -277,49 +220,51 @@ impl Connection {
         };
         let event_id = envelope.event_id;
         let result = match envelope.event {
-            ClientEvent::SessionCreate { metadata } => self.create_session(metadata, event_id.clone()).await,
+            ClientEvent::SessionCreate { metadata } => self.create_session(metadata, &event_id).await,
             ClientEvent::SessionResume { session_id, after } => {
-                self.resume_session(&session_id, after.as_deref(), event_id.clone())
+                self.resume_session(&session_id, after.as_deref(), &event_id).await
+            }
+            ClientEvent::MessageCreate(m) => self.create_message(m, &event_id).await,
+            ClientEvent::ResponseCancel { response_id } => self
+                .state
+                .chat
+                .cancel(&self.owner, &response_id)
+                .await
+                .map_err(|e| errors::from_chat(&e)),
+            ClientEvent::ResponseResume {
+                response_id,
+                after_revision,
+            } => {
+                self.resume_response(&response_id, after_revision.unwrap_or(0), &event_id)
                     .await
             }
-            ClientEvent::MessageCreate(m) => self.clone().create_message(m, event_id.clone()).await,
-            ClientEvent::ResponseCancel { response_id } => self.cancel_response(&response_id),
         };
         if let Err(e) = result {
             self.outbox.error(e.with_event_id(event_id)).await;
         }
     }
 
-    async fn create_session(&self, metadata: serde_json::Value, event_id: Option<String>) -> Result<(), WireError> {
+    fn spawn_forwarder(&self, response_id: String, source: Source, event_id: Option<String>) {
+        let outbox = self.outbox.clone();
+        self.forwarders
+            .lock()
+            .expect("forwarders poisoned")
+            .spawn(forward(outbox, response_id, source, event_id));
+    }
+
+    async fn create_session(&self, metadata: serde_json::Value, event_id: &Option<String>) -> Result<(), WireError> {
         let info = self
             .state
-            .store
-            .create(&self.owner, metadata)
+            .chat
+            .create_session(&self.owner, metadata)
             .await
-            .map_err(|e| errors::from_store(&e))?;
+            .map_err(|e| errors::from_chat(&e))?;
         self.outbox
             .send(ServerEvent::SessionCreated {
                 session_id: info.id,
-                event_id,
+                event_id: event_id.clone(),
             })
             .await;
-        Ok(())
-    }
-
-    /// Checks that `session_id` exists and belongs to this connection's key. Another key's
-    /// session reads as not found, so ids cannot be probed.
-    async fn owned_session(&self, session_id: &str) -> Result<(), WireError> {
-        let info = self
-            .state
-            .store
-            .get(session_id)
-            .await
-            .map_err(|e| errors::from_store(&e))?;
-        if info.owner != self.owner {
-            return Err(errors::from_store(&crate::sessions::StoreError::NotFound(
-                session_id.to_owned(),
-            )));
-        }
         Ok(())
     }
 
@@ -327,117 +272,131 @@ impl Connection {
         &self,
         session_id: &str,
         after: Option<&str>,
-        event_id: Option<String>,
+        event_id: &Option<String>,
     ) -> Result<(), WireError> {
-        self.owned_session(session_id).await?;
-        let messages = self
+        let resumed = self
             .state
-            .store
-            .messages(session_id)
+            .chat
+            .resume_session(&self.owner, session_id, after)
             .await
-            .map_err(|e| errors::from_store(&e))?;
-        // Messages after the client's last seen id; an unknown id (stale client) gets everything.
-        let start = after
-            .and_then(|id| messages.iter().position(|m| m.id == id))
-            .map_or(0, |i| i + 1);
-        let messages = messages[start..].iter().map(to_wire).collect();
+            .map_err(|e| errors::from_chat(&e))?;
+        let (running, watch) = match resumed.running {
+            Some((snapshot, watch)) => {
+                let latest = snapshot.latest;
+                let running = WireRunning {
+                    response_id: snapshot.response_id,
+                    message_id: snapshot.message_id,
+                    revision: latest.as_ref().map_or(0, |r| r.revision),
+                    text: latest.as_ref().map(|r| r.text.clone()).unwrap_or_default(),
+                    masked: latest.as_ref().map(|r| r.masked),
+                };
+                (Some(running), Some(watch))
+            }
+            None => (None, None),
+        };
         self.outbox
             .send(ServerEvent::SessionResumed {
                 session_id: session_id.to_owned(),
-                messages,
-                event_id,
+                messages: resumed.messages.iter().map(to_wire).collect(),
+                running,
+                event_id: event_id.clone(),
             })
             .await;
+        if let Some(watch) = watch {
+            self.follow(watch);
+        }
         Ok(())
     }
 
-    async fn create_message(self: Arc<Self>, m: MessageCreate, event_id: Option<String>) -> Result<(), WireError> {
-        let state = &self.state;
-        let limits = &state.config.limits;
+    async fn resume_response(
+        &self,
+        response_id: &str,
+        after_revision: usize,
+        event_id: &Option<String>,
+    ) -> Result<(), WireError> {
+        let watch = self
+            .state
+            .chat
+            .resume_response(&self.owner, response_id, after_revision)
+            .await
+            .map_err(|e| errors::from_chat(&e))?;
+        self.outbox
+            .send(ServerEvent::ResponseResumed {
+                response_id: response_id.to_owned(),
+                session_id: watch.session_id.clone(),
+                event_id: event_id.clone(),
+            })
+            .await;
+        self.follow(watch);
+        Ok(())
+    }
+
+    /// Forwards the rest of a reply this connection resumed; the revision the client was just
+    /// shown comes again only if it is the newest.
+    fn follow(&self, watch: ReplyWatch) {
+        let response_id = watch.response_id.clone();
+        self.spawn_forwarder(response_id, Source::Watch(watch), None);
+    }
+
+    async fn create_message(&self, m: MessageCreate, event_id: &Option<String>) -> Result<(), WireError> {
+        let chat = &self.state.chat;
         if self.rate.check().is_err() {
             return Err(WireError::new(
                 ErrorCode::RateLimited,
                 format!(
                     "more than {} messages per minute on this connection",
-                    limits.messages_per_minute
+                    self.state.config.limits.messages_per_minute
                 ),
             ));
         }
-        if m.content.trim().is_empty() {
-            return Err(WireError::new(ErrorCode::InvalidField, "`content` must not be empty"));
-        }
-        let chars = m.content.chars().count();
-        if chars > limits.max_message_chars {
-            return Err(WireError::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "`content` has {chars} characters; the limit is {}",
-                    limits.max_message_chars
-                ),
-            ));
-        }
-        let options = m.options.resolve(&state.config.decode, limits)?;
-        if state.shutdown.is_cancelled() {
-            return Err(WireError::new(
-                ErrorCode::ShuttingDown,
-                "the server is shutting down; reconnect",
-            ));
-        }
-        self.owned_session(&m.session_id).await?;
-        let busy = reply::BusyGuard::acquire(state.clone(), &m.session_id).ok_or_else(|| {
-            WireError::new(
-                ErrorCode::Busy,
-                "a reply is still running in this session; wait for response.done or send response.cancel",
-            )
-        })?;
-
-        // The user's message is stored before anything is generated, so it survives any failure.
-        let message = StoredMessage::new(crate::sessions::Role::User, m.content, None, m.client_message_id);
-        let appended = state
-            .store
-            .append(&m.session_id, message)
-            .await
-            .map_err(|e| errors::from_store(&e))?;
-        let history = state
-            .store
-            .messages(&m.session_id)
-            .await
-            .map_err(|e| errors::from_store(&e))?;
-        self.outbox
-            .send(ServerEvent::MessageAccepted {
+        let message = chat
+            .validator()
+            .message(NewMessage {
                 session_id: m.session_id.clone(),
-                message_id: appended.message.id.clone(),
-                duplicate: appended.duplicate,
-                event_id: event_id.clone(),
+                content: m.content,
+                client_message_id: m.client_message_id,
+                options: m.options,
             })
-            .await;
-        let Some(turns) = reply::turns_for(&history, &appended.message.id) else {
-            // A resent message that was already answered: nothing more to do.
-            return Ok(());
-        };
-        reply::start(
-            self.clone(),
-            busy,
-            m.session_id,
-            appended.message.id,
-            turns,
-            options,
-            event_id,
-        )
-        .await
-    }
-
-    fn cancel_response(&self, response_id: &str) -> Result<(), WireError> {
-        match self.replies.lock().expect("replies poisoned").get(response_id) {
-            Some(token) => {
-                token.cancel();
-                Ok(())
+            .map_err(|e| errors::from_validation(&e))?;
+        let mut stream = chat
+            .send(&self.owner, message)
+            .await
+            .map_err(|e| errors::from_chat(&e))?;
+        // The first events are there at once; the reply's own come through a forwarder, so
+        // this connection goes on reading frames meanwhile.
+        while let Some(event) = stream.next().await {
+            match event {
+                ChatEvent::Accepted { message_id, duplicate } => {
+                    self.outbox
+                        .send(ServerEvent::MessageAccepted {
+                            session_id: m.session_id.clone(),
+                            message_id,
+                            duplicate,
+                            event_id: event_id.clone(),
+                        })
+                        .await;
+                }
+                ChatEvent::Created {
+                    response_id,
+                    message_id,
+                } => {
+                    self.outbox
+                        .send(ServerEvent::ResponseCreated {
+                            response_id: response_id.clone(),
+                            session_id: m.session_id.clone(),
+                            message_id,
+                            event_id: event_id.clone(),
+                        })
+                        .await;
+                    self.spawn_forwarder(response_id, Source::Sent(stream), event_id.clone());
+                    return Ok(());
+                }
+                ChatEvent::Refused(e) => return Err(errors::from_chat(&e)),
+                // A reply's events only come after its `Created`.
+                ChatEvent::Reply(_) => {}
             }
-            None => Err(WireError::new(
-                ErrorCode::ResponseNotFound,
-                format!("no running response {response_id} on this connection"),
-            )),
         }
+        Ok(())
     }
 }
 
@@ -447,9 +406,6 @@ fn to_wire(m: &StoredMessage) -> WireMessage {
         role: m.role.as_str().to_owned(),
         content: m.content.clone(),
         created_at: m.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        status: m.status.map(|s| match s {
-            crate::sessions::MessageStatus::Completed => "completed".to_owned(),
-            crate::sessions::MessageStatus::Cancelled => "cancelled".to_owned(),
-        }),
+        status: m.status.map(|s| s.as_str().to_owned()),
     }
 }

@@ -1,11 +1,35 @@
 //! Subsystem errors to wire errors: the one place codes are chosen, so the protocol, the
 //! metrics label and the docs agree.
 
+use crate::chat::{ChatError, FailureKind, ReplyFailure, ValidationError};
 use crate::engine::EngineError;
 use crate::protocol::{ErrorCode, WireError};
 use crate::sessions::StoreError;
 
-pub(super) fn from_store(e: &StoreError) -> WireError {
+pub(super) fn from_chat(e: &ChatError) -> WireError {
+    match e {
+        ChatError::Invalid(v) => from_validation(v),
+        ChatError::SessionNotFound(_) => WireError::new(ErrorCode::SessionNotFound, e.to_string()),
+        ChatError::ResponseNotFound(_) => WireError::new(ErrorCode::ResponseNotFound, e.to_string()),
+        ChatError::Busy => WireError::new(
+            ErrorCode::Busy,
+            "a reply is still running in this session; wait for response.done or send response.cancel",
+        ),
+        ChatError::ShuttingDown => WireError::new(ErrorCode::ShuttingDown, "the server is shutting down; reconnect"),
+        ChatError::Store(s) => from_store(s),
+        ChatError::Engine(e) => from_engine(e),
+    }
+}
+
+pub(super) fn from_validation(e: &ValidationError) -> WireError {
+    let code = match e {
+        ValidationError::ContentTooLong { .. } => ErrorCode::MessageTooLarge,
+        ValidationError::EmptyContent | ValidationError::Option { .. } => ErrorCode::InvalidField,
+    };
+    WireError::new(code, e.to_string())
+}
+
+fn from_store(e: &StoreError) -> WireError {
     match e {
         StoreError::NotFound(id) => WireError::new(
             ErrorCode::SessionNotFound,
@@ -19,7 +43,7 @@ pub(super) fn from_store(e: &StoreError) -> WireError {
     }
 }
 
-pub(super) fn from_engine(e: &EngineError) -> WireError {
+fn from_engine(e: &EngineError) -> WireError {
     let code = match e {
         EngineError::ContextOverflow { .. } => ErrorCode::ContextOverflow,
         EngineError::Overloaded { .. } => ErrorCode::Overloaded,
@@ -31,4 +55,16 @@ pub(super) fn from_engine(e: &EngineError) -> WireError {
         | EngineError::Decode(_) => ErrorCode::Internal,
     };
     WireError::new(code, e.to_string())
+}
+
+pub(super) fn from_failure(f: &ReplyFailure) -> WireError {
+    let code = match f.kind {
+        FailureKind::GeneratorLost => ErrorCode::GeneratorLost,
+        FailureKind::ContextOverflow => ErrorCode::ContextOverflow,
+        FailureKind::Overloaded => ErrorCode::Overloaded,
+        FailureKind::StoreUnavailable => ErrorCode::StoreUnavailable,
+        FailureKind::ShuttingDown => ErrorCode::ShuttingDown,
+        FailureKind::Internal => ErrorCode::Internal,
+    };
+    WireError::new(code, f.message.clone())
 }

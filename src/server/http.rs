@@ -17,10 +17,10 @@ pub(super) async fn health() -> impl IntoResponse {
 
 /// Readiness: the model is loaded (it is, once the server runs) and the store answers.
 pub(super) async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let info = state.engine.info();
+    let info = state.chat.engine().info();
     let model = json!({"engine": info.engine, "path": info.model_path, "architecture": info.architecture,
                        "context_length": info.context_length});
-    match state.store.ping().await {
+    match state.chat.store_ready().await {
         Ok(()) if !state.shutdown.is_cancelled() => (
             StatusCode::OK,
             Json(json!({"status": "ready", "model": model, "store": "ok"})),

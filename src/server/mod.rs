@@ -1,8 +1,10 @@
 //! The network edge: one port serving the WebSocket chat endpoint and the operational HTTP
-//! endpoints, plus graceful shutdown.
+//! endpoints, plus graceful shutdown. A thin translator: frames become calls of the conversation
+//! core ([`crate::chat::Chat`]) and its events become frames.
 //!
 //! - [`connection`]: one WebSocket connection (frames, limits, pings, dispatch).
-//! - [`reply`]: one reply, from the stored user message to the stored assistant message.
+//! - [`outbox`]: a connection's outgoing queue and the task that writes it to the socket.
+//! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
@@ -11,13 +13,14 @@
 
 mod connection;
 mod errors;
+mod forward;
 mod http;
-mod reply;
+mod outbox;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
@@ -27,32 +30,26 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chat::Chat;
 use crate::config::Config;
-use crate::engine::Engine;
-use crate::sessions::SessionStore;
 
 /// What the server is built from.
 pub struct Services {
     pub config: Config,
-    pub store: Arc<dyn SessionStore>,
-    pub engine: Arc<dyn Engine>,
-    pub system_prompt: String,
+    pub chat: Chat,
 }
 
 /// State shared by every connection.
 pub(crate) struct AppState {
     pub config: Config,
-    pub store: Arc<dyn SessionStore>,
-    pub engine: Arc<dyn Engine>,
-    pub system_prompt: String,
+    pub chat: Chat,
     pub metrics: PrometheusHandle,
     /// One permit per open WebSocket; taken before the upgrade so overload is refused cheaply.
     pub connections: Arc<Semaphore>,
-    /// Sessions with a reply running on this replica: a session runs one reply at a time, so
-    /// its history stays a strict user/assistant alternation.
-    pub busy_sessions: Mutex<HashSet<String>>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
+    /// Cancelled once the core has finished or cancelled every running reply.
+    pub drained: CancellationToken,
     /// Every connection task, so shutdown can wait for their close frames.
     pub tasks: TaskTracker,
 }
@@ -71,30 +68,26 @@ pub async fn run(
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Services {
-        config,
-        store,
-        engine,
-        system_prompt,
-    } = services;
+    let Services { config, chat } = services;
     if config.auth.keys.is_empty() {
         tracing::warn!("no API keys configured: authentication is OFF and every client is \"anonymous\"");
     }
     let state = Arc::new(AppState {
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
-        store,
-        engine,
-        system_prompt,
+        chat,
         metrics: crate::metrics::install(),
-        busy_sessions: Mutex::new(HashSet::new()),
         shutdown: CancellationToken::new(),
+        drained: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
-    let token = state.shutdown.clone();
+    let drain = state.clone();
     tokio::spawn(async move {
         shutdown.await;
-        token.cancel();
+        drain.shutdown.cancel();
+        let grace = Duration::from_millis(drain.config.server.shutdown_grace_ms);
+        drain.chat.drain(grace).await;
+        drain.drained.cancel();
     });
 
     let app = Router::new()
@@ -103,13 +96,15 @@ pub async fn run(
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))
         .with_state(state.clone());
-    tracing::info!(addr = %listener.local_addr()?, engine = state.engine.info().engine, "serving");
+    let engine = state.chat.engine().info().engine;
+    tracing::info!(addr = %listener.local_addr()?, engine, "serving");
     let token = state.shutdown.clone();
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await?;
     state.tasks.close();
     state.tasks.wait().await;
+    state.drained.cancelled().await;
     tracing::info!("shut down");
     Ok(())
 }

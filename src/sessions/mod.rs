@@ -6,14 +6,25 @@
 //!
 //! Appends are idempotent per `client_message_id`: resending a message returns the stored one
 //! instead of storing it twice.
+//!
+//! Stores also coordinate replies across replicas ([`lease`]): a session lease with a fencing
+//! token so one replica at a time answers a session, a capped log of each reply's newest events
+//! that any replica can read and tail, and the records that let a live replica end the reply of
+//! a dead one.
 
+pub mod lease;
 pub mod memory;
 pub mod redis;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use self::lease::{
+    Begin, Lease, LeaseState, LoggedEvent, ReplyLog, ReplyStart, RunningReply, TailBatch, TailCursor,
+};
 pub use self::memory::MemoryStore;
 pub use self::redis::RedisStore;
 
@@ -39,7 +50,20 @@ impl Role {
 #[serde(rename_all = "snake_case")]
 pub enum MessageStatus {
     Completed,
+    /// Stopped on request; holds the text unmasked so far.
     Cancelled,
+    /// Its generator was lost before it ended; holds no text and does not answer the message.
+    Failed,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Completed => "completed",
+            MessageStatus::Cancelled => "cancelled",
+            MessageStatus::Failed => "failed",
+        }
+    }
 }
 
 /// A message as stored.
@@ -117,20 +141,83 @@ pub trait SessionStore: Send + Sync {
     async fn append(&self, id: &str, message: StoredMessage) -> Result<Appended, StoreError>;
     /// Checks the store answers (for `/ready`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// In one atomic step: unless the session has a running reply, appends the user's `message`
+    /// (idempotently, as [`SessionStore::append`]) and grants the session lease for `start`.
+    async fn begin_reply(
+        &self,
+        session_id: &str,
+        message: StoredMessage,
+        start: &ReplyStart,
+    ) -> Result<Begin, StoreError>;
+    /// Extends a held lease by `lease_ms` from now.
+    async fn renew_lease(&self, lease: &Lease, lease_ms: u64) -> Result<LeaseState, StoreError>;
+    /// Appends `event` to the reply's log if `lease` is still held.
+    async fn log_event(&self, lease: &Lease, event: &LoggedEvent) -> Result<LeaseState, StoreError>;
+    /// Ends the reply if `lease` is still held: appends `message` (when given) to the history and
+    /// `event` (when given) to the log, keeps the log for `store.reply_log_ttl_secs` and releases
+    /// the lease.
+    async fn finish_reply(
+        &self,
+        lease: &Lease,
+        message: Option<StoredMessage>,
+        event: Option<&LoggedEvent>,
+    ) -> Result<LeaseState, StoreError>;
+    /// The session's running reply, if one runs or awaits recovery.
+    async fn running_reply(&self, session_id: &str) -> Result<Option<RunningReply>, StoreError>;
+    /// Asks the generator of a running reply to stop; false when the reply is not running.
+    async fn request_cancel(&self, session_id: &str, response_id: &str) -> Result<bool, StoreError>;
+    /// The newest events of a response and its session; `None` once the log expired (or never
+    /// existed).
+    async fn reply_log(&self, response_id: &str) -> Result<Option<ReplyLog>, StoreError>;
+    /// Waits up to `block` for events after the cursors; returns at once when some are there.
+    async fn tail(&self, cursors: &[TailCursor], block: Duration) -> Result<Vec<TailBatch>, StoreError>;
+    /// Running replies whose lease has expired: their generator died or stalled.
+    async fn expired_replies(&self, limit: usize) -> Result<Vec<RunningReply>, StoreError>;
+    /// Ends `reply` for its lost generator, if its lease is still expired and it is still the
+    /// same reply: appends `message` and `event` as [`SessionStore::finish_reply`] does. Returns
+    /// whether it did (another replica may have been first).
+    async fn recover_reply(
+        &self,
+        reply: &RunningReply,
+        message: StoredMessage,
+        event: &LoggedEvent,
+    ) -> Result<bool, StoreError>;
+}
+
+/// How long things live in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Sessions expire after this long without activity.
+    pub session_ttl: Duration,
+    /// A reply's log is kept this long after the reply ended.
+    pub reply_log_ttl: Duration,
+    /// Events kept per reply log (the newest).
+    pub reply_log_events: usize,
+}
+
+impl Retention {
+    pub fn of(config: &crate::config::StoreConfig) -> Self {
+        Self {
+            session_ttl: Duration::from_secs(config.session_ttl_secs),
+            reply_log_ttl: Duration::from_secs(config.reply_log_ttl_secs),
+            reply_log_events: config.reply_log_events,
+        }
+    }
 }
 
 /// Opens the store named by `store.url`.
 pub async fn open(config: &crate::config::StoreConfig) -> Result<std::sync::Arc<dyn SessionStore>, StoreError> {
-    let ttl = std::time::Duration::from_secs(config.session_ttl_secs);
+    let retention = Retention::of(config);
     if config.url == "memory" {
-        Ok(std::sync::Arc::new(MemoryStore::new(ttl)))
+        Ok(std::sync::Arc::new(MemoryStore::new(retention)))
     } else {
         let store = RedisStore::connect(
             &config.url,
             &config.key_prefix,
-            ttl,
-            std::time::Duration::from_millis(config.connect_timeout_ms),
-            std::time::Duration::from_millis(config.command_timeout_ms),
+            retention,
+            Duration::from_millis(config.connect_timeout_ms),
+            Duration::from_millis(config.command_timeout_ms),
         )
         .await?;
         Ok(std::sync::Arc::new(store))

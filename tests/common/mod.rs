@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dllm_chat::config::Config;
 use dllm_chat::engine::{self, Engine};
-use dllm_chat::sessions::{self, SessionStore};
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -59,25 +59,16 @@ pub async fn start_engine(config: &Config) -> Arc<dyn Engine> {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub config: Config,
-    pub store: Arc<dyn SessionStore>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        config.validate().expect("test config is valid");
-        let engine = start_engine(&config).await;
-        let store = sessions::open(&config.store).await.expect("store opens");
+        let services = dllm_chat::app::build(config.clone()).await.expect("service builds");
         let listener = tokio::net::TcpListener::bind(config.server.bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let services = dllm_chat::Services {
-            config: config.clone(),
-            store: store.clone(),
-            engine,
-            system_prompt: config.system_prompt().unwrap(),
-        };
         let task = tokio::spawn(async move {
             dllm_chat::run(listener, services, async {
                 let _ = rx.await;
@@ -88,7 +79,6 @@ impl TestServer {
         Self {
             addr,
             config,
-            store,
             shutdown: Some(tx),
             task: Some(task),
         }

@@ -1,0 +1,68 @@
+//! The composition root: the one place start-up builds the service from its configuration (the
+//! model, the engine, the session store and the conversation core), for `serve` and for tests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::chat::{Chat, ChatParts, ValidationError, Validator};
+use crate::config::{Config, ConfigError};
+use crate::engine::{self, Engine, EngineError};
+use crate::models::ModelError;
+use crate::server::Services;
+use crate::sessions::{self, SessionStore, StoreError};
+
+/// Why the service could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid setting: {0}")]
+    Defaults(#[from] ValidationError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("opening the session store {url}: {source}")]
+    Store { url: String, source: StoreError },
+}
+
+/// Validates `config`, loads the model onto its engine thread, opens the store and starts the
+/// conversation core. Call inside a tokio runtime.
+pub async fn build(config: Config) -> Result<Services, StartError> {
+    config.validate()?;
+    // Settings are checked before the model loads, which takes a while.
+    Validator::new(&config.decode, &config.limits)?;
+    config.system_prompt()?;
+    let model_path = crate::models::resolve(&config.model.path)?;
+    tracing::info!(model = %model_path.display(), "loading model");
+    let started = Instant::now();
+    let engine_config = config.clone();
+    let engine = tokio::task::spawn_blocking(move || engine::start(&engine_config, model_path))
+        .await
+        .map_err(|e| EngineError::Load {
+            path: config.model.path.clone(),
+            reason: e.to_string(),
+        })??;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "model loaded");
+    let store = sessions::open(&config.store)
+        .await
+        .map_err(|source| StartError::Store {
+            url: config.store.url.clone(),
+            source,
+        })?;
+    assemble(config, engine, store)
+}
+
+/// The service on an engine and a store that are already running (the benchmark shares one
+/// engine between cases). Call inside a tokio runtime.
+pub fn assemble(config: Config, engine: Arc<dyn Engine>, store: Arc<dyn SessionStore>) -> Result<Services, StartError> {
+    config.validate()?;
+    let chat = Chat::start(ChatParts {
+        validator: Validator::new(&config.decode, &config.limits)?,
+        system_prompt: config.system_prompt()?,
+        config: config.chat.clone(),
+        store,
+        engine,
+    });
+    Ok(Services { config, chat })
+}

@@ -1,0 +1,280 @@
+//! One reply generated on this replica: engine events become reply events, each written to the
+//! session's reply log under the session lease before watchers here see it; the lease is renewed
+//! beside it; the end stores the assistant's message in the same fenced write as the terminal
+//! event.
+//!
+//! Losing the lease (it expired while this replica stalled, or the store stayed away past it)
+//! stops the reply without another write: another replica ends it as `generator_lost`, and the
+//! watchers here are told the same.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{DoneEvent, FailureKind, ReplyEvent, ReplyFailure, ReplyStatus, RevisionEvent, Timings, Usage};
+use super::Core;
+use crate::engine::{EngineError, EngineEvent, ReplyStream, StopReason};
+use crate::sessions::{Lease, LeaseState, LoggedEvent, MessageStatus, Role, SessionStore, StoredMessage};
+
+/// A running reply and what it needs.
+pub(super) struct Reply {
+    pub core: Arc<Core>,
+    pub lease: Lease,
+    pub stream: ReplyStream,
+    pub submitted: Instant,
+}
+
+/// What the lease keeper last learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keeper {
+    Held,
+    CancelRequested,
+    Lost,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub(super) fn failure(kind: FailureKind, message: impl Into<String>) -> ReplyFailure {
+    ReplyFailure {
+        kind,
+        message: message.into(),
+    }
+}
+
+fn engine_failure(e: &EngineError) -> ReplyFailure {
+    let kind = match e {
+        EngineError::ContextOverflow { .. } => FailureKind::ContextOverflow,
+        EngineError::Overloaded { .. } => FailureKind::Overloaded,
+        EngineError::Stopped => FailureKind::ShuttingDown,
+        _ => FailureKind::Internal,
+    };
+    failure(kind, e.to_string())
+}
+
+/// The terminal event of a reply whose generator was lost.
+pub(super) fn lost(revisions: usize, message: &str) -> DoneEvent {
+    DoneEvent {
+        status: ReplyStatus::Failed,
+        text: String::new(),
+        revisions,
+        usage: Usage::default(),
+        timings: Timings::default(),
+        error: Some(failure(FailureKind::GeneratorLost, message)),
+    }
+}
+
+/// Renews `lease` every third of its length until `stop`; reports through the watch. A lease it
+/// could not renew before its own deadline counts as lost: the holder must stop by itself.
+async fn keep_lease(
+    store: Arc<dyn SessionStore>,
+    lease: Lease,
+    lease_ms: u64,
+    report: watch::Sender<Keeper>,
+    stop: CancellationToken,
+) {
+    let length = Duration::from_millis(lease_ms);
+    let every = length / 3;
+    let mut deadline = Instant::now() + length;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let asked = Instant::now();
+        let renewed = tokio::time::timeout(every, store.renew_lease(&lease, lease_ms)).await;
+        let state = match renewed {
+            Ok(Ok(LeaseState::Held)) => Keeper::Held,
+            Ok(Ok(LeaseState::CancelRequested)) => Keeper::CancelRequested,
+            Ok(Ok(LeaseState::Lost)) => Keeper::Lost,
+            Ok(Err(_)) | Err(_) if Instant::now() + every < deadline => continue,
+            Ok(Err(_)) | Err(_) => Keeper::Lost,
+        };
+        if state != Keeper::Lost {
+            deadline = asked + length;
+        }
+        let _ = report.send(state);
+        if state == Keeper::Lost {
+            return;
+        }
+    }
+}
+
+impl Reply {
+    pub async fn run(self) {
+        let Reply {
+            core,
+            lease,
+            stream,
+            submitted,
+        } = self;
+        let ReplyStream { mut events, cancel } = stream;
+        let response_id = lease.response_id.clone();
+        let (report, mut kept) = watch::channel(Keeper::Held);
+        let stop_keeper = CancellationToken::new();
+        tokio::spawn(keep_lease(
+            core.store.clone(),
+            lease.clone(),
+            core.config.lease_ms,
+            report,
+            stop_keeper.clone(),
+        ));
+        let _stop_keeper = stop_keeper.drop_guard();
+
+        let mut usage = Usage::default();
+        let mut timings = Timings::default();
+        let mut revisions = 0;
+        let mut lease_lost = false;
+        let outcome = loop {
+            let event = tokio::select! {
+                event = events.recv() => event,
+                changed = kept.changed() => {
+                    match (changed, *kept.borrow()) {
+                        (Ok(()), Keeper::CancelRequested) => cancel.cancel(),
+                        (Ok(()), Keeper::Lost) => {
+                            lease_lost = true;
+                            break None;
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else {
+                break Some(Err(failure(
+                    FailureKind::Internal,
+                    "the engine stopped during the reply",
+                )));
+            };
+            match event {
+                EngineEvent::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                    queue_wait,
+                    dropped_turns,
+                } => {
+                    usage.prompt_tokens = prompt_tokens;
+                    usage.cached_prompt_tokens = cached_tokens;
+                    timings.queue_ms = ms(queue_wait);
+                    crate::metrics::queue_time(queue_wait);
+                    if dropped_turns > 0 {
+                        tracing::debug!(session = %lease.session_id, dropped_turns, "history truncated to fit the context");
+                    }
+                }
+                EngineEvent::Revision(r) => {
+                    revisions += 1;
+                    if revisions == 1 {
+                        timings.first_revision_ms = ms(submitted.elapsed());
+                        crate::metrics::first_revision(submitted.elapsed());
+                    }
+                    crate::metrics::step(r.unmasked);
+                    let event = ReplyEvent::Revision(RevisionEvent {
+                        revision: revisions,
+                        step: r.step,
+                        text: r.text,
+                        masked: r.masked,
+                    });
+                    match core.store.log_event(&lease, &logged(&event)).await {
+                        Ok(LeaseState::Held) => {}
+                        Ok(LeaseState::CancelRequested) => cancel.cancel(),
+                        Ok(LeaseState::Lost) => {
+                            lease_lost = true;
+                            break None;
+                        }
+                        // Watchers here still see it; watchers elsewhere see the next one.
+                        Err(e) => tracing::warn!(response = %response_id, error = %e, "revision not logged"),
+                    }
+                    core.hub.publish(&response_id, event);
+                }
+                EngineEvent::Finished(c) => break Some(Ok(c)),
+                EngineEvent::Failed(e) => break Some(Err(engine_failure(&e))),
+            }
+        };
+        timings.total_ms = ms(submitted.elapsed());
+
+        let done = match outcome {
+            None => {
+                cancel.cancel();
+                crate::metrics::reply_done("failed", submitted.elapsed(), 0, 0);
+                lost(
+                    revisions,
+                    "this replica lost the session lease; the reply was not saved",
+                )
+            }
+            Some(outcome) => {
+                let (done, message) = match outcome {
+                    Ok(c) => {
+                        usage.completion_tokens = c.completion_tokens;
+                        timings.steps = c.steps;
+                        let (status, stored, label) = match c.reason {
+                            StopReason::Completed => (ReplyStatus::Completed, MessageStatus::Completed, "completed"),
+                            StopReason::Cancelled => (ReplyStatus::Cancelled, MessageStatus::Cancelled, "cancelled"),
+                        };
+                        crate::metrics::reply_done(label, submitted.elapsed(), c.steps, c.completion_tokens);
+                        let message = StoredMessage::new(Role::Assistant, c.text.clone(), Some(stored), None);
+                        let done = DoneEvent {
+                            status,
+                            text: c.text,
+                            revisions,
+                            usage,
+                            timings,
+                            error: None,
+                        };
+                        (done, Some(message))
+                    }
+                    Err(error) => {
+                        crate::metrics::reply_done("failed", submitted.elapsed(), 0, 0);
+                        let done = DoneEvent {
+                            status: ReplyStatus::Failed,
+                            text: String::new(),
+                            revisions,
+                            usage,
+                            timings,
+                            error: Some(error),
+                        };
+                        (done, None)
+                    }
+                };
+                let event = ReplyEvent::Done(done.clone());
+                match core.store.finish_reply(&lease, message, Some(&logged(&event))).await {
+                    Ok(LeaseState::Held | LeaseState::CancelRequested) => done,
+                    Ok(LeaseState::Lost) => {
+                        lease_lost = true;
+                        lost(
+                            revisions,
+                            "this replica lost the session lease; the reply was not saved",
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %lease.session_id, error = %e, "reply not stored");
+                        DoneEvent {
+                            error: Some(failure(
+                                FailureKind::StoreUnavailable,
+                                format!("the reply was not saved to the session: {e}"),
+                            )),
+                            ..done
+                        }
+                    }
+                }
+            }
+        };
+        if lease_lost {
+            tracing::warn!(session = %lease.session_id, response = %response_id, "session lease lost; reply stopped");
+        }
+        core.local_replies
+            .lock()
+            .expect("local replies poisoned")
+            .remove(&response_id);
+        core.hub.publish(&response_id, ReplyEvent::Done(done));
+    }
+}
+
+pub(super) fn logged(event: &ReplyEvent) -> LoggedEvent {
+    LoggedEvent {
+        seq: event.seq(),
+        payload: event.to_json(),
+    }
+}
