@@ -212,6 +212,13 @@ impl ReplyWatch {
         })
     }
 
+    /// Leaves out revisions up to `revision` (the client was just shown it).
+    pub fn skip_through(&mut self, revision: usize) {
+        self.queued
+            .retain(|e| !matches!(e, ReplyEvent::Revision(r) if r.revision <= revision));
+        self.last_revision = self.last_revision.max(revision);
+    }
+
     fn done_seen(&self) -> bool {
         self.queued.iter().any(|e| matches!(e, ReplyEvent::Done(_)))
     }

@@ -201,11 +201,14 @@ impl Chat {
                 .hub
                 .watch(store.as_ref(), &r.response_id, 0)
                 .await?
-                .map(|watch| {
+                .map(|mut watch| {
+                    let latest = watch.latest().cloned();
+                    // The snapshot shows the newest revision; the watch goes on after it.
+                    watch.skip_through(latest.as_ref().map_or(0, |r| r.revision));
                     let snapshot = RunningSnapshot {
                         response_id: r.response_id,
                         message_id: r.message_id,
-                        latest: watch.latest().cloned(),
+                        latest,
                     };
                     (snapshot, watch)
                 }),
