@@ -10,8 +10,6 @@
 //! - [`protocol`]: the JSON events of `/v1/chat` and the validation of decode options.
 //! - [`sessions`]: conversation history behind the `SessionStore` trait (Redis, in-memory).
 //! - [`engine`]: diffusion engines behind the `Engine` trait, unmasking policies, the canvas.
-//! - [`bench`]: side-by-side latency and throughput figures for engines and policies.
-//! - [`eval`]: held-out quality evaluation through the real inference paths.
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
@@ -19,10 +17,8 @@
 //! Native code (llama.cpp, ggml) runs on engine threads, never on the async runtime; all
 //! `unsafe` lives in the `ggml-ext` crate.
 
-pub mod bench;
 pub mod config;
 pub mod engine;
-pub mod eval;
 pub mod metrics;
 pub mod models;
 pub mod protocol;

@@ -18,8 +18,8 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use serde::Deserialize;
 
-use crate::engine::vocab::{backend, chat_tokens};
-use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
+use dllm_chat::engine::vocab::{backend, chat_tokens};
+use dllm_chat::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 
 /// Errors from evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +153,7 @@ pub struct Report {
     pub completion_tokens: usize,
     pub steps: usize,
     pub latencies: Vec<Duration>,
-    /// Every scored reply, in order, for inspection (`dllm-chat eval --show`).
+    /// Every scored reply, in order, for inspection (`dllm-tools eval --show`).
     pub samples: Vec<Sample>,
 }
 
@@ -324,7 +324,7 @@ pub async fn evaluate_engine(
             turns,
             options: options.clone(),
         };
-        let outcome = crate::engine::complete(engine, request).await?;
+        let outcome = dllm_chat::engine::complete(engine, request).await?;
         let completion = outcome.completion;
         report.latencies.push(outcome.total);
         report.completion_tokens += completion.completion_tokens;

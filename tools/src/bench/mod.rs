@@ -15,8 +15,8 @@ pub mod server;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 use crate::eval::{Dialog, IntentClassifier};
+use dllm_chat::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 
 /// One engine and decode configuration to measure.
 #[derive(Clone)]
