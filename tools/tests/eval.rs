@@ -7,8 +7,8 @@ use dllm_chat::config::Config;
 use dllm_chat::engine::{self, DecodeOptions, Engine, Schedule, Selection};
 use dllm_tools::eval::{evaluate_autoregressive, evaluate_engine, read_dialogs, IntentClassifier};
 
-const DIALOGS: &str = r#"{"turns":[{"role":"user","content":"Where is NW-12345?","intent":"track","facts":["NW-12345"],"slots":{"order":"NW-12345"}},{"role":"assistant","content":"Order NW-12345 has shipped."},{"role":"user","content":"Thanks!","intent":"thanks","facts":[],"slots":{}},{"role":"assistant","content":"You're welcome."}]}
-{"turns":[{"role":"user","content":"Return policy?","intent":"returns","facts":["30 days"],"slots":{}},{"role":"assistant","content":"Returns within 30 days."}]}
+const DIALOGS: &str = r#"{"id":"heldout-000000","split":"heldout","turns":[{"role":"user","content":"Where is NW-12345?","intent":"track","facts":["NW-12345"],"slots":{"order":"NW-12345"}},{"role":"assistant","content":"Order NW-12345 has shipped."},{"role":"user","content":"Thanks!","intent":"thanks","facts":[],"slots":{}},{"role":"assistant","content":"You're welcome."}]}
+{"id":"heldout-000001","split":"heldout","turns":[{"role":"user","content":"Return policy?","intent":"returns","facts":["30 days"],"slots":{}},{"role":"assistant","content":"Returns within 30 days."}]}
 "#;
 
 /// The default engine on the random-weight fixture model, with one ggml thread (tests run in parallel).
