@@ -14,8 +14,6 @@
 //! - [`sessions`]: history, leases and reply logs behind the `SessionStore` trait (Redis,
 //!   in-memory).
 //! - [`engine`]: diffusion engines behind the `Engine` trait, unmasking policies, the canvas.
-//! - [`bench`]: side-by-side latency and throughput figures for engines and policies.
-//! - [`eval`]: held-out quality evaluation through the real inference paths.
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
@@ -25,11 +23,9 @@
 //! `unsafe` lives in the `ggml-ext` crate.
 
 pub mod app;
-pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;
-pub mod eval;
 pub mod metrics;
 pub mod models;
 pub mod protocol;

@@ -1,14 +1,11 @@
-//! The `dllm-chat` binary: `serve` runs the chat service, `generate` runs one reply from the
-//! command line and prints every revision.
+//! The `dllm-chat` binary: `serve` runs the chat service. The command-line tools (`generate`,
+//! `eval`, `bench`) are the `dllm-tools` binary (`tools/`).
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dllm_chat::chat::{MessageOptions, Validator};
-use dllm_chat::config::{Config, EngineKind, ModelConfig};
-use dllm_chat::engine::{self, ChatTurn, EngineEvent, GenerateRequest};
+use dllm_chat::config::{Config, EngineKind};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -38,105 +35,6 @@ enum Command {
         #[arg(long)]
         store: Option<String>,
     },
-    /// Generate one reply and print each revision and a timing line.
-    Generate {
-        #[arg(long)]
-        prompt: String,
-        #[command(flatten)]
-        decode: DecodeArgs,
-    },
-    /// Score held-out dialogs through the real inference path and print a table.
-    Eval(EvalArgs),
-    /// Measure reply latency and throughput side by side and print markdown tables.
-    Bench(BenchArgs),
-}
-
-/// Options of `eval`.
-#[derive(clap::Args)]
-struct EvalArgs {
-    /// Held-out dialogs (JSONL from `dllm-train corpus`).
-    #[arg(long)]
-    heldout: PathBuf,
-    /// Reference dialogs whose replies define each intent's answers (the train split).
-    #[arg(long)]
-    reference: PathBuf,
-    /// The autoregressive twin (a `llama` GGUF) to score beside the diffusion model.
-    #[arg(long)]
-    twin: Option<PathBuf>,
-    /// Score only the first N held-out dialogs.
-    #[arg(long)]
-    max_dialogs: Option<usize>,
-    /// Also print the first N replies beside the user message and the gold reply.
-    #[arg(long, default_value_t = 0)]
-    show: usize,
-    /// Also print the diffusion model's intent and fact accuracy per intent.
-    #[arg(long)]
-    by_intent: bool,
-    #[command(flatten)]
-    decode: DecodeArgs,
-}
-
-/// Options of `bench`.
-#[derive(clap::Args)]
-struct BenchArgs {
-    /// Dialogs (JSONL from `dllm-train corpus`); those with earlier turns become the conversations.
-    #[arg(long)]
-    dialogs: PathBuf,
-    /// Conversations measured per case (each reply length gets its own).
-    #[arg(long, default_value_t = 8)]
-    conversations: usize,
-    /// Training dialogs (JSONL) whose answers classify replies by intent; adds intent accuracy.
-    #[arg(long)]
-    reference: Option<PathBuf>,
-    /// Reply lengths (canvas tokens) to measure.
-    #[arg(long, value_delimiter = ',', default_value = "64,128")]
-    reply_tokens: Vec<usize>,
-    /// Concurrent conversation counts for the throughput table.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
-    concurrency: Vec<usize>,
-    /// Threshold of the adaptive cases.
-    #[arg(long, default_value_t = 0.9)]
-    threshold: f32,
-    /// Block length of every case.
-    #[arg(long, default_value_t = 32)]
-    block_length: usize,
-}
-
-/// Decode options on the command line; unset ones come from `[decode]`.
-#[derive(clap::Args)]
-struct DecodeArgs {
-    /// Reply canvas length in tokens [default: decode.max_tokens]
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Most denoising steps per reply [default: decode.steps]
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Tokens per semi-autoregressive block [default: decode.block_length]
-    #[arg(long)]
-    block_length: Option<usize>,
-    /// Confidence a position needs to be unmasked under the threshold policy [default: decode.threshold]
-    #[arg(long)]
-    threshold: Option<f32>,
-    /// 0 picks the most likely token; above 0 samples [default: decode.temperature]
-    #[arg(long)]
-    temperature: Option<f32>,
-    /// Sampling seed [default: decode.seed]
-    #[arg(long)]
-    seed: Option<u64>,
-}
-
-impl DecodeArgs {
-    fn options(self) -> MessageOptions {
-        MessageOptions {
-            max_tokens: self.max_tokens,
-            steps: self.steps,
-            block_length: self.block_length,
-            threshold: self.threshold,
-            temperature: self.temperature,
-            seed: self.seed,
-            ..Default::default()
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -159,34 +57,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(e) = cli.engine {
         section("model", "engine", serde_json::to_value(e)?);
     }
-    if let Command::Serve { bind, store } = &cli.command {
-        if let Some(b) = bind {
-            section("server", "bind", json!(b));
-        }
-        if let Some(s) = store {
-            section("store", "url", json!(s));
-        }
+    let Command::Serve { bind, store } = &cli.command;
+    if let Some(b) = bind {
+        section("server", "bind", json!(b));
+    }
+    if let Some(s) = store {
+        section("store", "url", json!(s));
     }
     let config = Config::load(cli.config.as_deref())?.merged(Value::Object(patch))?;
-    config.validate()?;
-
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve { .. } => runtime.block_on(serve(config)),
-        Command::Generate { prompt, decode } => runtime.block_on(generate(config, prompt, decode.options())),
-        Command::Eval(args) => runtime.block_on(eval(config, args)),
-        Command::Bench(args) => runtime.block_on(bench(config, args)),
     }
-}
-
-async fn start_engine(config: &Config) -> anyhow::Result<std::sync::Arc<dyn engine::Engine>> {
-    let model_path = dllm_chat::models::resolve(&config.model.path)?;
-    tracing::info!(model = %model_path.display(), "loading model");
-    let config = config.clone();
-    let started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || engine::start(&config, model_path)).await??;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "model loaded");
-    Ok(engine)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -217,202 +99,4 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown requested");
-}
-
-async fn generate(config: Config, prompt: String, options: MessageOptions) -> anyhow::Result<()> {
-    let options = Validator::new(&config.decode, &config.limits)?.options(&options)?;
-    let engine = start_engine(&config).await?;
-    let request = GenerateRequest {
-        system: config.system_prompt()?,
-        turns: vec![ChatTurn {
-            role: "user".into(),
-            content: prompt,
-        }],
-        options,
-    };
-    let started = Instant::now();
-    let mut stream = engine.submit(request)?;
-    let mut first = None;
-    while let Some(event) = stream.events.recv().await {
-        match event {
-            EngineEvent::Started { prompt_tokens, .. } => println!("prompt: {prompt_tokens} tokens"),
-            EngineEvent::Revision(r) => {
-                first.get_or_insert_with(|| started.elapsed());
-                println!("[step {:>3} masked {:>3}] {}", r.step, r.masked, r.text);
-            }
-            EngineEvent::Finished(c) => {
-                let total = started.elapsed();
-                println!("\n{}", c.text);
-                println!(
-                    "timing: first revision {:.1} ms, total {:.1} ms, {} steps, {} tokens, {:.1} tokens/s",
-                    first.unwrap_or_default().as_secs_f64() * 1e3,
-                    total.as_secs_f64() * 1e3,
-                    c.steps,
-                    c.completion_tokens,
-                    c.completion_tokens as f64 / total.as_secs_f64()
-                );
-                return Ok(());
-            }
-            EngineEvent::Failed(e) => return Err(e.into()),
-        }
-    }
-    anyhow::bail!("the engine stopped before the reply finished")
-}
-
-async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
-    use dllm_chat::eval;
-    let EvalArgs {
-        heldout,
-        reference,
-        twin,
-        max_dialogs,
-        show,
-        by_intent,
-        decode,
-    } = args;
-    let options = Validator::new(&config.decode, &config.limits)?.options(&decode.options())?;
-    let mut dialogs = eval::read_dialogs(&heldout)?;
-    dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
-    let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
-    let system = config.system_prompt()?;
-    let engine = start_engine(&config).await?;
-    let diffusion = eval::evaluate_engine(engine.as_ref(), &system, &dialogs, &classifier, &options).await?;
-    let name = format!(
-        "{} ({} engine, {:?}, {} tokens)",
-        config.model.path,
-        engine.info().engine,
-        options.schedule,
-        options.max_tokens
-    );
-    let mut rows = vec![diffusion.row(&name)];
-    if show > 0 {
-        println!("{name}:\n{}", diffusion.show(show));
-    }
-    if by_intent {
-        println!("{name}, by intent:\n{}", diffusion.by_intent());
-    }
-    if let Some(twin) = twin {
-        let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);
-        let report = tokio::task::spawn_blocking(move || {
-            eval::evaluate_autoregressive(&twin, threads, ctx, max_tokens, &system, &dialogs, &classifier)
-                .map(|r| (r, format!("{} (autoregressive, greedy)", twin.display())))
-        })
-        .await??;
-        if show > 0 {
-            println!("{}:\n{}", report.1, report.0.show(show));
-        }
-        rows.push(report.0.row(&report.1));
-    }
-    println!("{}", eval::TABLE_HEADER);
-    for row in rows {
-        println!("{row}");
-    }
-    Ok(())
-}
-
-async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
-    use dllm_chat::bench::{self, Case};
-    use dllm_chat::engine::cached::CacheMode;
-    use dllm_chat::engine::{DecodeOptions, Schedule, Selection};
-    let pool = bench::conversations(&dllm_chat::eval::read_dialogs(&args.dialogs)?);
-    let per_length = args.conversations;
-    anyhow::ensure!(
-        pool.len() >= per_length * args.reply_tokens.len(),
-        "{} has {} dialogs with earlier turns; {} are needed ({} per reply length)",
-        args.dialogs.display(),
-        pool.len(),
-        per_length * args.reply_tokens.len(),
-        per_length
-    );
-    let classifier = match &args.reference {
-        Some(path) => Some(dllm_chat::eval::IntentClassifier::new(&dllm_chat::eval::read_dialogs(
-            path,
-        )?)),
-        None => None,
-    };
-    let system = config.system_prompt()?;
-    let most = args.concurrency.iter().copied().max().unwrap_or(1);
-    config.limits.max_running_replies = most;
-    config.limits.kept_conversation_caches = config.limits.kept_conversation_caches.max(most);
-    config.limits.max_waiting_replies = config.limits.max_waiting_replies.max(most);
-    let with_engine = |engine: EngineKind, cache: CacheMode, reuse_history: bool| Config {
-        model: ModelConfig {
-            engine,
-            cache,
-            reuse_history,
-            ..config.model.clone()
-        },
-        ..config.clone()
-    };
-    // Only case (e) keeps conversation caches across turns; the others prefill every prompt.
-    let reference = start_engine(&with_engine(EngineKind::Reference, CacheMode::Prefix, false)).await?;
-    let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
-    let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
-    let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, true)).await?;
-    let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
-        max_tokens,
-        steps: max_tokens,
-        block_length: args.block_length.min(max_tokens),
-        schedule,
-        selection: Selection::Confidence,
-        temperature: 0.0,
-        seed: 0,
-    };
-    let tau = args.threshold;
-    println!(
-        "model: {}  threads: {}  conversations per reply length: {per_length}  block: {}",
-        reference.info().model_path,
-        config.model.threads,
-        args.block_length
-    );
-    for (i, &tokens) in args.reply_tokens.iter().enumerate() {
-        // Fresh conversations per reply length, so no engine has seen them.
-        let conversations = &pool[i * per_length..(i + 1) * per_length];
-        let threshold = Schedule::Threshold { tau };
-        let cases = [
-            ("(a) reference, fixed 1 token/step", &reference, Schedule::Fixed, false),
-            ("(b) reference, threshold", &reference, threshold, false),
-            ("(c) cached: prefix cache, threshold", &prefix, threshold, false),
-            ("(d) cached: dual cache, threshold", &dual, threshold, false),
-            (
-                "(e) cached: prefix cache, threshold, history cached by the previous turn",
-                &reused,
-                threshold,
-                true,
-            ),
-        ]
-        .map(|(name, engine, schedule, warm)| Case {
-            name: format!("{name}, {tokens} tokens"),
-            engine: engine.clone(),
-            options: options(tokens, schedule),
-            warm,
-        });
-        let results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
-        println!("{}", bench::cases_table(&results));
-    }
-    let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
-    for engine in [&reference, &prefix] {
-        let mut levels = Vec::new();
-        for &level in &args.concurrency {
-            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, most).await?);
-        }
-        println!(
-            "{} engine, threshold {tau}, {} tokens, the same {most} conversations N at a time (engine API):\n{}",
-            engine.info().engine,
-            adaptive.max_tokens,
-            bench::concurrency_table(&levels)
-        );
-    }
-    // The same through the real server: WebSocket clients, sessions and streamed revisions.
-    let mut levels = Vec::new();
-    for &level in &args.concurrency {
-        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &pool, &adaptive, level, most).await?);
-    }
-    println!(
-        "cached engine through the server, the same {most} conversations N at a time (WebSocket clients, \
-         a new session per conversation, last user message only), threshold {tau}, {} tokens:\n{}",
-        adaptive.max_tokens,
-        bench::concurrency_table(&levels)
-    );
-    Ok(())
 }

@@ -15,8 +15,10 @@ pub mod server;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
-use crate::eval::{Dialog, IntentClassifier};
+use dllm_chat::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
+use dllm_train::corpus::{Dialog, Turn};
+
+use crate::eval::IntentClassifier;
 
 /// One engine and decode configuration to measure.
 #[derive(Clone)]
@@ -81,19 +83,22 @@ impl Conversation {
 pub fn conversations(dialogs: &[Dialog]) -> Vec<Conversation> {
     dialogs
         .iter()
-        .filter(|d| d.turns.iter().filter(|t| t.role == "user").count() >= 2)
+        .filter(|d| d.turns.iter().filter(|t| matches!(t, Turn::User { .. })).count() >= 2)
         .filter_map(|d| {
-            let last_user = d.turns.iter().rposition(|t| t.role == "user")?;
+            let last_user = d.turns.iter().rposition(|t| matches!(t, Turn::User { .. }))?;
+            let Turn::User { intent, slots, .. } = &d.turns[last_user] else {
+                return None;
+            };
             Some(Conversation {
                 turns: d.turns[..=last_user]
                     .iter()
                     .map(|t| ChatTurn {
-                        role: t.role.clone(),
-                        content: t.content.clone(),
+                        role: t.role().to_owned(),
+                        content: t.content().to_owned(),
                     })
                     .collect(),
-                intent: d.turns[last_user].intent.clone(),
-                slots: d.turns[last_user].slots.clone(),
+                intent: Some(intent.clone()),
+                slots: slots.clone(),
             })
         })
         .collect()

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -16,50 +16,33 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use serde::Deserialize;
 
-use crate::engine::vocab::{backend, chat_tokens};
-use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
+use dllm_chat::engine::vocab::{backend, chat_tokens};
+use dllm_chat::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
+use dllm_train::corpus::{CorpusError, Dialog, Turn};
 
 /// Errors from evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("dialog file {path:?}: {reason}")]
-    Data { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Corpus(#[from] CorpusError),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
-/// One turn of a corpus dialog (the generator's JSONL format).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Turn {
-    pub role: String,
-    pub content: String,
-    #[serde(default)]
-    pub intent: Option<String>,
-    #[serde(default)]
-    pub facts: Vec<String>,
-    #[serde(default)]
-    pub slots: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Dialog {
-    pub turns: Vec<Turn>,
-}
-
-/// Reads a JSONL dialog file.
+/// Reads a JSONL dialog file of `dllm-train corpus` (`train.jsonl`, `heldout.jsonl`). A line that
+/// does not match the corpus schema, a misspelt field included, is an error naming its line.
 pub fn read_dialogs(path: &Path) -> Result<Vec<Dialog>, EvalError> {
-    let fail = |reason: String| EvalError::Data {
-        path: path.to_owned(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| fail(format!("line {}: {e}", i + 1))))
-        .collect()
+    Ok(dllm_train::corpus::read_jsonl(path)?)
+}
+
+/// What a user turn expects of the reply to it.
+#[derive(Debug, Clone, Copy)]
+struct Expected<'a> {
+    content: &'a str,
+    intent: &'a str,
+    facts: &'a [String],
+    slots: &'a BTreeMap<String, String>,
 }
 
 /// Words of a reply with digit runs replaced, so answers of one intent compare alike whatever
@@ -105,10 +88,8 @@ impl IntentClassifier {
         let mut by_template: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
         for d in dialogs {
             for pair in d.turns.windows(2) {
-                if let (Some(intent), "assistant") = (&pair[0].intent, pair[1].role.as_str()) {
-                    let mut key: Vec<String> = words(&without_slots(&pair[1].content, &pair[0].slots))
-                        .into_iter()
-                        .collect();
+                if let [Turn::User { intent, slots, .. }, Turn::Assistant { content }] = pair {
+                    let mut key: Vec<String> = words(&without_slots(content, slots)).into_iter().collect();
                     key.sort();
                     by_template.entry(key).or_default().insert(intent.clone());
                 }
@@ -153,7 +134,7 @@ pub struct Report {
     pub completion_tokens: usize,
     pub steps: usize,
     pub latencies: Vec<Duration>,
-    /// Every scored reply, in order, for inspection (`dllm-chat eval --show`).
+    /// Every scored reply, in order, for inspection (`dllm-tools eval --show`).
     pub samples: Vec<Sample>,
 }
 
@@ -161,7 +142,7 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub user: String,
-    pub intent: Option<String>,
+    pub intent: String,
     pub gold: String,
     pub reply: String,
     pub intent_correct: bool,
@@ -169,12 +150,9 @@ pub struct Sample {
 }
 
 impl Report {
-    fn score(&mut self, classifier: &IntentClassifier, user: &Turn, gold: &str, reply: &str) {
+    fn score(&mut self, classifier: &IntentClassifier, user: Expected<'_>, gold: &str, reply: &str) {
         self.replies += 1;
-        let intent_correct = user
-            .intent
-            .as_deref()
-            .is_some_and(|i| classifier.matches(reply, &user.slots, i));
+        let intent_correct = classifier.matches(reply, user.slots, user.intent);
         self.intent_correct += usize::from(intent_correct);
         let lower = reply.to_lowercase();
         let facts_correct = user.facts.iter().all(|f| lower.contains(&f.to_lowercase()));
@@ -190,8 +168,8 @@ impl Report {
             self.exact += 1;
         }
         self.samples.push(Sample {
-            user: user.content.clone(),
-            intent: user.intent.clone(),
+            user: user.content.to_owned(),
+            intent: user.intent.to_owned(),
             gold: gold.to_owned(),
             reply: reply.to_owned(),
             intent_correct,
@@ -203,7 +181,7 @@ impl Report {
     pub fn by_intent(&self) -> String {
         let mut tally: HashMap<&str, (usize, usize, usize)> = HashMap::new();
         for s in &self.samples {
-            let entry = tally.entry(s.intent.as_deref().unwrap_or("-")).or_default();
+            let entry = tally.entry(s.intent.as_str()).or_default();
             entry.0 += 1;
             entry.1 += usize::from(s.intent_correct);
             entry.2 += usize::from(s.facts_correct);
@@ -232,10 +210,7 @@ impl Report {
             .map(|s| {
                 format!(
                     "user:  {}\nintent: {}\ngold:  {}\nreply: {}\n",
-                    s.user,
-                    s.intent.as_deref().unwrap_or("-"),
-                    s.gold,
-                    s.reply
+                    s.user, s.intent, s.gold, s.reply
                 )
             })
             .collect::<Vec<_>>()
@@ -289,23 +264,35 @@ impl Report {
 
 pub const TABLE_HEADER: &str = "| model | replies | intent | fact | slot | exact | tokens/step | median ms |\n| --- | --- | --- | --- | --- | --- | --- | --- |";
 
-/// (history before the turn, the user turn, the gold reply) for every assistant turn.
-fn cases(dialogs: &[Dialog]) -> impl Iterator<Item = (Vec<ChatTurn>, &Turn, &str)> {
+/// (history before the turn, what the user turn expects, the gold reply) for every assistant turn
+/// that answers a user turn.
+fn cases(dialogs: &[Dialog]) -> impl Iterator<Item = (Vec<ChatTurn>, Expected<'_>, &str)> {
     dialogs.iter().flat_map(|d| {
-        d.turns
-            .windows(2)
-            .enumerate()
-            .filter(|(_, p)| p[0].role == "user" && p[1].role == "assistant")
-            .map(move |(i, p)| {
-                let turns = d.turns[..=i]
-                    .iter()
-                    .map(|t| ChatTurn {
-                        role: t.role.clone(),
-                        content: t.content.clone(),
-                    })
-                    .collect();
-                (turns, &p[0], p[1].content.as_str())
-            })
+        d.turns.windows(2).enumerate().filter_map(move |(i, p)| {
+            let [Turn::User {
+                content,
+                intent,
+                facts,
+                slots,
+            }, Turn::Assistant { content: gold }] = p
+            else {
+                return None;
+            };
+            let turns = d.turns[..=i]
+                .iter()
+                .map(|t| ChatTurn {
+                    role: t.role().to_owned(),
+                    content: t.content().to_owned(),
+                })
+                .collect();
+            let expected = Expected {
+                content,
+                intent,
+                facts,
+                slots,
+            };
+            Some((turns, expected, gold.as_str()))
+        })
     })
 }
 
@@ -324,7 +311,7 @@ pub async fn evaluate_engine(
             turns,
             options: options.clone(),
         };
-        let outcome = crate::engine::complete(engine, request).await?;
+        let outcome = dllm_chat::engine::complete(engine, request).await?;
         let completion = outcome.completion;
         report.latencies.push(outcome.total);
         report.completion_tokens += completion.completion_tokens;
@@ -432,22 +419,83 @@ mod tests {
     fn dialog(pairs: &[(&str, &str, &str)]) -> Dialog {
         let mut turns = vec![];
         for (intent, user, reply) in pairs {
-            turns.push(Turn {
-                role: "user".into(),
+            turns.push(Turn::User {
                 content: user.to_string(),
-                intent: Some(intent.to_string()),
+                intent: intent.to_string(),
                 facts: vec![],
                 slots: BTreeMap::new(),
             });
-            turns.push(Turn {
-                role: "assistant".into(),
+            turns.push(Turn::Assistant {
                 content: reply.to_string(),
-                intent: None,
-                facts: vec![],
-                slots: BTreeMap::new(),
             });
         }
-        Dialog { turns }
+        Dialog {
+            id: "train-000000".into(),
+            split: dllm_train::corpus::Split::Train,
+            turns,
+        }
+    }
+
+    fn slots(turn: &mut Turn) -> &mut BTreeMap<String, String> {
+        match turn {
+            Turn::User { slots, .. } => slots,
+            Turn::Assistant { .. } => panic!("an assistant turn has no slots"),
+        }
+    }
+
+    /// A dialog as `dllm-train corpus` writes it (the example of `training/README.md`).
+    const CORPUS_LINE: &str = concat!(
+        r#"{"id":"train-000001","split":"train","turns":["#,
+        r#"{"role":"user","content":"Has my order shipped?","intent":"track_order_ask","facts":["order number","NW-"],"slots":{}},"#,
+        r#"{"role":"assistant","content":"I can look that up. What's your order number? It starts with NW- followed by 5 digits."},"#,
+        r#"{"role":"user","content":"The number is NW-75369","intent":"give_order_number","facts":["NW-75369","tracking link"],"slots":{"order":"NW-75369"}},"#,
+        r#"{"role":"assistant","content":"Thanks! I looked up order NW-75369. When it ships, we email you the tracking link, so keep an eye on your inbox."}]}"#
+    );
+
+    fn read_lines(lines: &[&str]) -> Result<Vec<Dialog>, EvalError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dialogs.jsonl");
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        read_dialogs(&file)
+    }
+
+    #[test]
+    fn a_line_of_the_corpus_format_parses_into_scored_cases() {
+        let dialogs = read_lines(&[CORPUS_LINE]).unwrap();
+        assert_eq!(dialogs.len(), 1);
+        assert_eq!(dialogs[0].turns.len(), 4);
+        let cases: Vec<_> = cases(&dialogs).collect();
+        assert_eq!(cases.len(), 2, "one case per assistant turn");
+        let (history, expected, gold) = &cases[1];
+        assert_eq!(history.len(), 3, "the gold history up to the user turn");
+        assert_eq!(history[2].role, "user");
+        assert_eq!(expected.content, "The number is NW-75369");
+        assert_eq!(expected.intent, "give_order_number");
+        assert_eq!(expected.facts, ["NW-75369", "tracking link"]);
+        assert_eq!(expected.slots.get("order").map(String::as_str), Some("NW-75369"));
+        assert!(gold.starts_with("Thanks! I looked up order NW-75369."));
+    }
+
+    #[test]
+    fn a_misspelt_required_field_is_an_error_naming_the_line() {
+        for (field, misspelt) in [
+            ("intent", "intnet"),
+            ("facts", "fact"),
+            ("slots", "slot"),
+            ("content", "contents"),
+            ("turns", "turn"),
+            ("split", "splt"),
+        ] {
+            let broken = CORPUS_LINE.replace(&format!("\"{field}\""), &format!("\"{misspelt}\""));
+            let error = read_lines(&[CORPUS_LINE, &broken])
+                .err()
+                .unwrap_or_else(|| panic!("{misspelt} instead of {field} was read"))
+                .to_string();
+            assert!(
+                error.contains("line 2") && error.contains(&format!("missing field `{field}`")),
+                "{error}"
+            );
+        }
     }
 
     #[test]
@@ -465,8 +513,8 @@ mod tests {
                 "Order NW-12345 ships soon; the tracking link is emailed.",
             ),
         ])];
-        reference[0].turns[2].slots.insert("order".into(), "NW-12345".into());
-        reference[0].turns[4].slots.insert("order".into(), "NW-12345".into());
+        slots(&mut reference[0].turns[2]).insert("order".into(), "NW-12345".into());
+        slots(&mut reference[0].turns[4]).insert("order".into(), "NW-12345".into());
         let c = IntentClassifier::new(&reference);
         assert_eq!(c.templates.len(), 2, "one template per distinct answer");
         let slots = BTreeMap::from([("order".to_owned(), "NW-99999".to_owned())]);
@@ -482,12 +530,17 @@ mod tests {
     fn report_scores_facts_slots_and_exact_match() {
         let reference = vec![dialog(&[("track", "q", "Order NW-1 ships.")])];
         let c = IntentClassifier::new(&reference);
-        let mut user = reference[0].turns[0].clone();
-        user.facts = vec!["ships".into()];
-        user.slots.insert("order".into(), "NW-77777".into());
+        let facts = vec!["ships".to_owned()];
+        let slots = BTreeMap::from([("order".to_owned(), "NW-77777".to_owned())]);
+        let user = Expected {
+            content: "q",
+            intent: "track",
+            facts: &facts,
+            slots: &slots,
+        };
         let mut r = Report::default();
-        r.score(&c, &user, "Order NW-77777 ships.", "Order NW-77777 ships.");
-        r.score(&c, &user, "Order NW-77777 ships.", "Order NW-11111 is late.");
+        r.score(&c, user, "Order NW-77777 ships.", "Order NW-77777 ships.");
+        r.score(&c, user, "Order NW-77777 ships.", "Order NW-11111 is late.");
         assert_eq!(
             (r.replies, r.exact, r.facts_correct, r.slot_turns, r.slots_correct),
             (2, 1, 1, 2, 1)

@@ -1,14 +1,28 @@
-//! The evaluation paths run real GGUF files: the diffusion fixture through the reference engine
+//! The evaluation paths run real GGUF files: the diffusion fixture through the default engine
 //! and its `llama` twin through llama.cpp's causal decode.
 
-mod common;
+use std::sync::Arc;
 
-use dllm_chat::engine::{DecodeOptions, Schedule, Selection};
-use dllm_chat::eval::{evaluate_autoregressive, evaluate_engine, read_dialogs, IntentClassifier};
+use dllm_chat::config::Config;
+use dllm_chat::engine::{self, DecodeOptions, Engine, Schedule, Selection};
+use dllm_tools::eval::{evaluate_autoregressive, evaluate_engine, read_dialogs, IntentClassifier};
 
-const DIALOGS: &str = r#"{"turns":[{"role":"user","content":"Where is NW-12345?","intent":"track","facts":["NW-12345"],"slots":{"order":"NW-12345"}},{"role":"assistant","content":"Order NW-12345 has shipped."},{"role":"user","content":"Thanks!","intent":"thanks","facts":[],"slots":{}},{"role":"assistant","content":"You're welcome."}]}
-{"turns":[{"role":"user","content":"Return policy?","intent":"returns","facts":["30 days"],"slots":{}},{"role":"assistant","content":"Returns within 30 days."}]}
+const DIALOGS: &str = r#"{"id":"heldout-000000","split":"heldout","turns":[{"role":"user","content":"Where is NW-12345?","intent":"track","facts":["NW-12345"],"slots":{"order":"NW-12345"}},{"role":"assistant","content":"Order NW-12345 has shipped."},{"role":"user","content":"Thanks!","intent":"thanks","facts":[],"slots":{}},{"role":"assistant","content":"You're welcome."}]}
+{"id":"heldout-000001","split":"heldout","turns":[{"role":"user","content":"Return policy?","intent":"returns","facts":["30 days"],"slots":{}},{"role":"assistant","content":"Returns within 30 days."}]}
 "#;
+
+/// The default engine on the random-weight fixture model, with one ggml thread (tests run in parallel).
+async fn fixture_engine() -> Arc<dyn Engine> {
+    let path = dllm_chat::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).expect("fixture model");
+    let mut config = Config::defaults();
+    config.model.path = path.display().to_string();
+    config.model.context_length = 1024;
+    config.model.threads = 1;
+    tokio::task::spawn_blocking(move || engine::start(&config, path))
+        .await
+        .unwrap()
+        .expect("engine starts")
+}
 
 #[tokio::test]
 async fn both_inference_paths_score_every_assistant_turn() {
@@ -20,8 +34,7 @@ async fn both_inference_paths_score_every_assistant_turn() {
     assert!(classifier.matches("Returns within 30 days.", &Default::default(), "returns"));
     assert!(!classifier.matches("Returns within 30 days.", &Default::default(), "track"));
 
-    let config = common::test_config();
-    let engine = common::start_engine(&config).await;
+    let engine = fixture_engine().await;
     let options = DecodeOptions {
         max_tokens: 8,
         steps: 8,

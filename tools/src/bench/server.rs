@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{summarize, ConcurrencyResult, Conversation};
-use crate::config::Config;
-use crate::engine::{DecodeOptions, Engine, Schedule};
+use dllm_chat::config::Config;
+use dllm_chat::engine::{DecodeOptions, Engine, Schedule};
 
 /// Errors of a server run.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub async fn run_concurrent(
     config.server.bind = "127.0.0.1:0".parse().expect("loopback address");
     config.store.url = "memory".into();
     config.server.max_connections = config.server.max_connections.max(level);
-    let store = crate::sessions::open(&config.store)
+    let store = dllm_chat::sessions::open(&config.store)
         .await
         .map_err(|e| ServerBenchError::Start(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(config.server.bind)
@@ -57,8 +57,9 @@ pub async fn run_concurrent(
             .map_err(|e| ServerBenchError::Start(e.to_string()))?
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let services = crate::app::assemble(config, engine, store).map_err(|e| ServerBenchError::Start(e.to_string()))?;
-    let server = tokio::spawn(crate::run(listener, services, async {
+    let services =
+        dllm_chat::app::assemble(config, engine, store).map_err(|e| ServerBenchError::Start(e.to_string()))?;
+    let server = tokio::spawn(dllm_chat::run(listener, services, async {
         let _ = stopped.await;
     }));
 

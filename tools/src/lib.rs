@@ -1,0 +1,12 @@
+//! dllm-tools: the command-line tools around the dllm-chat service, kept out of the service library.
+//!
+//! - [`bench`]: side-by-side latency and throughput figures for engines and policies, through the
+//!   engine API and through the real server over WebSockets.
+//! - [`eval`]: held-out quality evaluation through the real inference paths.
+//! - `main.rs`: the `dllm-tools` CLI (`generate`, `eval`, `bench`).
+//!
+//! Dialogs are read as `dllm-train`'s corpus types ([`dllm_train::corpus::Dialog`]), the one
+//! declaration of the corpus JSONL schema.
+
+pub mod bench;
+pub mod eval;
