@@ -283,3 +283,87 @@ async fn shutdown_lets_replies_finish_and_sends_a_close_frame() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn another_connection_resumes_a_running_reply_in_one_process() {
+    let server = TestServer::start(test_config()).await;
+    let mut asker = server.connect().await;
+    let session = asker.create_session().await;
+    asker
+        .send(
+            json!({"type": "message.create", "session_id": session, "content": "long please",
+                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
+        )
+        .await;
+    let started = asker.until("response.revision").await;
+    let response_id = started[1]["response_id"].as_str().unwrap().to_owned();
+
+    let mut other = server.connect().await;
+    other
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = other.recv().await;
+    assert_eq!(resumed["running"]["response_id"], response_id.as_str(), "{resumed}");
+    let seen = resumed["running"]["revision"].as_u64().unwrap();
+    let watched = other.until("response.done").await;
+    let asked = asker.until("response.done").await;
+    let first = revisions(&watched)[0]["revision"].as_u64().unwrap();
+    assert!(
+        first > seen,
+        "the watch goes on after the snapshot: {first} after {seen}"
+    );
+    assert_eq!(watched.last().unwrap()["text"], asked.last().unwrap()["text"]);
+
+    // response.resume of an ended response answers its end; an unknown one is not found.
+    other
+        .send(json!({"type": "response.resume", "response_id": response_id, "event_id": "r1"}))
+        .await;
+    let ack = other.recv().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["event_id"].as_str()),
+        (Some("response.resumed"), Some("r1"))
+    );
+    let again = other.until("response.done").await;
+    assert_eq!(again.last().unwrap()["text"], asked.last().unwrap()["text"]);
+    other
+        .send(json!({"type": "response.resume", "response_id": "resp_nope"}))
+        .await;
+    assert_eq!(other.recv().await["error"]["code"], "response_not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn orphaned_replies_are_cancelled_when_configured_so() {
+    let mut config = test_config();
+    config.chat.finish_orphaned_replies = false;
+    let server = TestServer::start(config).await;
+    let mut asker = server.connect().await;
+    let session = asker.create_session().await;
+    asker
+        .send(
+            json!({"type": "message.create", "session_id": session, "content": "long please",
+                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
+        )
+        .await;
+    asker.until("response.revision").await;
+    drop(asker);
+    let mut later = server.connect().await;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let messages = loop {
+        later
+            .send(json!({"type": "session.resume", "session_id": session}))
+            .await;
+        let resumed = later.until("session.resumed").await.pop().unwrap();
+        if resumed["running"].is_null() {
+            break resumed["messages"].as_array().unwrap().clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "the reply ended");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(
+        messages[1]["status"], "cancelled",
+        "stopped when its client left: {messages:?}"
+    );
+    server.stop().await;
+}
