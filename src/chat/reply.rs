@@ -132,13 +132,15 @@ impl Reply {
             let event = tokio::select! {
                 event = events.recv() => event,
                 changed = kept.changed() => {
-                    match (changed, *kept.borrow()) {
-                        (Ok(()), Keeper::CancelRequested) => cancel.cancel(),
-                        (Ok(()), Keeper::Lost) => {
+                    // A keeper that is gone without a word cannot vouch for the lease either.
+                    let state = if changed.is_ok() { *kept.borrow() } else { Keeper::Lost };
+                    match state {
+                        Keeper::Held => {}
+                        Keeper::CancelRequested => cancel.cancel(),
+                        Keeper::Lost => {
                             lease_lost = true;
                             break None;
                         }
-                        _ => {}
                     }
                     continue;
                 }
