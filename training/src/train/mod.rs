@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -32,18 +32,18 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::corpus::{render_chatml, Dialog, Turn, IM_END, IM_START};
-use crate::model::{init_params, load_gguf, log_softmax_last, Batch, Objective, Place, Transformer};
+use crate::model::{init_params, log_softmax_last, Batch, Objective, Place, Transformer};
 use crate::tokenizer::{ENDOFTEXT, MASK};
 
+mod checkpoint;
 mod config;
 
+use checkpoint::save_checkpoint;
+pub use checkpoint::{init_weights, TrainState, CHECKPOINT_FILE, STATE_FILE};
 pub use config::{Preset, TrainConfig};
 
 /// The lower bound of the masking ratio `t`.
 pub const MIN_MASK_RATIO: f64 = 1e-3;
-/// Checkpoint and state file names inside a checkpoint directory.
-pub const CHECKPOINT_FILE: &str = "model.safetensors";
-pub const STATE_FILE: &str = "state.json";
 
 /// Ids of the four special tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,30 +359,6 @@ pub fn loss(model: &Transformer, lb: &LossBatch, causal: bool) -> candle_core::R
     (picked * weights)?.sum_all()?.neg()
 }
 
-/// What a checkpoint directory's `state.json` records.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainState {
-    pub config: TrainConfig,
-    pub step: usize,
-    pub planned_steps: usize,
-    /// Smoothed training loss at `step`.
-    pub loss: f64,
-    pub tokens_seen: usize,
-    pub elapsed_seconds: f64,
-    /// Packed dialogs trained on.
-    pub examples: usize,
-    /// Replies left out of them (too long, or past the context).
-    pub skipped_examples: usize,
-}
-
-impl TrainState {
-    pub fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-    }
-}
-
 /// Learning rate at `step` of `total`: linear warmup, then cosine decay to `min_lr_ratio`.
 pub fn learning_rate(config: &TrainConfig, step: usize, total: usize) -> f64 {
     let peak = config.learning_rate;
@@ -414,43 +390,12 @@ pub fn epoch_batches(lengths: &[usize], batch_size: usize, rng: &mut impl Rng) -
     batches
 }
 
-/// Writes the checkpoint and its state atomically (temporary files, then renames).
-fn save_checkpoint(dir: &Path, varmap: &VarMap, state: &TrainState) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
-    varmap
-        .save(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE))?;
-    Ok(())
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
     pub checkpoint: PathBuf,
     pub state: TrainState,
     pub tokens_per_second: f64,
-}
-
-/// Sets every parameter from a checkpoint (`model.safetensors`) or from an exported GGUF file (`*.gguf`, any
-/// weight type), which must hold a tensor of the same name and shape for each.
-pub fn init_weights(varmap: &mut VarMap, path: &Path, device: &Device) -> anyhow::Result<()> {
-    if path.extension().is_some_and(|e| e == "gguf") {
-        let weights = load_gguf(path, device)?;
-        let mut names: Vec<String> = varmap.data().lock().expect("varmap lock").keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let tensor = weights.get(&name).with_context(|| format!("no tensor {name}"))?;
-            varmap.set_one(&name, tensor)?;
-        }
-    } else {
-        varmap.load(path)?;
-    }
-    Ok(())
 }
 
 /// Trains `config` on `examples` and writes `out/model.safetensors` and `out/state.json` every
