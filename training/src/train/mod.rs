@@ -29,16 +29,18 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{init_params, log_softmax_last, Batch, Objective, Place, Transformer};
+use crate::model::{init_params, Batch, Objective, Place, Transformer};
 
 mod checkpoint;
 mod config;
 mod example;
+mod loss;
 
 use checkpoint::save_checkpoint;
 pub use checkpoint::{init_weights, TrainState, CHECKPOINT_FILE, STATE_FILE};
 pub use config::{Preset, TrainConfig};
 pub use example::{build_examples, Example, ReplyTurn, SpecialIds};
+pub use loss::{loss, LossBatch};
 
 /// The lower bound of the masking ratio `t`.
 pub const MIN_MASK_RATIO: f64 = 1e-3;
@@ -75,17 +77,6 @@ pub fn stratified_ratios(n: usize, rng: &mut impl Rng) -> Vec<f64> {
         .collect();
     ratios.shuffle(rng);
     ratios
-}
-
-/// A batch ready for the loss: the padded input, the flat (batch * seq) positions that carry loss, their
-/// target ids and weights (the loss is `-sum(weight * log p(target))`).
-pub struct LossBatch {
-    pub batch: Batch,
-    pub positions: Vec<u32>,
-    pub targets: Vec<u32>,
-    pub weights: Vec<f32>,
-    /// Tokens in the batch, padding excluded.
-    pub tokens: usize,
 }
 
 /// Builds the diffusion batch of packed `examples`. Each reply is padded with end tokens to a length drawn
@@ -181,21 +172,6 @@ pub fn autoregressive_batch(examples: &[&Example], ids: SpecialIds, device: &Dev
         targets,
         weights,
     })
-}
-
-/// `-sum(weight * log p(target))` over the batch's loss positions.
-pub fn loss(model: &Transformer, lb: &LossBatch, causal: bool) -> candle_core::Result<Tensor> {
-    let device = lb.batch.tokens.device();
-    let hidden = model.hidden(&lb.batch, causal)?;
-    let e = model.config().n_embd;
-    let flat = hidden.reshape(((), e))?;
-    let n = lb.positions.len();
-    let rows = flat.index_select(&Tensor::from_slice(&lb.positions, n, device)?, 0)?;
-    let logp = log_softmax_last(&model.logits(&rows)?)?;
-    let targets = Tensor::from_slice(&lb.targets, (n, 1), device)?;
-    let picked = logp.gather(&targets, 1)?.squeeze(1)?;
-    let weights = Tensor::from_slice(&lb.weights, n, device)?;
-    (picked * weights)?.sum_all()?.neg()
 }
 
 /// Learning rate at `step` of `total`: linear warmup, then cosine decay to `min_lr_ratio`.
