@@ -22,8 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use candle_core::{Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -35,6 +34,7 @@ mod checkpoint;
 mod config;
 mod example;
 mod loss;
+mod optim;
 
 pub use batch::{
     autoregressive_batch, diffusion_batch, epoch_batches, mask_reply, pad_reply, stratified_ratios, MIN_MASK_RATIO,
@@ -44,18 +44,8 @@ pub use checkpoint::{init_weights, TrainState, CHECKPOINT_FILE, STATE_FILE};
 pub use config::{Preset, TrainConfig};
 pub use example::{build_examples, Example, ReplyTurn, SpecialIds};
 pub use loss::{loss, LossBatch};
-
-/// Learning rate at `step` of `total`: linear warmup, then cosine decay to `min_lr_ratio`.
-pub fn learning_rate(config: &TrainConfig, step: usize, total: usize) -> f64 {
-    let peak = config.learning_rate;
-    if step < config.warmup_steps {
-        return peak * (step + 1) as f64 / config.warmup_steps as f64;
-    }
-    let span = total.saturating_sub(config.warmup_steps).max(1) as f64;
-    let progress = ((step - config.warmup_steps) as f64 / span).min(1.0);
-    let floor = peak * config.min_lr_ratio;
-    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-}
+pub use optim::learning_rate;
+use optim::Optimiser;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -90,31 +80,7 @@ pub fn train(
     let model = Transformer::from_varmap(&config.model, &varmap)?;
     let causal = config.objective.causal();
 
-    // Weight decay on the matrices only, not on the norm gains.
-    let (mut decay, mut no_decay): (Vec<Var>, Vec<Var>) = (Vec::new(), Vec::new());
-    {
-        let data = varmap.data().lock().expect("varmap lock");
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        for name in names {
-            let var = data[name].clone();
-            if name.ends_with("norm.weight") {
-                no_decay.push(var);
-            } else {
-                decay.push(var);
-            }
-        }
-    }
-    let all_vars: Vec<Var> = decay.iter().chain(&no_decay).cloned().collect();
-    let params = |wd: f64| ParamsAdamW {
-        lr: config.learning_rate,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: wd,
-    };
-    let mut opt_decay = AdamW::new(decay, params(config.weight_decay))?;
-    let mut opt_plain = AdamW::new(no_decay, params(0.0))?;
+    let mut optimiser = Optimiser::new(&varmap, config)?;
 
     let mut data_rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_da7a);
     let mut mask_rng = StdRng::seed_from_u64(config.seed ^ 0x0ba5_c0de);
@@ -181,33 +147,13 @@ pub fn train(
             Objective::Autoregressive => autoregressive_batch(&chosen, ids, device)?,
         };
         let lr = learning_rate(config, step, planned);
-        opt_decay.set_learning_rate(lr);
-        opt_plain.set_learning_rate(lr);
+        optimiser.set_learning_rate(lr);
         let loss_t = loss(&model, &lb, causal)?;
         let value = loss_t.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             bail!("loss is {value} at step {step}");
         }
-        let mut grads = loss_t.backward()?;
-        if config.grad_clip > 0.0 {
-            // One read of the norm per step: on a GPU every read back is a synchronisation.
-            let squares = all_vars
-                .iter()
-                .filter_map(|var| grads.get(var.as_tensor()))
-                .map(|g| g.sqr()?.sum_all())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let norm = (Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt();
-            if norm > config.grad_clip {
-                let scale = config.grad_clip / norm;
-                for var in &all_vars {
-                    if let Some(g) = grads.remove(var.as_tensor()) {
-                        grads.insert(var.as_tensor(), (g * scale)?);
-                    }
-                }
-            }
-        }
-        opt_decay.step(&grads)?;
-        opt_plain.step(&grads)?;
+        optimiser.step(loss_t.backward()?)?;
         step += 1;
         tokens_seen += lb.tokens;
         smoothed = if smoothed.is_nan() {
@@ -276,15 +222,6 @@ mod tests {
     use crate::corpus::{generate, test_config};
     use crate::domain::northwind;
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
-
-    #[test]
-    fn learning_rate_warms_up_then_decays() {
-        let config = Preset::Tiny.config(Objective::Diffusion, 300, 1);
-        assert!(learning_rate(&config, 0, 200) < learning_rate(&config, 10, 200));
-        assert!((learning_rate(&config, 19, 200) - config.learning_rate).abs() < 1e-12);
-        assert!(learning_rate(&config, 100, 200) < config.learning_rate);
-        assert!((learning_rate(&config, 200, 200) - config.learning_rate * config.min_lr_ratio).abs() < 1e-9);
-    }
 
     #[test]
     fn training_is_deterministic_given_the_seed() {
