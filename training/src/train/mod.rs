@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -35,6 +34,7 @@ mod config;
 mod example;
 mod loss;
 mod optim;
+mod progress;
 
 pub use batch::{
     autoregressive_batch, diffusion_batch, epoch_batches, mask_reply, pad_reply, stratified_ratios, MIN_MASK_RATIO,
@@ -46,6 +46,7 @@ pub use example::{build_examples, Example, ReplyTurn, SpecialIds};
 pub use loss::{loss, LossBatch};
 pub use optim::learning_rate;
 use optim::Optimiser;
+use progress::{Progress, StepStatus};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -91,20 +92,8 @@ pub fn train(
 
     let mut planned = config.steps;
     let budget = config.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
-    let bar = ProgressBar::new(planned as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let log = |line: String| {
-        if bar.is_hidden() {
-            println!("{line}");
-        } else {
-            bar.println(line);
-        }
-    };
-    log(format!(
+    let progress = Progress::new(planned);
+    progress.log(format!(
         "training {} ({} parameters) on {} dialogs, {} replies ({} left out), batch {} dialogs, up to {} steps{}",
         config.objective.name(),
         config.model.parameter_count(),
@@ -173,9 +162,9 @@ pub fn train(
                 let fit = fit.clamp(step, config.steps);
                 if fit != planned {
                     planned = fit;
-                    bar.set_length(planned as u64);
+                    progress.set_planned(planned);
                     if step == TIMED_STEPS || step % (TIMED_STEPS * 10) == 0 {
-                        log(format!(
+                        progress.log(format!(
                             "{per_step:.2} s/step: planning {planned} steps to fit {:.1} min",
                             budget.as_secs_f64() / 60.0
                         ));
@@ -183,28 +172,28 @@ pub fn train(
                 }
             }
             if elapsed >= budget && step < planned {
-                log(format!("time budget reached at step {step}"));
+                progress.log(format!("time budget reached at step {step}"));
                 planned = step;
             }
         }
-        let tps = tokens_seen as f64 / elapsed.as_secs_f64().max(1e-9);
-        bar.set_position(step as u64);
-        bar.set_message(format!("loss {smoothed:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        if bar.is_hidden() && (step % 25 == 0 || step == planned) {
-            println!(
-                "step {step}/{planned} loss {smoothed:.4} (batch {value:.4}) lr {lr:.2e} {tps:.0} tok/s {:.1} min",
-                elapsed.as_secs_f64() / 60.0
-            );
-        }
+        progress.step(StepStatus {
+            step,
+            planned,
+            loss: smoothed,
+            batch_loss: value,
+            lr,
+            tokens_seen,
+            elapsed,
+        });
         if step % config.save_every == 0 && step < planned {
             save_checkpoint(out, &varmap, &state_at(step, planned, smoothed, tokens_seen))?;
         }
     }
     let state = state_at(step, planned, smoothed, tokens_seen);
     save_checkpoint(out, &varmap, &state)?;
-    bar.finish();
+    progress.finish();
     let tokens_per_second = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    log(format!(
+    progress.log(format!(
         "finished {step} steps in {:.1} min: loss {smoothed:.4}, {tokens_per_second:.0} tok/s; wrote {}",
         state.elapsed_seconds / 60.0,
         out.join(CHECKPOINT_FILE).display()
