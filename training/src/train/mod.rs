@@ -19,7 +19,7 @@
 //! positions out of the loss. Data order, masking and initialisation all derive from one seed.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::Device;
@@ -29,6 +29,7 @@ use rand::SeedableRng;
 use crate::model::{init_params, Objective, Transformer};
 
 mod batch;
+mod budget;
 mod checkpoint;
 mod config;
 mod example;
@@ -39,6 +40,7 @@ mod progress;
 pub use batch::{
     autoregressive_batch, diffusion_batch, epoch_batches, mask_reply, pad_reply, stratified_ratios, MIN_MASK_RATIO,
 };
+use budget::TimeBudget;
 use checkpoint::save_checkpoint;
 pub use checkpoint::{init_weights, TrainState, CHECKPOINT_FILE, STATE_FILE};
 pub use config::{Preset, TrainConfig};
@@ -91,7 +93,7 @@ pub fn train(
         .collect();
 
     let mut planned = config.steps;
-    let budget = config.max_minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    let mut budget = config.max_minutes.map(|m| TimeBudget::from_minutes(m, config.steps));
     let progress = Progress::new(planned);
     progress.log(format!(
         "training {} ({} parameters) on {} dialogs, {} replies ({} left out), batch {} dialogs, up to {} steps{}",
@@ -102,7 +104,9 @@ pub fn train(
         skipped,
         config.batch_size,
         planned,
-        budget.map_or(String::new(), |b| format!(" or {:.1} min", b.as_secs_f64() / 60.0)),
+        budget
+            .as_ref()
+            .map_or(String::new(), |b| format!(" or {:.1} min", b.minutes())),
     ));
 
     let started = Instant::now();
@@ -120,8 +124,6 @@ pub fn train(
         examples: examples.len(),
         skipped_examples: skipped,
     };
-    const TIMED_STEPS: usize = 20;
-    let mut window_start = Duration::ZERO;
     while step < planned {
         let next = match batches.next() {
             Some(b) => b,
@@ -152,29 +154,24 @@ pub fn train(
         };
 
         let elapsed = started.elapsed();
-        if let Some(budget) = budget {
-            // Re-plan every few steps from the recent speed (the machine may be shared), so the run
-            // fills its budget; the cosine schedule follows the plan.
-            if step % TIMED_STEPS == 0 {
-                let per_step = (elapsed - window_start).as_secs_f64() / TIMED_STEPS as f64;
-                window_start = elapsed;
-                let fit = step + ((budget.as_secs_f64() - elapsed.as_secs_f64()).max(0.0) / per_step) as usize;
-                let fit = fit.clamp(step, config.steps);
-                if fit != planned {
-                    planned = fit;
-                    progress.set_planned(planned);
-                    if step == TIMED_STEPS || step % (TIMED_STEPS * 10) == 0 {
-                        progress.log(format!(
-                            "{per_step:.2} s/step: planning {planned} steps to fit {:.1} min",
-                            budget.as_secs_f64() / 60.0
-                        ));
-                    }
+        if let Some(budget) = &mut budget {
+            // The plan follows the recent speed so that the run fills its budget; so does the schedule.
+            let check = budget.after_step(step, elapsed, planned);
+            if let Some(replan) = check.replan {
+                progress.set_planned(replan.planned);
+                if replan.announce {
+                    progress.log(format!(
+                        "{:.2} s/step: planning {} steps to fit {:.1} min",
+                        replan.seconds_per_step,
+                        replan.planned,
+                        budget.minutes()
+                    ));
                 }
             }
-            if elapsed >= budget && step < planned {
+            if check.exhausted {
                 progress.log(format!("time budget reached at step {step}"));
-                planned = step;
             }
+            planned = check.planned;
         }
         progress.step(StepStatus {
             step,
