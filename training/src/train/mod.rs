@@ -17,6 +17,18 @@
 //!
 //! Batches are right-padded with `<|endoftext|>`; padded keys are masked out of attention and padded
 //! positions out of the loss. Data order, masking and initialisation all derive from one seed.
+//!
+//! This module is the loop, [`train`]: each step draws a batch, sets the scheduled learning rate, takes
+//! the loss and an optimiser step, checks the time budget, shows progress and saves a checkpoint every
+//! `save_every` steps. The parts live in submodules, their public items re-exported here:
+//! - `config`: [`TrainConfig`] and the named [`Preset`]s.
+//! - `example`: dialogs packed into [`Example`]s, and the [`SpecialIds`] they use.
+//! - `batch`: data order, padding, masking and the attention layout of a batch.
+//! - `loss`: [`LossBatch`] and the weighted negative log-likelihood, [`loss`].
+//! - `optim`: the [`learning_rate`] schedule and AdamW with gradient clipping.
+//! - `budget`: how many steps fit in `max_minutes`.
+//! - `checkpoint`: the checkpoint directory, [`TrainState`] and [`init_weights`].
+//! - `progress`: the progress bar and log lines.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
