@@ -24,7 +24,7 @@
 //! - `config`: [`TrainConfig`] and the named [`Preset`]s.
 //! - `example`: dialogs packed into [`Example`]s, and the [`SpecialIds`] they use.
 //! - `batch`: data order, padding, masking and the attention layout of a batch.
-//! - `loss`: [`LossBatch`] and the weighted negative log-likelihood, [`loss`].
+//! - `loss`: [`LossBatch`] and the weighted negative log-likelihood, [`loss()`].
 //! - `optim`: the [`learning_rate`] schedule and AdamW with gradient clipping.
 //! - `budget`: how many steps fit in `max_minutes`.
 //! - `checkpoint`: the checkpoint directory, [`TrainState`] and [`init_weights`].
