@@ -31,7 +31,9 @@ use tokio_util::task::TaskTracker;
 pub use self::error::ChatError;
 pub use self::events::{DoneEvent, FailureKind, ReplyEvent, ReplyFailure, ReplyStatus, RevisionEvent, Timings, Usage};
 pub use self::hub::ReplyWatch;
-pub use self::validate::{MessageOptions, NewMessage, ValidMessage, ValidationError, Validator};
+pub use self::validate::{
+    MessageOptions, NewConversation, NewMessage, ValidConversation, ValidMessage, ValidationError, Validator,
+};
 use crate::config::ChatConfig;
 use crate::engine::{ChatTurn, Engine, GenerateRequest};
 use crate::sessions::{Begin, MessageStatus, ReplyStart, Role, SessionInfo, SessionStore, StoredMessage};
@@ -334,6 +336,37 @@ impl Chat {
             queued: VecDeque::from([accepted, created]),
             watch: Some(watch),
             orphan: (!core.config.finish_orphaned_replies).then(|| cancel.drop_guard()),
+        })
+    }
+
+    /// A reply to a whole conversation that is not stored: no session, no lease. The reply is
+    /// cancelled when the returned stream is dropped before its end.
+    pub async fn complete(&self, conversation: ValidConversation) -> Result<ChatStream, ChatError> {
+        let core = &self.core;
+        if core.shutdown.is_cancelled() {
+            return Err(ChatError::ShuttingDown);
+        }
+        let request = GenerateRequest {
+            system: conversation.system.unwrap_or_else(|| core.system_prompt.clone()),
+            turns: conversation.turns,
+            options: conversation.options,
+        };
+        let submitted = Instant::now();
+        let stream = core.engine.submit(request)?;
+        let response_id = format!("resp_{}", uuid::Uuid::new_v4().simple());
+        core.hub.open_local(&response_id);
+        let watch = core.hub.local_watch(&response_id, "");
+        let cancel = stream.cancel.clone();
+        core.local_replies
+            .lock()
+            .expect("local replies poisoned")
+            .insert(response_id.clone(), (String::new(), cancel.clone()));
+        core.replies
+            .spawn(reply::run_unstored(core.clone(), response_id, stream, submitted));
+        Ok(ChatStream {
+            queued: VecDeque::new(),
+            watch: Some(watch),
+            orphan: Some(cancel.drop_guard()),
         })
     }
 

@@ -103,6 +103,116 @@ async fn keep_lease(
     }
 }
 
+/// A reply's engine events turned into reply events, with its usage, timings and metrics.
+pub(super) struct Progress {
+    submitted: Instant,
+    usage: Usage,
+    timings: Timings,
+    revisions: usize,
+}
+
+/// What one engine event amounts to.
+pub(super) enum Step {
+    /// Nothing for watchers (the reply started).
+    Quiet,
+    Revision(ReplyEvent),
+    /// The end: the event, and the message to store (none for a failure).
+    Done(DoneEvent, Option<StoredMessage>),
+}
+
+impl Progress {
+    pub fn new(submitted: Instant) -> Self {
+        Self {
+            submitted,
+            usage: Usage::default(),
+            timings: Timings::default(),
+            revisions: 0,
+        }
+    }
+
+    /// `None` (the engine's channel closed) counts as a failure.
+    pub fn step(&mut self, event: Option<EngineEvent>) -> Step {
+        let Some(event) = event else {
+            return self.fail(failure(FailureKind::Internal, "the engine stopped during the reply"));
+        };
+        match event {
+            EngineEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+                queue_wait,
+                dropped_turns,
+            } => {
+                self.usage.prompt_tokens = prompt_tokens;
+                self.usage.cached_prompt_tokens = cached_tokens;
+                self.timings.queue_ms = ms(queue_wait);
+                crate::metrics::queue_time(queue_wait);
+                if dropped_turns > 0 {
+                    tracing::debug!(dropped_turns, "history truncated to fit the context");
+                }
+                Step::Quiet
+            }
+            EngineEvent::Revision(r) => {
+                self.revisions += 1;
+                if self.revisions == 1 {
+                    self.timings.first_revision_ms = ms(self.submitted.elapsed());
+                    crate::metrics::first_revision(self.submitted.elapsed());
+                }
+                crate::metrics::step(r.unmasked);
+                Step::Revision(ReplyEvent::Revision(RevisionEvent {
+                    revision: self.revisions,
+                    step: r.step,
+                    text: r.text,
+                    masked: r.masked,
+                }))
+            }
+            EngineEvent::Finished(c) => {
+                self.usage.completion_tokens = c.completion_tokens;
+                self.timings.steps = c.steps;
+                self.timings.total_ms = ms(self.submitted.elapsed());
+                let (status, stored, label) = match c.reason {
+                    StopReason::Completed => (ReplyStatus::Completed, MessageStatus::Completed, "completed"),
+                    StopReason::Cancelled => (ReplyStatus::Cancelled, MessageStatus::Cancelled, "cancelled"),
+                };
+                crate::metrics::reply_done(label, self.submitted.elapsed(), c.steps, c.completion_tokens);
+                let message = StoredMessage::new(Role::Assistant, c.text.clone(), Some(stored), None);
+                let done = DoneEvent {
+                    status,
+                    text: c.text,
+                    revisions: self.revisions,
+                    usage: self.usage,
+                    timings: self.timings,
+                    error: None,
+                };
+                Step::Done(done, Some(message))
+            }
+            EngineEvent::Failed(e) => self.fail(engine_failure(&e)),
+        }
+    }
+
+    fn fail(&mut self, error: ReplyFailure) -> Step {
+        self.timings.total_ms = ms(self.submitted.elapsed());
+        crate::metrics::reply_done("failed", self.submitted.elapsed(), 0, 0);
+        let done = DoneEvent {
+            status: ReplyStatus::Failed,
+            text: String::new(),
+            revisions: self.revisions,
+            usage: self.usage,
+            timings: self.timings,
+            error: Some(error),
+        };
+        Step::Done(done, None)
+    }
+
+    /// The end of a reply whose lease was lost.
+    pub fn lost(&self) -> DoneEvent {
+        crate::metrics::reply_done("failed", self.submitted.elapsed(), 0, 0);
+        lost(
+            self.revisions,
+            "this replica lost the session lease; the reply was not saved",
+        )
+    }
+}
+
 impl Reply {
     pub async fn run(self) {
         let Reply {
@@ -124,11 +234,8 @@ impl Reply {
         ));
         let _stop_keeper = stop_keeper.drop_guard();
 
-        let mut usage = Usage::default();
-        let mut timings = Timings::default();
-        let mut revisions = 0;
-        let mut lease_lost = false;
-        let outcome = loop {
+        let mut progress = Progress::new(submitted);
+        let end = loop {
             let event = tokio::select! {
                 event = events.recv() => event,
                 changed = kept.changed() => {
@@ -137,140 +244,78 @@ impl Reply {
                     match state {
                         Keeper::Held => {}
                         Keeper::CancelRequested => cancel.cancel(),
-                        Keeper::Lost => {
-                            lease_lost = true;
-                            break None;
-                        }
+                        Keeper::Lost => break None,
                     }
                     continue;
                 }
             };
-            let Some(event) = event else {
-                break Some(Err(failure(
-                    FailureKind::Internal,
-                    "the engine stopped during the reply",
-                )));
-            };
-            match event {
-                EngineEvent::Started {
-                    prompt_tokens,
-                    cached_tokens,
-                    queue_wait,
-                    dropped_turns,
-                } => {
-                    usage.prompt_tokens = prompt_tokens;
-                    usage.cached_prompt_tokens = cached_tokens;
-                    timings.queue_ms = ms(queue_wait);
-                    crate::metrics::queue_time(queue_wait);
-                    if dropped_turns > 0 {
-                        tracing::debug!(session = %lease.session_id, dropped_turns, "history truncated to fit the context");
-                    }
-                }
-                EngineEvent::Revision(r) => {
-                    revisions += 1;
-                    if revisions == 1 {
-                        timings.first_revision_ms = ms(submitted.elapsed());
-                        crate::metrics::first_revision(submitted.elapsed());
-                    }
-                    crate::metrics::step(r.unmasked);
-                    let event = ReplyEvent::Revision(RevisionEvent {
-                        revision: revisions,
-                        step: r.step,
-                        text: r.text,
-                        masked: r.masked,
-                    });
+            match progress.step(event) {
+                Step::Quiet => {}
+                Step::Revision(event) => {
                     match core.store.log_event(&lease, &logged(&event)).await {
                         Ok(LeaseState::Held) => {}
                         Ok(LeaseState::CancelRequested) => cancel.cancel(),
-                        Ok(LeaseState::Lost) => {
-                            lease_lost = true;
-                            break None;
-                        }
+                        Ok(LeaseState::Lost) => break None,
                         // Watchers here still see it; watchers elsewhere see the next one.
                         Err(e) => tracing::warn!(response = %response_id, error = %e, "revision not logged"),
                     }
                     core.hub.publish(&response_id, event);
                 }
-                EngineEvent::Finished(c) => break Some(Ok(c)),
-                EngineEvent::Failed(e) => break Some(Err(engine_failure(&e))),
+                Step::Done(done, message) => break Some((done, message)),
             }
         };
-        timings.total_ms = ms(submitted.elapsed());
 
-        let done = match outcome {
-            None => {
-                cancel.cancel();
-                crate::metrics::reply_done("failed", submitted.elapsed(), 0, 0);
-                lost(
-                    revisions,
-                    "this replica lost the session lease; the reply was not saved",
-                )
-            }
-            Some(outcome) => {
-                let (done, message) = match outcome {
-                    Ok(c) => {
-                        usage.completion_tokens = c.completion_tokens;
-                        timings.steps = c.steps;
-                        let (status, stored, label) = match c.reason {
-                            StopReason::Completed => (ReplyStatus::Completed, MessageStatus::Completed, "completed"),
-                            StopReason::Cancelled => (ReplyStatus::Cancelled, MessageStatus::Cancelled, "cancelled"),
-                        };
-                        crate::metrics::reply_done(label, submitted.elapsed(), c.steps, c.completion_tokens);
-                        let message = StoredMessage::new(Role::Assistant, c.text.clone(), Some(stored), None);
-                        let done = DoneEvent {
-                            status,
-                            text: c.text,
-                            revisions,
-                            usage,
-                            timings,
-                            error: None,
-                        };
-                        (done, Some(message))
-                    }
-                    Err(error) => {
-                        crate::metrics::reply_done("failed", submitted.elapsed(), 0, 0);
-                        let done = DoneEvent {
-                            status: ReplyStatus::Failed,
-                            text: String::new(),
-                            revisions,
-                            usage,
-                            timings,
-                            error: Some(error),
-                        };
-                        (done, None)
-                    }
-                };
+        let done = match end {
+            None => None,
+            Some((done, message)) => {
                 let event = ReplyEvent::Done(done.clone());
                 match core.store.finish_reply(&lease, message, Some(&logged(&event))).await {
-                    Ok(LeaseState::Held | LeaseState::CancelRequested) => done,
-                    Ok(LeaseState::Lost) => {
-                        lease_lost = true;
-                        lost(
-                            revisions,
-                            "this replica lost the session lease; the reply was not saved",
-                        )
-                    }
+                    Ok(LeaseState::Held | LeaseState::CancelRequested) => Some(done),
+                    Ok(LeaseState::Lost) => None,
                     Err(e) => {
                         tracing::warn!(session = %lease.session_id, error = %e, "reply not stored");
-                        DoneEvent {
+                        Some(DoneEvent {
                             error: Some(failure(
                                 FailureKind::StoreUnavailable,
                                 format!("the reply was not saved to the session: {e}"),
                             )),
                             ..done
-                        }
+                        })
                     }
                 }
             }
         };
-        if lease_lost {
+        let done = done.unwrap_or_else(|| {
+            cancel.cancel();
             tracing::warn!(session = %lease.session_id, response = %response_id, "session lease lost; reply stopped");
-        }
+            progress.lost()
+        });
         core.local_replies
             .lock()
             .expect("local replies poisoned")
             .remove(&response_id);
         core.hub.publish(&response_id, ReplyEvent::Done(done));
+    }
+}
+
+/// A reply to a conversation that is not stored (a stateless front end's): engine events
+/// become reply events for its watchers here, and nothing is written.
+pub(super) async fn run_unstored(core: Arc<Core>, response_id: String, stream: ReplyStream, submitted: Instant) {
+    let ReplyStream { mut events, cancel: _ } = stream;
+    let mut progress = Progress::new(submitted);
+    loop {
+        match progress.step(events.recv().await) {
+            Step::Quiet => {}
+            Step::Revision(event) => core.hub.publish(&response_id, event),
+            Step::Done(done, _) => {
+                core.local_replies
+                    .lock()
+                    .expect("local replies poisoned")
+                    .remove(&response_id);
+                core.hub.publish(&response_id, ReplyEvent::Done(done));
+                return;
+            }
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DecodeConfig, LimitsConfig, PolicyKind};
-use crate::engine::{DecodeOptions, Schedule, Selection};
+use crate::engine::{ChatTurn, DecodeOptions, Schedule, Selection};
 
 /// Decode options as a client sent them; every field is optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,25 @@ pub struct ValidMessage {
     pub options: DecodeOptions,
 }
 
+/// A whole conversation handed in at once, for a reply that is not stored (a stateless front
+/// end's request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConversation {
+    /// Replaces the configured system prompt when given.
+    pub system: Option<String>,
+    /// Oldest first; roles `user` and `assistant`; the last one is the user's.
+    pub turns: Vec<ChatTurn>,
+    pub options: MessageOptions,
+}
+
+/// A conversation that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConversation {
+    pub system: Option<String>,
+    pub turns: Vec<ChatTurn>,
+    pub options: DecodeOptions,
+}
+
 /// Why input was refused. Messages state the rule and the given value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
@@ -51,6 +70,12 @@ pub enum ValidationError {
     EmptyContent,
     #[error("`content` has {chars} characters; the limit is {limit}")]
     ContentTooLong { chars: usize, limit: usize },
+    #[error("the conversation must end with a user message")]
+    NoUserMessage,
+    #[error(
+        "message {index} has role {role:?}; expected \"user\" or \"assistant\" (one system message may come first)"
+    )]
+    Role { index: usize, role: String },
     #[error("{scope}.{field} must be {rule}; given {given}")]
     Option {
         /// `options` for a client's value, `decode` for a configured default.
@@ -110,22 +135,51 @@ impl Validator {
     }
 
     pub fn message(&self, m: NewMessage) -> Result<ValidMessage, ValidationError> {
-        if m.content.trim().is_empty() {
-            return Err(ValidationError::EmptyContent);
-        }
-        let chars = m.content.chars().count();
-        if chars > self.max_message_chars {
-            return Err(ValidationError::ContentTooLong {
-                chars,
-                limit: self.max_message_chars,
-            });
-        }
+        self.content(&m.content, true)?;
         Ok(ValidMessage {
             options: self.options(&m.options)?,
             session_id: m.session_id,
             content: m.content,
             client_message_id: m.client_message_id,
         })
+    }
+
+    pub fn conversation(&self, c: NewConversation) -> Result<ValidConversation, ValidationError> {
+        for (index, turn) in c.turns.iter().enumerate() {
+            if turn.role != "user" && turn.role != "assistant" {
+                return Err(ValidationError::Role {
+                    index,
+                    role: turn.role.clone(),
+                });
+            }
+            self.content(&turn.content, turn.role == "user" && index + 1 == c.turns.len())?;
+        }
+        if c.turns.last().is_none_or(|t| t.role != "user") {
+            return Err(ValidationError::NoUserMessage);
+        }
+        if let Some(system) = &c.system {
+            self.content(system, false)?;
+        }
+        Ok(ValidConversation {
+            options: self.options(&c.options)?,
+            system: c.system,
+            turns: c.turns,
+        })
+    }
+
+    /// A message's text: within the length limit, and not blank when `required`.
+    fn content(&self, content: &str, required: bool) -> Result<(), ValidationError> {
+        if required && content.trim().is_empty() {
+            return Err(ValidationError::EmptyContent);
+        }
+        let chars = content.chars().count();
+        if chars > self.max_message_chars {
+            return Err(ValidationError::ContentTooLong {
+                chars,
+                limit: self.max_message_chars,
+            });
+        }
+        Ok(())
     }
 
     /// Fills defaults from `decode.*` and checks every value against `limits.*`.
@@ -275,6 +329,44 @@ mod tests {
         ] {
             assert!(resolve(bad.clone()).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn a_conversation_ends_with_a_user_message_of_known_roles() {
+        let v = validator();
+        let turn = |role: &str, content: &str| ChatTurn {
+            role: role.into(),
+            content: content.into(),
+        };
+        let conversation = |turns: Vec<ChatTurn>| NewConversation {
+            system: None,
+            turns,
+            options: MessageOptions::default(),
+        };
+        let ok = v
+            .conversation(conversation(vec![
+                turn("user", "a"),
+                turn("assistant", "b"),
+                turn("user", "c"),
+            ]))
+            .unwrap();
+        assert_eq!(ok.turns.len(), 3);
+        assert_eq!(
+            v.conversation(conversation(vec![turn("user", "a"), turn("assistant", "b")])),
+            Err(ValidationError::NoUserMessage)
+        );
+        assert_eq!(
+            v.conversation(conversation(vec![])),
+            Err(ValidationError::NoUserMessage)
+        );
+        assert!(matches!(
+            v.conversation(conversation(vec![turn("tool", "x"), turn("user", "a")])),
+            Err(ValidationError::Role { index: 0, .. })
+        ));
+        assert_eq!(
+            v.conversation(conversation(vec![turn("user", " ")])),
+            Err(ValidationError::EmptyContent)
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub(super) fn from_chat(e: &ChatError) -> WireError {
 pub(super) fn from_validation(e: &ValidationError) -> WireError {
     let code = match e {
         ValidationError::ContentTooLong { .. } => ErrorCode::MessageTooLarge,
-        ValidationError::EmptyContent | ValidationError::Option { .. } => ErrorCode::InvalidField,
+        ValidationError::EmptyContent
+        | ValidationError::Option { .. }
+        | ValidationError::NoUserMessage
+        | ValidationError::Role { .. } => ErrorCode::InvalidField,
     };
     WireError::new(code, e.to_string())
 }
