@@ -24,6 +24,16 @@ pub enum ModelError {
     Builtin { path: PathBuf, reason: String },
 }
 
+/// The name a model goes by in APIs that list models: the built-in's name, else the file's stem.
+pub fn display_name(path: &str) -> String {
+    if let Some(name) = path.strip_prefix("builtin:") {
+        return name.to_owned();
+    }
+    std::path::Path::new(path)
+        .file_stem()
+        .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned())
+}
+
 /// Turns `model.path` into a file on disk.
 pub fn resolve(path: &str) -> Result<PathBuf, ModelError> {
     let dir = std::env::temp_dir().join("dllm-chat");

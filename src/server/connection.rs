@@ -25,6 +25,7 @@ use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
+use super::auth::authenticate;
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
@@ -77,20 +78,6 @@ pub(super) async fn upgrade(
                 }
             })
         })
-}
-
-/// The owner name for the presented key; `Some("anonymous")` with auth off.
-fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Option<String> {
-    let keys = &state.config.auth.keys;
-    if keys.is_empty() {
-        return Some("anonymous".into());
-    }
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let presented = bearer.or(query_key)?;
-    keys.iter().find(|k| k.key == presented).map(|k| k.name.clone())
 }
 
 async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'static str) {

@@ -5,16 +5,20 @@
 //! - [`connection`]: one WebSocket connection (frames, limits, pings, dispatch).
 //! - [`outbox`]: a connection's outgoing queue and the task that writes it to the socket.
 //! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
+//! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
+//! - [`auth`]: the API key check every front end uses.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
 //! [`run`] takes any bound listener and any shutdown future, so tests run the real server on
 //! `127.0.0.1:0`.
 
+mod auth;
 mod connection;
 mod errors;
 mod forward;
 mod http;
+mod openai;
 mod outbox;
 
 use std::future::Future;
@@ -22,7 +26,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -92,9 +97,12 @@ pub async fn run(
 
     let app = Router::new()
         .route("/v1/chat", get(connection::upgrade))
+        .route("/v1/chat/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))
+        .layer(DefaultBodyLimit::max(state.config.limits.hard_frame_bytes))
         .with_state(state.clone());
     let engine = state.chat.engine().info().engine;
     tracing::info!(addr = %listener.local_addr()?, engine, "serving");

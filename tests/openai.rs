@@ -1,0 +1,52 @@
+//! The OpenAI-compatible endpoint, driven by the real `openai` Python package
+//! (`tests/openai/client.py`; `scripts/deps` installs the pinned version from
+//! `tests/openai/requirements.txt`).
+
+mod common;
+
+use common::{test_config, TestServer};
+use dllm_chat::config::ApiKey;
+use serde_json::json;
+
+const KEY: &str = "sk-openai-test-0001";
+
+#[tokio::test]
+async fn the_openai_python_client_gets_completions_streams_and_errors() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey {
+        name: "openai-tests".into(),
+        key: KEY.into(),
+    }];
+    config.limits.max_message_chars = 4000;
+    let model = dllm_chat::models::display_name(&config.model.path);
+    let server = TestServer::start(config).await;
+
+    let url = format!("ws://{}/v1/chat?api_key={KEY}", server.addr);
+    let mut ws = common::Client::connect(&url).await;
+    let session = ws.create_session().await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai/client.py");
+    let run = tokio::process::Command::new("python3")
+        .args([script, &format!("http://{}/v1", server.addr), KEY, &model, &session])
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("the client finishes")
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the openai client failed (is `openai` installed? scripts/deps installs it)\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+
+    // The session_id extension stored its turn like any other front end would.
+    ws.send(json!({"type": "session.resume", "session_id": session})).await;
+    let resumed = ws.recv().await;
+    let messages = resumed["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{resumed}");
+    assert_eq!(messages[0]["content"], "hi from the openai client");
+    assert_eq!(messages[1]["status"], "completed");
+    server.stop().await;
+}
