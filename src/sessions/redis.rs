@@ -129,6 +129,12 @@ redis.call('HSET', KEYS[1], 'cancel', '1')
 return 1
 "#;
 
+/// The longest wait between two reconnect attempts: Redis back from a restart is found within
+/// about this long.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+/// Reconnect attempts in one go.
+const RECONNECT_RETRIES: usize = 4;
+
 /// Sessions in Redis through an auto-reconnecting connection. A command that fails while Redis
 /// is away still errors (as `Unavailable`); the next one uses the restored connection.
 pub struct RedisStore {
@@ -161,11 +167,15 @@ impl RedisStore {
     ) -> Result<Self, StoreError> {
         let unavailable = |e: String| StoreError::Unavailable(format!("{url}: {e}"));
         let client = redis::Client::open(url).map_err(|e| unavailable(e.to_string()))?;
+        // Reconnects wait 1 s, then double, capped at RECONNECT_MAX_DELAY, RECONNECT_RETRIES
+        // times; the next command after that starts over. (The crate's defaults wait up to
+        // minutes.) Commands meanwhile fail after `command_timeout` (`within`).
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(connect_timeout)
             .set_response_timeout(command_timeout)
-            .set_max_delay(connect_timeout.as_millis() as u64)
-            .set_number_of_retries(2);
+            .set_factor(2)
+            .set_max_delay(RECONNECT_MAX_DELAY.as_millis() as u64)
+            .set_number_of_retries(RECONNECT_RETRIES);
         let conn = tokio::time::timeout(
             connect_timeout,
             ConnectionManager::new_with_config(client.clone(), config),
@@ -235,26 +245,45 @@ impl RedisStore {
             None => String::new(),
         };
         let [info, messages, client_ids] = self.keys(session_id);
-        let done: i64 = script
-            .key(self.key(session_id, "lease"))
-            .key(self.key(session_id, "running"))
-            .key(messages)
-            .key(self.log_key(session_id, response_id))
-            .key(info)
-            .key(client_ids)
-            .key(self.response_key(response_id))
-            .key(self.leases_key())
-            .arg(token)
-            .arg(message)
-            .arg(event.map_or(0, |e| e.seq))
-            .arg(event.map_or("", |e| e.payload.as_str()))
-            .arg(self.retention.reply_log_events)
-            .arg(self.log_ttl_ms())
-            .arg(self.ttl_secs)
-            .arg(session_id)
-            .invoke_async(&mut self.conn.clone())
+        let done: i64 = self
+            .within(
+                script
+                    .key(self.key(session_id, "lease"))
+                    .key(self.key(session_id, "running"))
+                    .key(messages)
+                    .key(self.log_key(session_id, response_id))
+                    .key(info)
+                    .key(client_ids)
+                    .key(self.response_key(response_id))
+                    .key(self.leases_key())
+                    .arg(token)
+                    .arg(message)
+                    .arg(event.map_or(0, |e| e.seq))
+                    .arg(event.map_or("", |e| e.payload.as_str()))
+                    .arg(self.retention.reply_log_events)
+                    .arg(self.log_ttl_ms())
+                    .arg(self.ttl_secs)
+                    .arg(session_id)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         Ok(done == 1)
+    }
+
+    /// Bounds one command by `store.command_timeout_ms`: a paused or unreachable Redis (the
+    /// connection manager waiting out its reconnect backoff) fails the request in time instead
+    /// of holding it.
+    async fn within<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, command).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {} ms",
+                self.command_timeout.as_millis()
+            ))),
+        }
     }
 
     /// The connection for blocking reads, opened on first use.
@@ -267,8 +296,7 @@ impl RedisStore {
             .set_connection_timeout(self.connect_timeout)
             .set_response_timeout(block + self.command_timeout);
         let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
+            .within(self.client.get_multiplexed_async_connection_with_config(&config))
             .await?;
         *slot = Some(conn.clone());
         Ok(conn)
@@ -280,7 +308,7 @@ impl RedisStore {
             pipe.expire(k, self.ttl_secs).ignore();
         }
         pipe.expire(self.key(id, "fence"), self.ttl_secs).ignore();
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        self.within(pipe.query_async::<()>(&mut self.conn.clone())).await?;
         Ok(())
     }
 }
@@ -347,30 +375,30 @@ impl SessionStore for RedisStore {
             metadata,
         };
         let [info_key, ..] = self.keys(&info.id);
-        redis::pipe()
-            .atomic()
-            .hset_multiple(
-                &info_key,
-                &[
-                    ("owner", info.owner.clone()),
-                    ("created_at", info.created_at.to_rfc3339()),
-                    ("metadata", info.metadata.to_string()),
-                ],
-            )
-            .ignore()
-            .expire(&info_key, self.ttl_secs)
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+        self.within(
+            redis::pipe()
+                .atomic()
+                .hset_multiple(
+                    &info_key,
+                    &[
+                        ("owner", info.owner.clone()),
+                        ("created_at", info.created_at.to_rfc3339()),
+                        ("metadata", info.metadata.to_string()),
+                    ],
+                )
+                .ignore()
+                .expire(&info_key, self.ttl_secs)
+                .ignore()
+                .query_async::<()>(&mut self.conn.clone()),
+        )
+        .await?;
         Ok(info)
     }
 
     async fn get(&self, id: &str) -> Result<SessionInfo, StoreError> {
         let [info_key, ..] = self.keys(id);
         let (owner, created_at, metadata): (Option<String>, Option<String>, Option<String>) = self
-            .conn
-            .clone()
-            .hget(&info_key, &["owner", "created_at", "metadata"])
+            .within(self.conn.clone().hget(&info_key, &["owner", "created_at", "metadata"]))
             .await?;
         let (Some(owner), Some(created_at), Some(metadata)) = (owner, created_at, metadata) else {
             return Err(StoreError::NotFound(id.to_owned()));
@@ -388,10 +416,13 @@ impl SessionStore for RedisStore {
 
     async fn messages(&self, id: &str) -> Result<Vec<StoredMessage>, StoreError> {
         let [info_key, messages_key, _] = self.keys(id);
-        let (exists, raw): (bool, Vec<String>) = redis::pipe()
-            .exists(&info_key)
-            .lrange(&messages_key, 0, -1)
-            .query_async(&mut self.conn.clone())
+        let (exists, raw): (bool, Vec<String>) = self
+            .within(
+                redis::pipe()
+                    .exists(&info_key)
+                    .lrange(&messages_key, 0, -1)
+                    .query_async(&mut self.conn.clone()),
+            )
             .await?;
         if !exists {
             return Err(StoreError::NotFound(id.to_owned()));
@@ -404,14 +435,16 @@ impl SessionStore for RedisStore {
         let json = serde_json::to_string(&message).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let keys = self.keys(id);
         let reply: Vec<String> = self
-            .append
-            .key(&keys[0])
-            .key(&keys[1])
-            .key(&keys[2])
-            .arg(&json)
-            .arg(message.client_message_id.as_deref().unwrap_or(""))
-            .arg(self.ttl_secs)
-            .invoke_async(&mut self.conn.clone())
+            .within(
+                self.append
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .key(&keys[2])
+                    .arg(&json)
+                    .arg(message.client_message_id.as_deref().unwrap_or(""))
+                    .arg(self.ttl_secs)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Appended {
@@ -433,7 +466,8 @@ impl SessionStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        redis::cmd("PING").query_async::<String>(&mut self.conn.clone()).await?;
+        self.within(redis::cmd("PING").query_async::<String>(&mut self.conn.clone()))
+            .await?;
         Ok(())
     }
 
@@ -446,26 +480,28 @@ impl SessionStore for RedisStore {
         let json = serde_json::to_string(&message).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let [info, messages, client_ids] = self.keys(session_id);
         let reply: Vec<String> = self
-            .begin
-            .key(info)
-            .key(messages)
-            .key(client_ids)
-            .key(self.key(session_id, "lease"))
-            .key(self.key(session_id, "fence"))
-            .key(self.key(session_id, "running"))
-            .key(self.response_key(&start.response_id))
-            .key(self.leases_key())
-            .arg(&json)
-            .arg(message.client_message_id.as_deref().unwrap_or(""))
-            .arg(self.ttl_secs)
-            .arg(start.lease_ms)
-            .arg(&start.response_id)
-            .arg(&start.replica)
-            .arg(Utc::now().to_rfc3339())
-            .arg(&message.id)
-            .arg(now_ms())
-            .arg(session_id)
-            .invoke_async(&mut self.conn.clone())
+            .within(
+                self.begin
+                    .key(info)
+                    .key(messages)
+                    .key(client_ids)
+                    .key(self.key(session_id, "lease"))
+                    .key(self.key(session_id, "fence"))
+                    .key(self.key(session_id, "running"))
+                    .key(self.response_key(&start.response_id))
+                    .key(self.leases_key())
+                    .arg(&json)
+                    .arg(message.client_message_id.as_deref().unwrap_or(""))
+                    .arg(self.ttl_secs)
+                    .arg(start.lease_ms)
+                    .arg(&start.response_id)
+                    .arg(&start.replica)
+                    .arg(Utc::now().to_rfc3339())
+                    .arg(&message.id)
+                    .arg(now_ms())
+                    .arg(session_id)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => {
@@ -497,31 +533,35 @@ impl SessionStore for RedisStore {
 
     async fn renew_lease(&self, lease: &Lease, lease_ms: u64) -> Result<LeaseState, StoreError> {
         let code: i64 = self
-            .renew
-            .key(self.key(&lease.session_id, "lease"))
-            .key(self.key(&lease.session_id, "running"))
-            .key(self.leases_key())
-            .arg(lease.token)
-            .arg(lease_ms)
-            .arg(now_ms())
-            .arg(&lease.session_id)
-            .invoke_async(&mut self.conn.clone())
+            .within(
+                self.renew
+                    .key(self.key(&lease.session_id, "lease"))
+                    .key(self.key(&lease.session_id, "running"))
+                    .key(self.leases_key())
+                    .arg(lease.token)
+                    .arg(lease_ms)
+                    .arg(now_ms())
+                    .arg(&lease.session_id)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         Ok(lease_state(code))
     }
 
     async fn log_event(&self, lease: &Lease, event: &LoggedEvent) -> Result<LeaseState, StoreError> {
         let code: i64 = self
-            .log
-            .key(self.key(&lease.session_id, "lease"))
-            .key(self.key(&lease.session_id, "running"))
-            .key(self.log_key(&lease.session_id, &lease.response_id))
-            .arg(lease.token)
-            .arg(event.seq)
-            .arg(&event.payload)
-            .arg(self.retention.reply_log_events)
-            .arg(self.ttl_secs * 1000)
-            .invoke_async(&mut self.conn.clone())
+            .within(
+                self.log
+                    .key(self.key(&lease.session_id, "lease"))
+                    .key(self.key(&lease.session_id, "running"))
+                    .key(self.log_key(&lease.session_id, &lease.response_id))
+                    .arg(lease.token)
+                    .arg(event.seq)
+                    .arg(&event.payload)
+                    .arg(self.retention.reply_log_events)
+                    .arg(self.ttl_secs * 1000)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         Ok(lease_state(code))
     }
@@ -546,10 +586,13 @@ impl SessionStore for RedisStore {
     }
 
     async fn running_reply(&self, session_id: &str) -> Result<Option<RunningReply>, StoreError> {
-        let (exists, fields): (bool, std::collections::HashMap<String, String>) = redis::pipe()
-            .exists(self.key(session_id, "info"))
-            .hgetall(self.key(session_id, "running"))
-            .query_async(&mut self.conn.clone())
+        let (exists, fields): (bool, std::collections::HashMap<String, String>) = self
+            .within(
+                redis::pipe()
+                    .exists(self.key(session_id, "info"))
+                    .hgetall(self.key(session_id, "running"))
+                    .query_async(&mut self.conn.clone()),
+            )
             .await?;
         if !exists {
             return Err(StoreError::NotFound(session_id.to_owned()));
@@ -562,22 +605,24 @@ impl SessionStore for RedisStore {
 
     async fn request_cancel(&self, session_id: &str, response_id: &str) -> Result<bool, StoreError> {
         let code: i64 = self
-            .cancel
-            .key(self.key(session_id, "running"))
-            .arg(response_id)
-            .invoke_async(&mut self.conn.clone())
+            .within(
+                self.cancel
+                    .key(self.key(session_id, "running"))
+                    .arg(response_id)
+                    .invoke_async(&mut self.conn.clone()),
+            )
             .await?;
         Ok(code == 1)
     }
 
     async fn reply_log(&self, response_id: &str) -> Result<Option<ReplyLog>, StoreError> {
         let mut conn = self.conn.clone();
-        let session_id: Option<String> = conn.get(self.response_key(response_id)).await?;
+        let session_id: Option<String> = self.within(conn.get(self.response_key(response_id))).await?;
         let Some(session_id) = session_id else {
             return Ok(None);
         };
-        let range: StreamRangeReply = conn
-            .xrevrange_count(self.log_key(&session_id, response_id), "+", "-", 2)
+        let range: StreamRangeReply = self
+            .within(conn.xrevrange_count(self.log_key(&session_id, response_id), "+", "-", 2))
             .await?;
         let cursor = range.ids.first().map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
         let mut newest = range.ids.iter().map(parse_event).collect::<Result<Vec<_>, _>>()?;
@@ -632,19 +677,22 @@ impl SessionStore for RedisStore {
 
     async fn expired_replies(&self, limit: usize) -> Result<Vec<RunningReply>, StoreError> {
         let mut conn = self.conn.clone();
-        let sessions: Vec<String> = conn
-            .zrangebyscore_limit(self.leases_key(), "-inf", now_ms(), 0, limit as isize)
+        let sessions: Vec<String> = self
+            .within(conn.zrangebyscore_limit(self.leases_key(), "-inf", now_ms(), 0, limit as isize))
             .await?;
         let mut expired = Vec::new();
         for session_id in sessions {
-            let (leased, fields): (bool, std::collections::HashMap<String, String>) = redis::pipe()
-                .exists(self.key(&session_id, "lease"))
-                .hgetall(self.key(&session_id, "running"))
-                .query_async(&mut conn)
+            let (leased, fields): (bool, std::collections::HashMap<String, String>) = self
+                .within(
+                    redis::pipe()
+                        .exists(self.key(&session_id, "lease"))
+                        .hgetall(self.key(&session_id, "running"))
+                        .query_async(&mut conn),
+                )
                 .await?;
             if fields.is_empty() {
                 // Ended (or expired with its session): nothing to recover.
-                let _: () = conn.zrem(self.leases_key(), &session_id).await?;
+                let _: () = self.within(conn.zrem(self.leases_key(), &session_id)).await?;
             } else if !leased {
                 expired.push(parse_running(&session_id, &fields)?);
             }
