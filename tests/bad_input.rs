@@ -254,3 +254,77 @@ async fn dead_peers_are_dropped_by_the_ping_timer() {
     assert!(closed.is_ok(), "server dropped the silent peer");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_engine_queue_is_overloaded_and_the_message_stays() {
+    let mut config = test_config();
+    config.limits.max_running_replies = 1;
+    config.limits.max_waiting_replies = 1;
+    let server = TestServer::start(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = server.connect().await;
+        let session = c.create_session().await;
+        clients.push((c, session));
+    }
+    for (c, session) in clients.iter_mut() {
+        c.send(
+            json!({"type": "message.create", "session_id": session, "content": "long",
+                      "options": {"max_tokens": 256, "steps": 256}, "event_id": "q"}),
+        )
+        .await;
+        assert_eq!(c.recv().await["type"], "message.accepted");
+    }
+    // One runs, one waits; with three at once the queue is full for at least one of them.
+    let mut overloaded = 0;
+    for (c, session) in clients.iter_mut() {
+        let next = c.recv().await;
+        if next["type"] == "error" {
+            assert_eq!(next["error"]["code"], "overloaded", "{next}");
+            assert_eq!(next["error"]["event_id"], "q");
+            overloaded += 1;
+            // The refused message was stored; the user resends it once there is room.
+            c.send(json!({"type": "session.resume", "session_id": session})).await;
+            let resumed = c.recv().await;
+            assert_eq!(resumed["messages"].as_array().unwrap().len(), 1, "{resumed}");
+        } else {
+            assert_eq!(next["type"], "response.created", "{next}");
+            assert_eq!(c.until("response.done").await.last().unwrap()["status"], "completed");
+        }
+    }
+    assert!(overloaded >= 1, "a queue of one was never full");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_client_message_id_racing_on_two_connections_is_stored_once() {
+    let server = TestServer::start(test_config()).await;
+    let mut a = server.connect().await;
+    let mut b = server.connect().await;
+    let session = a.create_session().await;
+    let message = json!({"type": "message.create", "session_id": session, "content": "once",
+                         "client_message_id": "race-1", "options": {"max_tokens": 16, "steps": 16}});
+    tokio::join!(a.send(message.clone()), b.send(message.clone()));
+    let (first_a, first_b) = tokio::join!(a.recv(), b.recv());
+    let kinds = [first_a["type"].as_str().unwrap(), first_b["type"].as_str().unwrap()];
+    let (winner, other) = match kinds {
+        ["message.accepted", _] => (&mut a, first_b),
+        [_, "message.accepted"] => (&mut b, first_a),
+        _ => panic!("one of them is accepted: {first_a} / {first_b}"),
+    };
+    // The other is told `busy` (the reply runs) or, if it came after the end, `duplicate`.
+    assert!(
+        other["error"]["code"] == "busy" || other["duplicate"] == true,
+        "{other}"
+    );
+    assert_eq!(
+        winner.until("response.done").await.last().unwrap()["status"],
+        "completed"
+    );
+    a.send(json!({"type": "session.resume", "session_id": session})).await;
+    let resumed = a.until("session.resumed").await.pop().unwrap();
+    let messages = resumed["messages"].as_array().unwrap();
+    let users = messages.iter().filter(|m| m["role"] == "user").count();
+    assert_eq!((users, messages.len()), (1, 2), "stored once, answered once: {resumed}");
+    server.stop().await;
+}
