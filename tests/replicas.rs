@@ -114,6 +114,33 @@ async fn history(client: &mut Client, session: &str) -> Vec<Value> {
     resumed["messages"].as_array().unwrap().clone()
 }
 
+/// A long reply under way on `replica`: its client (past the first revision), the session, and
+/// the events so far (`message.accepted`, `response.created`, the first revision).
+async fn long_reply(replica: &Replica, message: Value) -> (Client, String, Vec<Value>) {
+    let mut asker = replica.connect().await;
+    let session = asker.create_session().await;
+    let mut message = message;
+    message["type"] = json!("message.create");
+    message["session_id"] = json!(session);
+    if message.get("options").is_none() {
+        message["options"] = long();
+    }
+    asker.send(message).await;
+    let started = asker.until("response.revision").await;
+    (asker, session, started)
+}
+
+/// A client on `replica` that resumed `session`, and the `session.resumed` it got.
+async fn resumed_on(replica: &Replica, session: &str) -> (Client, Value) {
+    let mut client = replica.connect().await;
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = client.recv().await;
+    assert_eq!(resumed["type"], "session.resumed", "{resumed}");
+    (client, resumed)
+}
+
 /// Checks the revisions of `events` and returns the final text.
 fn check_stream(events: &[Value], after_revision: u64) -> String {
     let revisions = common::revisions(events);
@@ -165,20 +192,10 @@ async fn concurrent_messages_on_two_replicas_give_one_reply_and_one_busy() {
 async fn a_reply_resumed_on_the_other_replica_streams_to_its_end() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (_, a, b) = two_replicas().await;
-    let mut asker = a.connect().await;
-    let session = asker.create_session().await;
-    asker
-        .send(json!({"type": "message.create", "session_id": session, "content": "tell me everything", "options": long()}))
-        .await;
-    let started = asker.until("response.revision").await;
+    let (mut asker, session, started) = long_reply(&a, json!({"content": "tell me everything"})).await;
     let response_id = started[1]["response_id"].as_str().unwrap().to_owned();
 
-    let mut watcher = b.connect().await;
-    watcher
-        .send(json!({"type": "session.resume", "session_id": session, "event_id": "r"}))
-        .await;
-    let resumed = watcher.recv().await;
-    assert_eq!(resumed["type"], "session.resumed", "{resumed}");
+    let (mut watcher, resumed) = resumed_on(&b, &session).await;
     let running = &resumed["running"];
     assert_eq!(running["response_id"], response_id.as_str(), "{resumed}");
     assert_eq!(running["message_id"], started[0]["message_id"], "{resumed}");
@@ -218,14 +235,8 @@ async fn a_reply_resumed_on_the_other_replica_streams_to_its_end() {
 async fn cancel_from_the_other_replica_stops_the_reply() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (_, a, b) = two_replicas().await;
-    let mut asker = a.connect().await;
-    let session = asker.create_session().await;
-    asker
-        .send(json!({"type": "message.create", "session_id": session, "content": "long", "options": long()}))
-        .await;
-    let created = asker.until("response.created").await;
-    let response_id = created.last().unwrap()["response_id"].as_str().unwrap().to_owned();
-    asker.until("response.revision").await;
+    let (mut asker, session, started) = long_reply(&a, json!({"content": "long"})).await;
+    let response_id = started[1]["response_id"].as_str().unwrap().to_owned();
     let mut other = b.connect().await;
     other
         .send(json!({"type": "response.cancel", "response_id": response_id, "event_id": "c"}))
@@ -242,18 +253,10 @@ async fn cancel_from_the_other_replica_stops_the_reply() {
 async fn a_killed_generator_is_reported_lost_and_the_resend_is_answered_once() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (_, mut a, b) = two_replicas().await;
-    let mut asker = a.connect().await;
-    let session = asker.create_session().await;
+    let (_asker, session, _) = long_reply(&a, json!({"content": "long one", "client_message_id": "c-1"})).await;
     let message = json!({"type": "message.create", "session_id": session, "content": "long one",
                          "client_message_id": "c-1", "options": long()});
-    asker.send(message.clone()).await;
-    asker.until("response.revision").await;
-
-    let mut watcher = b.connect().await;
-    watcher
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    let resumed = watcher.recv().await;
+    let (mut watcher, resumed) = resumed_on(&b, &session).await;
     assert!(resumed["running"].is_object(), "{resumed}");
     a.kill9();
     let killed = Instant::now();
@@ -293,17 +296,9 @@ async fn a_killed_generator_is_reported_lost_and_the_resend_is_answered_once() {
 async fn a_stalled_generator_cannot_write_late() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (_, a, b) = two_replicas().await;
-    let mut asker = a.connect().await;
-    let session = asker.create_session().await;
-    asker
-        .send(json!({"type": "message.create", "session_id": session, "content": "long", "options": long()}))
-        .await;
-    asker.until("response.revision").await;
-    let mut watcher = b.connect().await;
-    watcher
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    assert!(watcher.recv().await["running"].is_object());
+    let (mut asker, session, _) = long_reply(&a, json!({"content": "long"})).await;
+    let (mut watcher, resumed) = resumed_on(&b, &session).await;
+    assert!(resumed["running"].is_object(), "{resumed}");
 
     a.signal("STOP");
     let stopped = Instant::now();
@@ -337,22 +332,11 @@ async fn a_stalled_generator_cannot_write_late() {
 async fn a_reply_outlives_the_socket_that_asked_for_it() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let (_, a, b) = two_replicas().await;
-    let mut asker = a.connect().await;
-    let session = asker.create_session().await;
-    asker
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": "long",
-                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
-        )
-        .await;
-    asker.until("response.revision").await;
+    let options = json!({"max_tokens": 256, "steps": 256, "block_length": 32});
+    let (asker, session, _) = long_reply(&a, json!({"content": "long", "options": options})).await;
     drop(asker);
 
-    let mut later = b.connect().await;
-    later
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    let resumed = later.recv().await;
+    let (mut later, resumed) = resumed_on(&b, &session).await;
     if resumed["running"].is_object() {
         let events = later.until("response.done").await;
         assert_eq!(events.last().unwrap()["status"], "completed");
