@@ -6,11 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use dllm_chat::config::{Config, EngineKind};
-use dllm_chat::engine::cached::CacheMode;
-
+use dllm_chat::config::Config;
 use dllm_chat::engine::{
-    ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest, Schedule, Selection, StopReason,
+    CacheMode, ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind, GenerateRequest, Schedule,
+    Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -213,8 +212,8 @@ async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
     let mut spec = ggml_ext::FixtureSpec::default();
     spec.hyperparams.architecture = ggml_ext::Architecture::Llama;
     ggml_ext::write_llada_fixture(&path, &spec).unwrap();
-    let config = common::test_config();
-    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&config, path).err())
+    let settings = common::test_config().engine_settings();
+    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&settings, path).err())
         .await
         .unwrap()
         .expect("refused");

@@ -21,7 +21,7 @@
 //! The thread owns the model, the caches and the tokenizer; the service talks to it through
 //! [`jobs`](super::jobs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
@@ -29,49 +29,19 @@ use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, Runt
 use super::canvas::Canvas;
 use super::jobs::{self, Intake, Job};
 use super::prompt::{self, FittedPrompt};
+use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
 use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
-
-/// What the steps inside a block recompute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheMode {
-    /// The current block and the rest of the canvas after it.
-    #[default]
-    Prefix,
-    /// Only the current block; the rest of the canvas comes from the cache.
-    Dual,
-}
-
-/// Settings of the cached engine.
-#[derive(Debug, Clone)]
-pub struct CachedConfig {
-    pub model_path: PathBuf,
-    pub device: Device,
-    pub threads: usize,
-    /// Cells per conversation cache (prompt + canvas); capped at the model's training context.
-    pub context_length: usize,
-    /// Replies denoised together (one graph evaluation per step for all of them).
-    pub max_running: usize,
-    pub max_waiting: usize,
-    /// Conversation caches kept, running ones included; idle ones wait for their next turn.
-    pub kept_caches: usize,
-    /// Extend an idle cache whose tokens start the new prompt instead of prefilling everything.
-    pub reuse_history: bool,
-    pub cache_mode: CacheMode,
-    /// Tokens per position the graph returns (temperature sampling chooses among them).
-    pub top_k: usize,
-    pub mask_placeholder: String,
-}
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
 /// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
 /// context.
-pub fn start(config: CachedConfig) -> Result<impl Engine, EngineError> {
+pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
+    let settings = settings.clone();
     jobs::spawn(
         "cached-engine",
-        config.max_waiting,
-        move |intake, ready| match Worker::load(&config) {
+        settings.max_waiting,
+        move |intake, ready| match Worker::load(settings, &model_path) {
             Ok(worker) => {
                 ready(Ok(worker.info.clone()));
                 worker.run(intake);
@@ -115,29 +85,32 @@ struct Worker {
     model: DiffusionModel,
     chat: ChatModel,
     info: EngineInfo,
-    config: CachedConfig,
+    settings: EngineSettings,
     context: usize,
     slots: Vec<Slot>,
     clock: u64,
 }
 
 impl Worker {
-    fn load(config: &CachedConfig) -> Result<Self, EngineError> {
-        let chat = ChatModel::load(&config.model_path, true)?;
+    fn load(settings: EngineSettings, model_path: &Path) -> Result<Self, EngineError> {
+        let chat = ChatModel::load(model_path, true)?;
         let runtime = RuntimeConfig {
-            device: config.device,
-            threads: config.threads,
-            max_segments: config.max_running.max(1),
+            device: match settings.device {
+                DeviceKind::Cpu => Device::Cpu,
+                DeviceKind::Gpu => Device::Gpu,
+            },
+            threads: settings.threads,
+            max_segments: settings.max_running.max(1),
         };
-        let model = DiffusionModel::load(&config.model_path, runtime).map_err(|e| match e {
+        let model = DiffusionModel::load(model_path, runtime).map_err(|e| match e {
             ggml_ext::runtime::RuntimeError::Architecture(a) => EngineError::NotDiffusion(a),
             other => EngineError::Load {
-                path: config.model_path.display().to_string(),
+                path: model_path.display().to_string(),
                 reason: other.to_string(),
             },
         })?;
         // A vocabulary-only load has no training context; the runtime read it from the GGUF.
-        let context = config.context_length.min(model.shape().context_length);
+        let context = settings.context_length.min(model.shape().context_length);
         tracing::info!(
             device = model.device_description(),
             weights_mib = model.weight_bytes() / (1 << 20),
@@ -146,13 +119,13 @@ impl Worker {
         Ok(Self {
             info: EngineInfo {
                 engine: "cached",
-                model_path: config.model_path.display().to_string(),
+                model_path: model_path.display().to_string(),
                 architecture: chat.architecture.clone(),
                 context_length: context,
             },
             model,
             chat,
-            config: config.clone(),
+            settings,
             context,
             slots: Vec::new(),
             clock: 0,
@@ -161,7 +134,7 @@ impl Worker {
 
     fn run(mut self, mut intake: Intake) {
         let mut replies: Vec<Reply> = Vec::new();
-        let max_running = self.config.max_running.max(1);
+        let max_running = self.settings.max_running.max(1);
         while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
             for job in jobs {
                 if let Some(reply) = self.admit(job) {
@@ -223,7 +196,7 @@ impl Worker {
     /// go to the least recently used one), or a new cache while fewer than `kept_caches` exist. Marks
     /// it busy and cuts it back to the reusable prefix.
     fn pick_slot(&mut self, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
-        let reuse_history = self.config.reuse_history;
+        let reuse_history = self.settings.reuse_history;
         let reusable = |slot: &Slot| {
             if !reuse_history {
                 return 0;
@@ -243,7 +216,7 @@ impl Worker {
             .filter(|(_, s)| !s.busy)
             .map(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), i))
             .max();
-        let limit = self.config.kept_caches.max(self.config.max_running);
+        let limit = self.settings.kept_caches.max(self.settings.max_running);
         let index = match best {
             Some((reuse, _, i)) if reuse > 0 || self.slots.len() >= limit => i,
             _ if self.slots.len() < limit => {
@@ -324,7 +297,7 @@ impl Worker {
                 commit: false,
             })
             .collect();
-        let evaluated = self.model.eval(&mut segments, Head::TopK(self.config.top_k));
+        let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
         drop(segments);
         crate::metrics::engine_step(started.elapsed(), replies.len());
         let predictions = match evaluated {
@@ -346,7 +319,7 @@ impl Worker {
             let unmasked = r.canvas.step_top_k(&plan.active, &tops);
             keep.push(
                 r.job
-                    .report_step(&r.canvas, &self.chat, &self.config.mask_placeholder, unmasked),
+                    .report_step(&r.canvas, &self.chat, &self.settings.mask_placeholder, unmasked),
             );
         }
         let mut flags = keep.into_iter();
@@ -374,7 +347,7 @@ impl Worker {
             r.refreshed = Some(block_index);
             0..cells.len()
         } else {
-            match self.config.cache_mode {
+            match self.settings.cache_mode {
                 CacheMode::Prefix => block.start..cells.len(),
                 CacheMode::Dual => block.start..block.end + r.lead.len(),
             }

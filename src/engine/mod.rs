@@ -12,6 +12,7 @@
 //! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
 //! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
 //! - [`jobs`]: the queue between the service and an engine thread.
+//! - [`settings`]: what an engine is started with; the configuration builds it.
 
 pub mod cached;
 pub mod canvas;
@@ -19,14 +20,18 @@ pub(crate) mod jobs;
 pub mod policy;
 pub mod prompt;
 pub mod reference;
+pub mod settings;
 pub mod vocab;
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{Schedule, Selection};
+pub use policy::{PolicyKind, Schedule, Selection};
+pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings};
 
 /// One message of the conversation as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,39 +196,11 @@ pub trait Engine: Send + Sync {
     fn info(&self) -> &EngineInfo;
 }
 
-/// Starts the engine `config.model` selects, loading the model on its own thread. Blocks until
+/// Starts the engine `settings.kind` selects, loading the model on its own thread. Blocks until
 /// the model is loaded: call it from a blocking context.
-pub fn start(
-    config: &crate::config::Config,
-    model_path: std::path::PathBuf,
-) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
-    use crate::config::{DeviceKind, EngineKind};
-    let m = &config.model;
-    let l = &config.limits;
-    Ok(match m.engine {
-        EngineKind::Cached => std::sync::Arc::new(cached::start(cached::CachedConfig {
-            model_path,
-            device: match m.device {
-                DeviceKind::Cpu => ggml_ext::runtime::Device::Cpu,
-                DeviceKind::Gpu => ggml_ext::runtime::Device::Gpu,
-            },
-            threads: m.threads,
-            context_length: m.context_length,
-            max_running: l.max_running_replies,
-            max_waiting: l.max_waiting_replies,
-            kept_caches: l.kept_conversation_caches,
-            reuse_history: m.reuse_history,
-            cache_mode: m.cache,
-            top_k: m.top_k,
-            mask_placeholder: config.prompt.mask_placeholder.clone(),
-        })?),
-        EngineKind::Reference => std::sync::Arc::new(reference::start(reference::ReferenceConfig {
-            model_path,
-            threads: m.threads,
-            context_length: m.context_length,
-            max_running: l.max_running_replies,
-            max_waiting: l.max_waiting_replies,
-            mask_placeholder: config.prompt.mask_placeholder.clone(),
-        })?),
+pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<Arc<dyn Engine>, EngineError> {
+    Ok(match settings.kind {
+        EngineKind::Cached => Arc::new(cached::start(settings, model_path)?),
+        EngineKind::Reference => Arc::new(reference::start(settings, model_path)?),
     })
 }

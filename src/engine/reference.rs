@@ -9,7 +9,7 @@
 //! interleaving them one step each in turn, so a long reply does not hold back a short one.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -19,35 +19,21 @@ use llama_cpp_2::token::LlamaToken;
 use super::canvas::Canvas;
 use super::jobs::{self, Intake, Job};
 use super::prompt::FittedPrompt;
+use super::settings::EngineSettings;
 use super::vocab::{backend, ChatModel};
 use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
-
-/// Settings of the reference engine.
-#[derive(Debug, Clone)]
-pub struct ReferenceConfig {
-    pub model_path: PathBuf,
-    /// CPU threads llama.cpp uses per decode.
-    pub threads: usize,
-    /// Context window (prompt + canvas); capped at the model's training context.
-    pub context_length: usize,
-    /// Replies denoised at once (interleaved step by step).
-    pub max_running: usize,
-    /// Replies allowed to wait for a running slot before `submit` fails fast.
-    pub max_waiting: usize,
-    /// Shown in revisions for each masked position.
-    pub mask_placeholder: String,
-}
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
 /// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
 /// context.
-pub fn start(config: ReferenceConfig) -> Result<impl Engine, EngineError> {
-    jobs::spawn("reference-engine", config.max_waiting, move |intake, ready| {
-        let loaded = match ChatModel::load(&config.model_path, false) {
+pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
+    let settings = settings.clone();
+    jobs::spawn("reference-engine", settings.max_waiting, move |intake, ready| {
+        let loaded = match ChatModel::load(&model_path, false) {
             Ok(l) => l,
             Err(e) => return ready(Err(e)),
         };
-        match Worker::new(&loaded, &config) {
+        match Worker::new(&loaded, &settings, &model_path) {
             Ok(worker) => {
                 ready(Ok(worker.info.clone()));
                 worker.run(intake);
@@ -74,10 +60,10 @@ struct Worker<'m> {
 }
 
 impl<'m> Worker<'m> {
-    fn new(loaded: &'m ChatModel, config: &ReferenceConfig) -> Result<Self, EngineError> {
-        let context_length = config.context_length.min(loaded.n_ctx_train);
+    fn new(loaded: &'m ChatModel, settings: &EngineSettings, model_path: &Path) -> Result<Self, EngineError> {
+        let context_length = settings.context_length.min(loaded.n_ctx_train);
         let n_ctx = context_length as u32;
-        let threads = config.threads.max(1) as i32;
+        let threads = settings.threads.max(1) as i32;
         // Non-causal attention needs the whole sequence in one micro-batch.
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -85,7 +71,7 @@ impl<'m> Worker<'m> {
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let model_path = config.model_path.display().to_string();
+        let model_path = model_path.display().to_string();
         let ctx = loaded
             .model
             .new_context(backend()?, params)
@@ -103,8 +89,8 @@ impl<'m> Worker<'m> {
             },
             ctx,
             batch: LlamaBatch::new(n_ctx as usize, 1),
-            max_running: config.max_running.max(1),
-            placeholder: config.mask_placeholder.clone(),
+            max_running: settings.max_running.max(1),
+            placeholder: settings.mask_placeholder.clone(),
         })
     }
 
