@@ -26,29 +26,33 @@ use std::time::Instant;
 
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
-use super::canvas::Canvas;
-use super::jobs::{self, Intake, Job};
+use super::jobs::{self, Job};
 use super::prompt::{self, FittedPrompt};
+use super::scheduler::{self, Admitted, Backend, Running, Step};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
-use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
+use super::{Engine, EngineError, EngineInfo};
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
 /// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
 /// context.
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
-    jobs::spawn(
-        "cached-engine",
-        settings.max_waiting,
-        move |intake, ready| match Worker::load(settings, &model_path) {
+    jobs::spawn("cached-engine", settings.max_waiting, move |intake, ready| {
+        let chat = match ChatModel::load(&model_path, true) {
+            Ok(c) => c,
+            Err(e) => return ready(Err(e)),
+        };
+        match Worker::load(&chat, settings, &model_path) {
             Ok(worker) => {
                 ready(Ok(worker.info.clone()));
-                worker.run(intake);
+                let (placeholder, max_running) =
+                    (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
+                scheduler::run(worker, intake, &chat, &placeholder, max_running);
             }
             Err(e) => ready(Err(e)),
-        },
-    )
+        }
+    })
 }
 
 /// A conversation cache and what the engine knows about its contents.
@@ -60,11 +64,9 @@ struct Slot {
     last_used: u64,
 }
 
-/// A reply in progress.
+/// What a running reply holds here.
 struct Reply {
-    job: Job,
     slot: usize,
-    canvas: Canvas,
     /// The block whose start refreshed the canvas cells in the cache.
     refreshed: Option<usize>,
     /// Prompt tokens kept out of the committed prefix (Dream: the last one, whose row predicts the
@@ -81,9 +83,9 @@ struct Planned {
     outputs: Vec<usize>,
 }
 
-struct Worker {
+struct Worker<'c> {
     model: DiffusionModel,
-    chat: ChatModel,
+    chat: &'c ChatModel,
     info: EngineInfo,
     settings: EngineSettings,
     context: usize,
@@ -91,9 +93,82 @@ struct Worker {
     clock: u64,
 }
 
-impl Worker {
-    fn load(settings: EngineSettings, model_path: &Path) -> Result<Self, EngineError> {
-        let chat = ChatModel::load(model_path, true)?;
+impl Backend for Worker<'_> {
+    type State = Reply;
+
+    /// Fits the prompt, picks a conversation cache and prefills what it lacks.
+    fn admit(&mut self, job: &Job) -> Result<Admitted<Reply>, EngineError> {
+        let FittedPrompt {
+            tokens,
+            dropped_turns,
+            chat,
+        } = self.chat.fit_prompt(&job.request, self.context)?;
+        let shift = self.model.shape().family.logit_shift();
+        let committed = &tokens[..tokens.len().saturating_sub(shift)];
+        let mut boundaries = prompt::turn_boundaries(&chat, &tokens, |c| self.chat.prompt_tokens(c))?;
+        boundaries.retain(|b| *b < committed.len());
+        let slot = self.pick_slot(committed, &boundaries)?;
+        let cached_tokens = self.prefill(slot, committed, &boundaries)?;
+        Ok(Admitted {
+            state: Reply {
+                slot,
+                refreshed: None,
+                lead: tokens[committed.len()..].to_vec(),
+            },
+            prompt_tokens: tokens.len(),
+            cached_tokens,
+            dropped_turns,
+        })
+    }
+
+    /// One denoising step of every running reply, in one graph evaluation.
+    fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
+        let started = Instant::now();
+        let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
+        let mut segments: Vec<Segment> = replies
+            .iter()
+            .zip(&plans)
+            .map(|(r, p)| Segment {
+                cache: caches[r.state.slot].take().expect("one running reply per cache"),
+                tokens: &p.tokens,
+                offset: p.offset,
+                span: p.span,
+                outputs: &p.outputs,
+                temperature: r.job.request.options.temperature,
+                commit: false,
+            })
+            .collect();
+        let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
+        drop(segments);
+        crate::metrics::engine_step(started.elapsed(), replies.len());
+        let predictions = match evaluated {
+            Ok(p) => p,
+            Err(e) => {
+                let error = EngineError::Decode(e.to_string());
+                for r in replies.iter_mut() {
+                    stepped(r, Err(error.clone()));
+                }
+                return;
+            }
+        };
+        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
+            let Predictions::TopK(tops) = predicted else {
+                unreachable!("the top-k head returns top-k predictions")
+            };
+            let unmasked = r.canvas.step_top_k(&plan.active, &tops);
+            stepped(r, Ok(unmasked));
+        }
+    }
+
+    /// The cache stays with its contents for the conversation's next turn.
+    fn release(&mut self, reply: Reply) {
+        self.slots[reply.slot].busy = false;
+    }
+}
+
+impl<'c> Worker<'c> {
+    fn load(chat: &'c ChatModel, settings: EngineSettings, model_path: &Path) -> Result<Self, EngineError> {
         let runtime = RuntimeConfig {
             device: match settings.device {
                 DeviceKind::Cpu => Device::Cpu,
@@ -129,66 +204,6 @@ impl Worker {
             context,
             slots: Vec::new(),
             clock: 0,
-        })
-    }
-
-    fn run(mut self, mut intake: Intake) {
-        let mut replies: Vec<Reply> = Vec::new();
-        let max_running = self.settings.max_running.max(1);
-        while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
-            for job in jobs {
-                if let Some(reply) = self.admit(job) {
-                    replies.push(reply);
-                }
-            }
-            self.step(&mut replies);
-        }
-    }
-
-    /// Fits and prefills the prompt and announces the reply; `None` when it failed.
-    fn admit(&mut self, job: Job) -> Option<Reply> {
-        let queue_wait = job.queued_at.elapsed();
-        let fitted = self.chat.fit_prompt(&job.request, self.context);
-        let shift = self.model.shape().family.logit_shift();
-        let prepared = fitted.and_then(|f| {
-            let committed = &f.tokens[..f.tokens.len().saturating_sub(shift)];
-            let mut boundaries = prompt::turn_boundaries(&f.chat, &f.tokens, |c| self.chat.prompt_tokens(c))?;
-            boundaries.retain(|b| *b < committed.len());
-            let slot = self.pick_slot(committed, &boundaries)?;
-            self.prefill(slot, committed, &boundaries)
-                .map(|reused| (f, slot, reused))
-        });
-        let (
-            FittedPrompt {
-                tokens, dropped_turns, ..
-            },
-            slot,
-            reused,
-        ) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                job.fail(e);
-                return None;
-            }
-        };
-        let started = EngineEvent::Started {
-            prompt_tokens: tokens.len(),
-            cached_tokens: reused,
-            dropped_turns,
-            queue_wait,
-        };
-        if job.events.send(started).is_err() {
-            self.release(slot);
-            return None;
-        }
-        let canvas = Canvas::new(&job.request.options, self.chat.mask, self.chat.end_tokens.clone());
-        let lead = tokens[tokens.len().saturating_sub(shift)..].to_vec();
-        Some(Reply {
-            job,
-            slot,
-            canvas,
-            refreshed: None,
-            lead,
         })
     }
 
@@ -265,91 +280,24 @@ impl Worker {
         Ok(reused)
     }
 
-    fn release(&mut self, slot: usize) {
-        self.slots[slot].busy = false;
-    }
-
-    /// One denoising step of every running reply, in one graph evaluation.
-    fn step(&mut self, replies: &mut Vec<Reply>) {
-        let (gone, running): (Vec<Reply>, Vec<Reply>) =
-            std::mem::take(replies).into_iter().partition(|r| r.job.abandoned());
-        for r in gone {
-            r.job.finish(&r.canvas, &self.chat, StopReason::Cancelled);
-            self.release(r.slot);
-        }
-        *replies = running;
-        if replies.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
-        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
-        let mut segments: Vec<Segment> = replies
-            .iter()
-            .zip(&plans)
-            .map(|(r, p)| Segment {
-                cache: caches[r.slot].take().expect("one running reply per cache"),
-                tokens: &p.tokens,
-                offset: p.offset,
-                span: p.span,
-                outputs: &p.outputs,
-                temperature: r.job.request.options.temperature,
-                commit: false,
-            })
-            .collect();
-        let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
-        drop(segments);
-        crate::metrics::engine_step(started.elapsed(), replies.len());
-        let predictions = match evaluated {
-            Ok(p) => p,
-            Err(e) => {
-                let error = EngineError::Decode(e.to_string());
-                for r in replies.drain(..) {
-                    r.job.fail(error.clone());
-                    self.release(r.slot);
-                }
-                return;
-            }
-        };
-        let mut keep = Vec::with_capacity(replies.len());
-        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
-            let Predictions::TopK(tops) = predicted else {
-                unreachable!("the top-k head returns top-k predictions")
-            };
-            let unmasked = r.canvas.step_top_k(&plan.active, &tops);
-            keep.push(
-                r.job
-                    .report_step(&r.canvas, &self.chat, &self.settings.mask_placeholder, unmasked),
-            );
-        }
-        let mut flags = keep.into_iter();
-        replies.retain(|r| {
-            let kept = flags.next().unwrap_or(false);
-            if !kept {
-                self.release(r.slot);
-            }
-            kept
-        });
-    }
-
     /// What `r` computes this step: the whole canvas at a block's start, then the block and what
     /// follows it (prefix cache) or the block alone (dual cache).
     ///
     /// The cells after the committed prompt hold `lead ++ canvas`: with Dream's shifted logits the
     /// prompt's last token stays uncommitted, so the row predicting canvas position `p` is cell `p`
     /// for both families.
-    fn plan(&self, r: &mut Reply) -> Planned {
+    fn plan(&self, r: &mut Running<Reply>) -> Planned {
         let active = r.canvas.active_positions();
         let block = r.canvas.current_block().expect("a running reply has a masked position");
         let block_index = block.start / r.job.request.options.block_length.max(1);
-        let cells: Vec<i32> = r.lead.iter().chain(r.canvas.tokens()).copied().collect();
-        let window = if r.refreshed != Some(block_index) {
-            r.refreshed = Some(block_index);
+        let cells: Vec<i32> = r.state.lead.iter().chain(r.canvas.tokens()).copied().collect();
+        let window = if r.state.refreshed != Some(block_index) {
+            r.state.refreshed = Some(block_index);
             0..cells.len()
         } else {
             match self.settings.cache_mode {
                 CacheMode::Prefix => block.start..cells.len(),
-                CacheMode::Dual => block.start..block.end + r.lead.len(),
+                CacheMode::Dual => block.start..block.end + r.state.lead.len(),
             }
         };
         Planned {

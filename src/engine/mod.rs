@@ -12,6 +12,8 @@
 //! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
 //! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
 //! - [`jobs`]: the queue between the service and an engine thread.
+//! - [`scheduler`]: the loop every engine thread runs over that queue; engines differ only in
+//!   how they admit a reply and compute a step.
 //! - [`settings`]: what an engine is started with; the configuration builds it.
 
 pub mod cached;
@@ -20,6 +22,7 @@ pub(crate) mod jobs;
 pub mod policy;
 pub mod prompt;
 pub mod reference;
+pub(crate) mod scheduler;
 pub mod settings;
 pub mod vocab;
 
