@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use dllm_chat::config::Config;
 use dllm_chat::engine::{
-    CacheMode, ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind, GenerateRequest, Schedule,
-    Selection, StopReason,
+    CacheMode, Capacity, ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind, GenerateRequest,
+    Schedule, Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -192,7 +192,7 @@ async fn full_wait_queue_fails_fast_with_overloaded() {
         for _ in 0..10 {
             match engine.submit(request("hi", options(256, 256, Schedule::Fixed))) {
                 Ok(s) => accepted.push(s),
-                Err(EngineError::Overloaded { .. }) => overloaded += 1,
+                Err(EngineError::Overloaded(Capacity::Queue { .. })) => overloaded += 1,
                 Err(e) => panic!("{e}"),
             }
         }

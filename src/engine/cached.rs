@@ -31,7 +31,7 @@ use super::prompt::{self, FittedPrompt};
 use super::scheduler::{self, Admitted, Backend, Running, Step};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
-use super::{Engine, EngineError, EngineInfo};
+use super::{Capacity, Engine, EngineError, EngineInfo};
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
 /// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
@@ -72,6 +72,36 @@ struct Reply {
     /// Prompt tokens kept out of the committed prefix (Dream: the last one, whose row predicts the
     /// first canvas position).
     lead: Vec<i32>,
+}
+
+/// The cache a new reply gets.
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    /// An existing idle cache, keeping its first `reuse` tokens.
+    Idle { index: usize, reuse: usize },
+    /// A new, empty cache.
+    New,
+}
+
+/// Picks a cache for a new reply. `idle` has an entry per existing cache: `None` while a running
+/// reply holds it, else how many of the new prompt's tokens it holds exactly and when it was last
+/// used. The idle cache with the longest reusable prefix wins (ties go to the least recently used
+/// one); without any reuse a new cache is made while fewer than `limit` exist, else the least
+/// recently used idle one is overwritten. With every cache busy at the limit there is no room: a
+/// capacity error, not a failure, so the service reports it as overload. The scheduler admits at
+/// most `max_running` replies and `limit` is at least that, so this is a guard rather than a
+/// state the engine reaches.
+fn choose_slot(idle: &[Option<(usize, u64)>], limit: usize) -> Result<Choice, EngineError> {
+    let best = idle
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|(reuse, last_used)| (reuse, std::cmp::Reverse(last_used), i)))
+        .max();
+    match best {
+        Some((reuse, _, index)) if reuse > 0 || idle.len() >= limit => Ok(Choice::Idle { index, reuse }),
+        _ if idle.len() < limit => Ok(Choice::New),
+        _ => Err(EngineError::Overloaded(Capacity::Caches { caches: idle.len() })),
+    }
 }
 
 /// One reply's part of a step's evaluation.
@@ -207,9 +237,8 @@ impl<'c> Worker<'c> {
         })
     }
 
-    /// The idle cache that shares the longest exactly reusable prefix with `tokens` (ties and misses
-    /// go to the least recently used one), or a new cache while fewer than `kept_caches` exist. Marks
-    /// it busy and cuts it back to the reusable prefix.
+    /// The cache [`choose_slot`] picks for `tokens`, created when it is a new one. Marks it busy and
+    /// cuts it back to the prefix it shares exactly with `tokens`.
     fn pick_slot(&mut self, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
         let reuse_history = self.settings.reuse_history;
         let reusable = |slot: &Slot| {
@@ -224,17 +253,15 @@ impl<'c> Worker<'c> {
                 .copied()
                 .unwrap_or(0)
         };
-        let best = self
+        let idle: Vec<Option<(usize, u64)>> = self
             .slots
             .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), i))
-            .max();
+            .map(|s| (!s.busy).then(|| (reusable(s), s.last_used)))
+            .collect();
         let limit = self.settings.kept_caches.max(self.settings.max_running);
-        let index = match best {
-            Some((reuse, _, i)) if reuse > 0 || self.slots.len() >= limit => i,
-            _ if self.slots.len() < limit => {
+        let (index, reuse) = match choose_slot(&idle, limit)? {
+            Choice::Idle { index, reuse } => (index, reuse),
+            Choice::New => {
                 let cache = self
                     .model
                     .new_cache(self.context)
@@ -245,12 +272,9 @@ impl<'c> Worker<'c> {
                     busy: false,
                     last_used: 0,
                 });
-                self.slots.len() - 1
+                (self.slots.len() - 1, 0)
             }
-            Some((_, _, i)) => i,
-            None => return Err(EngineError::Decode("no free conversation cache".into())),
         };
-        let reuse = reusable(&self.slots[index]);
         self.clock += 1;
         let slot = &mut self.slots[index];
         slot.busy = true;
@@ -307,5 +331,31 @@ impl<'c> Worker<'c> {
             outputs: active.iter().map(|p| p - window.start).collect(),
             active,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_are_reused_by_prefix_then_least_recently_used() {
+        // The longest reusable prefix wins; among equal ones, the least recently used.
+        let idle = [Some((10, 5)), None, Some((30, 9)), Some((30, 2))];
+        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::Idle { index: 3, reuse: 30 });
+        // Nothing to reuse: a new cache below the limit, else the least recently used idle one.
+        let idle = [Some((0, 5)), None, Some((0, 2))];
+        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::New);
+        assert_eq!(choose_slot(&idle, 3).unwrap(), Choice::Idle { index: 2, reuse: 0 });
+    }
+
+    #[test]
+    fn every_cache_busy_at_the_limit_is_a_capacity_error() {
+        let err = choose_slot(&[None, None], 2).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Overloaded(Capacity::Caches { caches: 2 })),
+            "{err:?}"
+        );
+        assert_eq!(choose_slot(&[None, None], 3).unwrap(), Choice::New);
     }
 }

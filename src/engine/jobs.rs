@@ -1,6 +1,6 @@
 //! The queue between the async service and an engine thread.
 //!
-//! [`Submitter`] is the service's side: it fails fast with [`EngineError::Overloaded`] when too
+//! [`Submitter`] is the service's side: it fails fast with [`Capacity::Queue`] when too
 //! many replies wait, and hands each reply its event channel and cancel token. [`Intake`] is the
 //! engine thread's side: it blocks while the engine is idle and releases waiting jobs as running
 //! slots free up, oldest first.
@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::canvas::Canvas;
 use super::vocab::ChatModel;
 use super::{
-    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
+    Capacity, Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision,
+    StopReason,
 };
 
 /// A reply request on its way to (or inside) an engine thread.
@@ -136,7 +137,7 @@ impl Submitter {
         let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
         if waiting >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::Overloaded { waiting });
+            return Err(EngineError::Overloaded(Capacity::Queue { waiting }));
         }
         let (events, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();

@@ -115,25 +115,42 @@ pub struct Completion {
     pub steps: usize,
 }
 
-/// Errors from engines.
+/// Errors from engines, grouped by what the caller can do about them: start-up failures (the
+/// model file), a request that cannot succeed as given, capacity (the same request may succeed
+/// later) and runtime failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
+    // Start-up.
     #[error("model file {path:?} could not be loaded: {reason}")]
     Load { path: String, reason: String },
     #[error("the model is not a diffusion model (architecture {0:?}); use a LLaDA or Dream GGUF")]
     NotDiffusion(String),
     #[error("the model has no mask token (tokenizer.ggml.mask_token_id)")]
     NoMaskToken,
+    // The request.
     #[error("the prompt needs {needed} tokens with the reply but the context holds {limit}")]
     ContextOverflow { needed: usize, limit: usize },
-    #[error("{waiting} replies are already waiting; try again later")]
-    Overloaded { waiting: usize },
+    /// Capacity: the engine has no room for the reply now; the client may retry.
+    #[error(transparent)]
+    Overloaded(Capacity),
+    // Runtime failures.
     #[error("the chat template could not be applied: {0}")]
     Template(String),
     #[error("llama.cpp failed to decode: {0}")]
     Decode(String),
     #[error("the engine has stopped")]
     Stopped,
+}
+
+/// What an engine ran out of.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Capacity {
+    /// The wait queue is full (`submit` fails fast).
+    #[error("{waiting} replies are already waiting; try again later")]
+    Queue { waiting: usize },
+    /// Every conversation cache holds a running reply.
+    #[error("all {caches} conversation caches are in use; try again later")]
+    Caches { caches: usize },
 }
 
 /// The receiving end of one reply.
@@ -194,7 +211,7 @@ pub struct EngineInfo {
 
 /// A diffusion engine.
 pub trait Engine: Send + Sync {
-    /// Queues a reply. Fails fast with [`EngineError::Overloaded`] when the wait queue is full.
+    /// Queues a reply. Fails fast with [`Capacity::Queue`] when the wait queue is full.
     fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError>;
     fn info(&self) -> &EngineInfo;
 }
