@@ -126,6 +126,8 @@ async fn same_seed_same_reply_and_temperature_changes_it() {
 async fn prompt_that_cannot_fit_is_context_overflow() {
     for mut config in both_engines() {
         config.model.context_length = 64;
+        // One place in the wait queue: the refused prompt must give it back.
+        config.limits.max_waiting_replies = 1;
         let engine = common::start_engine(&config).await;
         assert_eq!(engine.info().context_length, 64);
         let (_, done) = run(
@@ -140,6 +142,8 @@ async fn prompt_that_cannot_fit_is_context_overflow() {
             }
             other => panic!("{other:?}"),
         }
+        let (_, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+        assert!(matches!(done, EngineEvent::Finished(_)), "{done:?}");
     }
 }
 

@@ -18,17 +18,17 @@
 //! LLaDA and Dream files both run; Dream's logits are shifted by one position, so its prompt's last
 //! token is computed with the canvas instead of being committed.
 //!
-//! The thread owns the model, the caches and the tokenizer; the service talks to it through
-//! [`jobs`](super::jobs).
+//! The thread owns the model and the caches. Prompts arrive as tokens with their turn boundaries,
+//! prepared by the prompt thread in front of the queue ([`jobs`](super::jobs)).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
-use super::jobs::{self, Job};
-use super::prompt::{self, FittedPrompt};
-use super::scheduler::{self, Admitted, Backend, Running, Step};
+use super::jobs::{self, Job, Loaded};
+use super::scheduler::{self, Backend, Running, Step};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
 use super::{Capacity, Engine, EngineError, EngineInfo};
@@ -39,13 +39,18 @@ use super::{Capacity, Engine, EngineError, EngineInfo};
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
     jobs::spawn("cached-engine", settings.max_waiting, move |intake, ready| {
+        // Only the vocabulary and the template: the weights are the runtime's.
         let chat = match ChatModel::load(&model_path, true) {
-            Ok(c) => c,
+            Ok(c) => Arc::new(c),
             Err(e) => return ready(Err(e)),
         };
-        match Worker::load(&chat, settings, &model_path) {
+        match Worker::load(settings, &model_path, &chat.architecture) {
             Ok(worker) => {
-                ready(Ok(worker.info.clone()));
+                ready(Ok(Loaded {
+                    info: worker.info.clone(),
+                    chat: chat.clone(),
+                    boundaries: true,
+                }));
                 let (placeholder, max_running) =
                     (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
                 scheduler::run(worker, intake, &chat, &placeholder, max_running);
@@ -113,9 +118,8 @@ struct Planned {
     outputs: Vec<usize>,
 }
 
-struct Worker<'c> {
+struct Worker {
     model: DiffusionModel,
-    chat: &'c ChatModel,
     info: EngineInfo,
     settings: EngineSettings,
     context: usize,
@@ -123,32 +127,29 @@ struct Worker<'c> {
     clock: u64,
 }
 
-impl Backend for Worker<'_> {
+impl Backend for Worker {
     type State = Reply;
 
-    /// Fits the prompt, picks a conversation cache and prefills what it lacks.
-    fn admit(&mut self, job: &Job) -> Result<Admitted<Reply>, EngineError> {
-        let FittedPrompt {
-            tokens,
-            dropped_turns,
-            chat,
-        } = self.chat.fit_prompt(&job.request, self.context)?;
+    /// Picks a conversation cache for the prompt and prefills what it lacks.
+    fn admit(&mut self, job: &Job) -> Result<(Reply, usize), EngineError> {
+        let tokens = &job.prompt.tokens;
         let shift = self.model.shape().family.logit_shift();
         let committed = &tokens[..tokens.len().saturating_sub(shift)];
-        let mut boundaries = prompt::turn_boundaries(&chat, &tokens, |c| self.chat.prompt_tokens(c))?;
-        boundaries.retain(|b| *b < committed.len());
+        let boundaries: Vec<usize> = job
+            .prompt
+            .boundaries
+            .iter()
+            .copied()
+            .filter(|b| *b < committed.len())
+            .collect();
         let slot = self.pick_slot(committed, &boundaries)?;
         let cached_tokens = self.prefill(slot, committed, &boundaries)?;
-        Ok(Admitted {
-            state: Reply {
-                slot,
-                refreshed: None,
-                lead: tokens[committed.len()..].to_vec(),
-            },
-            prompt_tokens: tokens.len(),
-            cached_tokens,
-            dropped_turns,
-        })
+        let reply = Reply {
+            slot,
+            refreshed: None,
+            lead: tokens[committed.len()..].to_vec(),
+        };
+        Ok((reply, cached_tokens))
     }
 
     /// One denoising step of every running reply, in one graph evaluation.
@@ -165,7 +166,7 @@ impl Backend for Worker<'_> {
                 offset: p.offset,
                 span: p.span,
                 outputs: &p.outputs,
-                temperature: r.job.request.options.temperature,
+                temperature: r.job.options.temperature,
                 commit: false,
             })
             .collect();
@@ -197,8 +198,8 @@ impl Backend for Worker<'_> {
     }
 }
 
-impl<'c> Worker<'c> {
-    fn load(chat: &'c ChatModel, settings: EngineSettings, model_path: &Path) -> Result<Self, EngineError> {
+impl Worker {
+    fn load(settings: EngineSettings, model_path: &Path, architecture: &str) -> Result<Self, EngineError> {
         let runtime = RuntimeConfig {
             device: match settings.device {
                 DeviceKind::Cpu => Device::Cpu,
@@ -225,11 +226,10 @@ impl<'c> Worker<'c> {
             info: EngineInfo {
                 engine: "cached",
                 model_path: model_path.display().to_string(),
-                architecture: chat.architecture.clone(),
+                architecture: architecture.into(),
                 context_length: context,
             },
             model,
-            chat,
             settings,
             context,
             slots: Vec::new(),
@@ -313,7 +313,7 @@ impl<'c> Worker<'c> {
     fn plan(&self, r: &mut Running<Reply>) -> Planned {
         let active = r.canvas.active_positions();
         let block = r.canvas.current_block().expect("a running reply has a masked position");
-        let block_index = block.start / r.job.request.options.block_length.max(1);
+        let block_index = block.start / r.job.options.block_length.max(1);
         let cells: Vec<i32> = r.state.lead.iter().chain(r.canvas.tokens()).copied().collect();
         let window = if r.state.refreshed != Some(block_index) {
             r.state.refreshed = Some(block_index);

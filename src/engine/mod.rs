@@ -1,8 +1,9 @@
 //! The diffusion engine behind a trait: the service hands it a conversation and decode options
 //! and gets back a stream of whole-reply revisions.
 //!
-//! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels to
-//! that thread on a channel; each reply gets its own event channel back. Dropping the
+//! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels on a
+//! channel to the engine's prompt thread, which turns the conversation into fitted prompt tokens,
+//! and on to the engine thread; each reply gets its own event channel back. Dropping the
 //! [`ReplyStream`] or cancelling its token stops the reply at the next step.
 //!
 //! - [`policy`]: which positions to unmask each step (fixed, threshold, factor).
@@ -11,7 +12,8 @@
 //! - [`reference`]: llama.cpp's own diffusion path, recomputing `[prompt + canvas]` every step.
 //! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
 //! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
-//! - [`jobs`]: the queue between the service and an engine thread.
+//! - [`jobs`]: the queue between the service and an engine thread, with the prompt thread in
+//!   front of it.
 //! - [`scheduler`]: the loop every engine thread runs over that queue; engines differ only in
 //!   how they admit a reply and compute a step.
 //! - [`settings`]: what an engine is started with; the configuration builds it.

@@ -11,15 +11,15 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
-use super::jobs::{self, Job};
-use super::prompt::FittedPrompt;
-use super::scheduler::{self, Admitted, Backend, Running, Step};
+use super::jobs::{self, Job, Loaded};
+use super::scheduler::{self, Backend, Running, Step};
 use super::settings::EngineSettings;
 use super::vocab::{backend, ChatModel};
 use super::{Engine, EngineError, EngineInfo};
@@ -31,12 +31,16 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
     let settings = settings.clone();
     jobs::spawn("reference-engine", settings.max_waiting, move |intake, ready| {
         let loaded = match ChatModel::load(&model_path, false) {
-            Ok(l) => l,
+            Ok(l) => Arc::new(l),
             Err(e) => return ready(Err(e)),
         };
         match Worker::new(&loaded, &settings, &model_path) {
             Ok(worker) => {
-                ready(Ok(worker.info.clone()));
+                ready(Ok(Loaded {
+                    info: worker.info.clone(),
+                    chat: loaded.clone(),
+                    boundaries: false,
+                }));
                 scheduler::run(
                     worker,
                     intake,
@@ -50,11 +54,6 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
     })
 }
 
-/// What a running reply holds here: its prompt, recomputed with the canvas every step.
-struct Reply {
-    prompt: Vec<i32>,
-}
-
 struct Worker<'m> {
     loaded: &'m ChatModel,
     info: EngineInfo,
@@ -63,23 +62,15 @@ struct Worker<'m> {
 }
 
 impl Backend for Worker<'_> {
-    type State = Reply;
+    /// Nothing: the prompt is recomputed with the canvas every step.
+    type State = ();
 
-    /// Fits the prompt; there is nothing to prefill.
-    fn admit(&mut self, job: &Job) -> Result<Admitted<Reply>, EngineError> {
-        let FittedPrompt {
-            tokens, dropped_turns, ..
-        } = self.loaded.fit_prompt(&job.request, self.info.context_length)?;
-        Ok(Admitted {
-            prompt_tokens: tokens.len(),
-            state: Reply { prompt: tokens },
-            cached_tokens: 0,
-            dropped_turns,
-        })
+    fn admit(&mut self, _: &Job) -> Result<((), usize), EngineError> {
+        Ok(((), 0))
     }
 
     /// One step of every running reply, one full-recompute decode each.
-    fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
+    fn step(&mut self, replies: &mut [Running<()>], stepped: &mut dyn FnMut(&mut Running<()>, Step)) {
         for r in replies.iter_mut() {
             let active = r.canvas.active_positions();
             self.batch.clear();
@@ -98,7 +89,7 @@ impl Backend for Worker<'_> {
         }
     }
 
-    fn release(&mut self, _: Reply) {}
+    fn release(&mut self, _: ()) {}
 }
 
 impl<'m> Worker<'m> {
@@ -138,8 +129,8 @@ impl<'m> Worker<'m> {
     /// positions. Returns the batch row whose logits predict canvas position 0, so position `p`
     /// reads row `first + p` (Dream's rows are shifted by one). The batch holds a context window
     /// and the prompt was fitted beside the canvas into one.
-    fn add_to_batch(&mut self, r: &Running<Reply>, active: &[usize]) -> usize {
-        let prompt = &r.state.prompt;
+    fn add_to_batch(&mut self, r: &Running<()>, active: &[usize]) -> usize {
+        let prompt = &r.job.prompt.tokens;
         let prompt_len = prompt.len();
         let shift = self.loaded.logit_shift();
         let wanted = |i: usize| i + shift >= prompt_len && active.contains(&(i + shift - prompt_len));

@@ -17,8 +17,9 @@ pub(crate) trait Backend {
     /// What a running reply holds in the engine besides its canvas (a conversation cache, say).
     type State;
 
-    /// Starts `job`'s reply: fits its prompt and prefills it, where there is a prefill.
-    fn admit(&mut self, job: &Job) -> Result<Admitted<Self::State>, EngineError>;
+    /// Starts `job`'s reply (its prefill, where there is one). Returns its state and how many
+    /// prompt tokens were already cached.
+    fn admit(&mut self, job: &Job) -> Result<(Self::State, usize), EngineError>;
 
     /// Advances every reply in `replies` by one denoising step and calls `stepped` for each,
     /// as soon as its step is done, with the positions the step unmasked or the error that ends
@@ -28,16 +29,6 @@ pub(crate) trait Backend {
     /// The reply ended (finished, failed, cancelled or its receiver dropped); what it held may
     /// serve another.
     fn release(&mut self, state: Self::State);
-}
-
-/// A reply the engine started.
-pub(crate) struct Admitted<S> {
-    pub state: S,
-    pub prompt_tokens: usize,
-    /// Of those, tokens whose K/V came from a conversation cache.
-    pub cached_tokens: usize,
-    /// Oldest turns left out to fit the context window.
-    pub dropped_turns: usize,
 }
 
 /// The outcome of one reply's step: positions unmasked, or why the reply failed.
@@ -100,12 +91,7 @@ pub(crate) fn run<B: Backend>(
 /// Starts `job` and announces it; `None` when it failed or nobody listens any more.
 fn admit<B: Backend>(backend: &mut B, job: Job, chat: &ChatModel) -> Option<Running<B::State>> {
     let queue_wait = job.queued_at.elapsed();
-    let Admitted {
-        state,
-        prompt_tokens,
-        cached_tokens,
-        dropped_turns,
-    } = match backend.admit(&job) {
+    let (state, cached_tokens) = match backend.admit(&job) {
         Ok(admitted) => admitted,
         Err(e) => {
             job.fail(e);
@@ -113,16 +99,16 @@ fn admit<B: Backend>(backend: &mut B, job: Job, chat: &ChatModel) -> Option<Runn
         }
     };
     let started = EngineEvent::Started {
-        prompt_tokens,
+        prompt_tokens: job.prompt.tokens.len(),
         cached_tokens,
-        dropped_turns,
+        dropped_turns: job.prompt.dropped_turns,
         queue_wait,
     };
     if job.events.send(started).is_err() {
         backend.release(state);
         return None;
     }
-    let canvas = Canvas::new(&job.request.options, chat.mask, chat.end_tokens.clone());
+    let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone());
     Some(Running {
         job,
         canvas,
