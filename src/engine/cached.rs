@@ -3,7 +3,7 @@
 //!
 //! Per reply:
 //! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
-//!    ([`prompt::turn_boundaries`]). A cache left by an earlier turn of the same conversation (its
+//!    ([`prompt::turn_boundaries`](super::prompt::turn_boundaries)). A cache left by an earlier turn of the same conversation (its
 //!    tokens a prefix of the new prompt, ending on a boundary) is extended instead of refilled.
 //! 2. *Refresh* at the start of every block: the whole canvas is computed over the prompt, leaving
 //!    the K/V of every canvas cell in the cache.

@@ -6,8 +6,8 @@
 //!
 //! One dedicated thread owns the model and its context (the context borrows the model, and a
 //! decode blocks for a whole step). Requests queue on a channel; the thread runs up to
-//! `max_running` replies at once through the [`scheduler`](super::scheduler), one decode after
-//! another, so a long reply does not hold back a short one.
+//! `max_running` replies at once through the engine's scheduler, interleaving them one step each
+//! in turn, so a long reply does not hold back a short one.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};

@@ -71,7 +71,6 @@ impl ChatModel {
         }
         let end_tokens = vocab.tokens().filter(|t| vocab.is_eog(*t)).map(|t| t.0).collect();
         let pieces = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
-        drop(vocab);
         let template = model
             .chat_template(None)
             .map_err(|e| EngineError::Template(e.to_string()))?;
@@ -98,7 +97,7 @@ impl ChatModel {
     }
 }
 
-/// Prompts are rendered and tokenized off the engine thread (see [`jobs`](super::jobs)): llama.cpp's
+/// Prompts are rendered and tokenized off the engine thread, on its prompt thread: llama.cpp's
 /// chat templating is a pure function and its tokenizer only reads the vocabulary, which is
 /// immutable once loaded (`LlamaModel` is `Send + Sync`).
 impl Renderer for ChatModel {
