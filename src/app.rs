@@ -36,8 +36,8 @@ pub async fn build(config: Config) -> Result<Services, StartError> {
     let model_path = crate::models::resolve(&config.model.path)?;
     tracing::info!(model = %model_path.display(), "loading model");
     let started = Instant::now();
-    let engine_config = config.clone();
-    let engine = tokio::task::spawn_blocking(move || engine::start(&engine_config, model_path))
+    let settings = config.engine_settings();
+    let engine = tokio::task::spawn_blocking(move || engine::start(&settings, model_path))
         .await
         .map_err(|e| EngineError::Load {
             path: config.model.path.clone(),

@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Selection;
+use crate::engine::{CacheMode, DeviceKind, EngineKind, EngineSettings, PolicyKind, Selection};
 
 /// The built-in defaults, also the documented reference of every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -73,39 +73,12 @@ pub struct LimitsConfig {
 pub struct ModelConfig {
     pub path: String,
     pub engine: EngineKind,
-    pub cache: crate::engine::cached::CacheMode,
+    pub cache: CacheMode,
     pub reuse_history: bool,
     pub device: DeviceKind,
     pub top_k: usize,
     pub threads: usize,
     pub context_length: usize,
-}
-
-/// Which engine implementation serves replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum EngineKind {
-    /// Our own ggml graph: K/V caches per conversation, batched steps (LLaDA models).
-    Cached,
-    /// llama.cpp's diffusion path: the whole `[prompt + reply]` is recomputed every step.
-    Reference,
-}
-
-/// Where the cached engine runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceKind {
-    Cpu,
-    Gpu,
-}
-
-/// How many positions each step unmasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicyKind {
-    Fixed,
-    Threshold,
-    Factor,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,6 +282,25 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// What the engine is started with: `[model]` (but the path), the engine's `[limits]` and the
+    /// mask placeholder.
+    pub fn engine_settings(&self) -> EngineSettings {
+        let (m, l) = (&self.model, &self.limits);
+        EngineSettings {
+            kind: m.engine,
+            device: m.device,
+            cache_mode: m.cache,
+            reuse_history: m.reuse_history,
+            top_k: m.top_k,
+            threads: m.threads,
+            context_length: m.context_length,
+            max_running: l.max_running_replies,
+            max_waiting: l.max_waiting_replies,
+            kept_caches: l.kept_conversation_caches,
+            mask_placeholder: self.prompt.mask_placeholder.clone(),
+        }
     }
 
     /// The system prompt text: the configured file, or the built-in one.

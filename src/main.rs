@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dllm_chat::config::{Config, EngineKind};
+use dllm_chat::config::Config;
+use dllm_chat::engine::EngineKind;
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]

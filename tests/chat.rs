@@ -93,7 +93,7 @@ async fn reply_streams_revisions_and_history_survives_reconnect() {
 #[tokio::test]
 async fn reference_engine_streams_whole_revisions_too() {
     let mut config = test_config();
-    config.model.engine = dllm_chat::config::EngineKind::Reference;
+    config.model.engine = dllm_chat::engine::EngineKind::Reference;
     let server = TestServer::start(config).await;
     let placeholder = server.config.prompt.mask_placeholder.clone();
     let mut client = server.connect().await;

@@ -6,11 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use dllm_chat::config::{Config, EngineKind};
-use dllm_chat::engine::cached::CacheMode;
-
+use dllm_chat::config::Config;
 use dllm_chat::engine::{
-    ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, GenerateRequest, Schedule, Selection, StopReason,
+    CacheMode, Capacity, ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind, GenerateRequest,
+    Schedule, Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -127,6 +126,8 @@ async fn same_seed_same_reply_and_temperature_changes_it() {
 async fn prompt_that_cannot_fit_is_context_overflow() {
     for mut config in both_engines() {
         config.model.context_length = 64;
+        // One place in the wait queue: the refused prompt must give it back.
+        config.limits.max_waiting_replies = 1;
         let engine = common::start_engine(&config).await;
         assert_eq!(engine.info().context_length, 64);
         let (_, done) = run(
@@ -141,6 +142,8 @@ async fn prompt_that_cannot_fit_is_context_overflow() {
             }
             other => panic!("{other:?}"),
         }
+        let (_, done) = run(engine.as_ref(), request("hi", options(8, 8, Schedule::Fixed))).await;
+        assert!(matches!(done, EngineEvent::Finished(_)), "{done:?}");
     }
 }
 
@@ -193,7 +196,7 @@ async fn full_wait_queue_fails_fast_with_overloaded() {
         for _ in 0..10 {
             match engine.submit(request("hi", options(256, 256, Schedule::Fixed))) {
                 Ok(s) => accepted.push(s),
-                Err(EngineError::Overloaded { .. }) => overloaded += 1,
+                Err(EngineError::Overloaded(Capacity::Queue { .. })) => overloaded += 1,
                 Err(e) => panic!("{e}"),
             }
         }
@@ -213,8 +216,8 @@ async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
     let mut spec = ggml_ext::FixtureSpec::default();
     spec.hyperparams.architecture = ggml_ext::Architecture::Llama;
     ggml_ext::write_llada_fixture(&path, &spec).unwrap();
-    let config = common::test_config();
-    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&config, path).err())
+    let settings = common::test_config().engine_settings();
+    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&settings, path).err())
         .await
         .unwrap()
         .expect("refused");

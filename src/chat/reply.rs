@@ -48,7 +48,8 @@ pub(super) fn failure(kind: FailureKind, message: impl Into<String>) -> ReplyFai
 fn engine_failure(e: &EngineError) -> ReplyFailure {
     let kind = match e {
         EngineError::ContextOverflow { .. } => FailureKind::ContextOverflow,
-        EngineError::Overloaded { .. } => FailureKind::Overloaded,
+        // A full wait queue or every conversation cache in use: the client may retry.
+        EngineError::Overloaded(_) => FailureKind::Overloaded,
         EngineError::Stopped => FailureKind::ShuttingDown,
         _ => FailureKind::Internal,
     };
@@ -323,5 +324,22 @@ pub(super) fn logged(event: &ReplyEvent) -> LoggedEvent {
     LoggedEvent {
         seq: event.seq(),
         payload: event.to_json(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Capacity;
+
+    #[test]
+    fn no_free_conversation_cache_fails_the_reply_as_overloaded() {
+        let failure = engine_failure(&EngineError::Overloaded(Capacity::Caches { caches: 8 }));
+        assert_eq!(failure.kind, FailureKind::Overloaded);
+        assert!(failure.message.contains("conversation caches"), "{}", failure.message);
+        assert_eq!(
+            engine_failure(&EngineError::Decode("x".into())).kind,
+            FailureKind::Internal
+        );
     }
 }

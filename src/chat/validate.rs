@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DecodeConfig, LimitsConfig, PolicyKind};
-use crate::engine::{ChatTurn, DecodeOptions, Schedule, Selection};
+use crate::config::{DecodeConfig, LimitsConfig};
+use crate::engine::{ChatTurn, DecodeOptions, PolicyKind, Schedule, Selection};
 
 /// Decode options as a client sent them; every field is optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //!
 //! Per reply:
 //! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
-//!    ([`prompt::turn_boundaries`]). A cache left by an earlier turn of the same conversation (its
+//!    ([`prompt::turn_boundaries`](super::prompt::turn_boundaries)). A cache left by an earlier turn of the same conversation (its
 //!    tokens a prefix of the new prompt, ending on a boundary) is extended instead of refilled.
 //! 2. *Refresh* at the start of every block: the whole canvas is computed over the prompt, leaving
 //!    the K/V of every canvas cell in the cache.
@@ -18,67 +18,46 @@
 //! LLaDA and Dream files both run; Dream's logits are shifted by one position, so its prompt's last
 //! token is computed with the canvas instead of being committed.
 //!
-//! The thread owns the model, the caches and the tokenizer; the service talks to it through
-//! [`jobs`](super::jobs).
+//! The thread owns the model and the caches. Prompts arrive as tokens with their turn boundaries,
+//! prepared by the prompt thread in front of the queue ([`jobs`](super::jobs)).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
-use super::canvas::Canvas;
-use super::jobs::{self, Intake, Job};
-use super::prompt::{self, FittedPrompt};
+use super::jobs::{self, Job, Loaded};
+use super::scheduler::{self, Backend, Running, Step};
+use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
-use super::{Engine, EngineError, EngineEvent, EngineInfo, StopReason};
-
-/// What the steps inside a block recompute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheMode {
-    /// The current block and the rest of the canvas after it.
-    #[default]
-    Prefix,
-    /// Only the current block; the rest of the canvas comes from the cache.
-    Dual,
-}
-
-/// Settings of the cached engine.
-#[derive(Debug, Clone)]
-pub struct CachedConfig {
-    pub model_path: PathBuf,
-    pub device: Device,
-    pub threads: usize,
-    /// Cells per conversation cache (prompt + canvas); capped at the model's training context.
-    pub context_length: usize,
-    /// Replies denoised together (one graph evaluation per step for all of them).
-    pub max_running: usize,
-    pub max_waiting: usize,
-    /// Conversation caches kept, running ones included; idle ones wait for their next turn.
-    pub kept_caches: usize,
-    /// Extend an idle cache whose tokens start the new prompt instead of prefilling everything.
-    pub reuse_history: bool,
-    pub cache_mode: CacheMode,
-    /// Tokens per position the graph returns (temperature sampling chooses among them).
-    pub top_k: usize,
-    pub mask_placeholder: String,
-}
+use super::{Capacity, Engine, EngineError, EngineInfo};
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
 /// Dropping the engine lets the thread finish its replies and exit. Blocks: call it from a blocking
 /// context.
-pub fn start(config: CachedConfig) -> Result<impl Engine, EngineError> {
-    jobs::spawn(
-        "cached-engine",
-        config.max_waiting,
-        move |intake, ready| match Worker::load(&config) {
+pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
+    let settings = settings.clone();
+    jobs::spawn("cached-engine", settings.max_waiting, move |intake, ready| {
+        // Only the vocabulary and the template: the weights are the runtime's.
+        let chat = match ChatModel::load(&model_path, true) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return ready(Err(e)),
+        };
+        match Worker::load(settings, &model_path, &chat.architecture) {
             Ok(worker) => {
-                ready(Ok(worker.info.clone()));
-                worker.run(intake);
+                ready(Ok(Loaded {
+                    info: worker.info.clone(),
+                    chat: chat.clone(),
+                    boundaries: true,
+                }));
+                let (placeholder, max_running) =
+                    (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
+                scheduler::run(worker, intake, &chat, &placeholder, max_running);
             }
             Err(e) => ready(Err(e)),
-        },
-    )
+        }
+    })
 }
 
 /// A conversation cache and what the engine knows about its contents.
@@ -90,16 +69,44 @@ struct Slot {
     last_used: u64,
 }
 
-/// A reply in progress.
+/// What a running reply holds here.
 struct Reply {
-    job: Job,
     slot: usize,
-    canvas: Canvas,
     /// The block whose start refreshed the canvas cells in the cache.
     refreshed: Option<usize>,
     /// Prompt tokens kept out of the committed prefix (Dream: the last one, whose row predicts the
     /// first canvas position).
     lead: Vec<i32>,
+}
+
+/// The cache a new reply gets.
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    /// An existing idle cache, keeping its first `reuse` tokens.
+    Idle { index: usize, reuse: usize },
+    /// A new, empty cache.
+    New,
+}
+
+/// Picks a cache for a new reply. `idle` has an entry per existing cache: `None` while a running
+/// reply holds it, else how many of the new prompt's tokens it holds exactly and when it was last
+/// used. The idle cache with the longest reusable prefix wins (ties go to the least recently used
+/// one); without any reuse a new cache is made while fewer than `limit` exist, else the least
+/// recently used idle one is overwritten. With every cache busy at the limit there is no room: a
+/// capacity error, not a failure, so the service reports it as overload. The scheduler admits at
+/// most `max_running` replies and `limit` is at least that, so this is a guard rather than a
+/// state the engine reaches.
+fn choose_slot(idle: &[Option<(usize, u64)>], limit: usize) -> Result<Choice, EngineError> {
+    let best = idle
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|(reuse, last_used)| (reuse, std::cmp::Reverse(last_used), i)))
+        .max();
+    match best {
+        Some((reuse, _, index)) if reuse > 0 || idle.len() >= limit => Ok(Choice::Idle { index, reuse }),
+        _ if idle.len() < limit => Ok(Choice::New),
+        _ => Err(EngineError::Overloaded(Capacity::Caches { caches: idle.len() })),
+    }
 }
 
 /// One reply's part of a step's evaluation.
@@ -113,31 +120,103 @@ struct Planned {
 
 struct Worker {
     model: DiffusionModel,
-    chat: ChatModel,
     info: EngineInfo,
-    config: CachedConfig,
+    settings: EngineSettings,
     context: usize,
     slots: Vec<Slot>,
     clock: u64,
 }
 
-impl Worker {
-    fn load(config: &CachedConfig) -> Result<Self, EngineError> {
-        let chat = ChatModel::load(&config.model_path, true)?;
-        let runtime = RuntimeConfig {
-            device: config.device,
-            threads: config.threads,
-            max_segments: config.max_running.max(1),
+impl Backend for Worker {
+    type State = Reply;
+
+    /// Picks a conversation cache for the prompt and prefills what it lacks.
+    fn admit(&mut self, job: &Job) -> Result<(Reply, usize), EngineError> {
+        let tokens = &job.prompt.tokens;
+        let shift = self.model.shape().family.logit_shift();
+        let committed = &tokens[..tokens.len().saturating_sub(shift)];
+        let boundaries: Vec<usize> = job
+            .prompt
+            .boundaries
+            .iter()
+            .copied()
+            .filter(|b| *b < committed.len())
+            .collect();
+        let slot = self.pick_slot(committed, &boundaries)?;
+        let cached_tokens = self.prefill(slot, committed, &boundaries)?;
+        let reply = Reply {
+            slot,
+            refreshed: None,
+            lead: tokens[committed.len()..].to_vec(),
         };
-        let model = DiffusionModel::load(&config.model_path, runtime).map_err(|e| match e {
+        Ok((reply, cached_tokens))
+    }
+
+    /// One denoising step of every running reply, in one graph evaluation.
+    fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
+        let started = Instant::now();
+        let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
+        let mut segments: Vec<Segment> = replies
+            .iter()
+            .zip(&plans)
+            .map(|(r, p)| Segment {
+                cache: caches[r.state.slot].take().expect("one running reply per cache"),
+                tokens: &p.tokens,
+                offset: p.offset,
+                span: p.span,
+                outputs: &p.outputs,
+                temperature: r.job.options.temperature,
+                commit: false,
+            })
+            .collect();
+        let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
+        drop(segments);
+        crate::metrics::engine_step(started.elapsed(), replies.len());
+        let predictions = match evaluated {
+            Ok(p) => p,
+            Err(e) => {
+                let error = EngineError::Decode(e.to_string());
+                for r in replies.iter_mut() {
+                    stepped(r, Err(error.clone()));
+                }
+                return;
+            }
+        };
+        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
+            let Predictions::TopK(tops) = predicted else {
+                unreachable!("the top-k head returns top-k predictions")
+            };
+            let unmasked = r.canvas.step_top_k(&plan.active, &tops);
+            stepped(r, Ok(unmasked));
+        }
+    }
+
+    /// The cache stays with its contents for the conversation's next turn.
+    fn release(&mut self, reply: Reply) {
+        self.slots[reply.slot].busy = false;
+    }
+}
+
+impl Worker {
+    fn load(settings: EngineSettings, model_path: &Path, architecture: &str) -> Result<Self, EngineError> {
+        let runtime = RuntimeConfig {
+            device: match settings.device {
+                DeviceKind::Cpu => Device::Cpu,
+                DeviceKind::Gpu => Device::Gpu,
+            },
+            threads: settings.threads,
+            max_segments: settings.max_running.max(1),
+        };
+        let model = DiffusionModel::load(model_path, runtime).map_err(|e| match e {
             ggml_ext::runtime::RuntimeError::Architecture(a) => EngineError::NotDiffusion(a),
             other => EngineError::Load {
-                path: config.model_path.display().to_string(),
+                path: model_path.display().to_string(),
                 reason: other.to_string(),
             },
         })?;
         // A vocabulary-only load has no training context; the runtime read it from the GGUF.
-        let context = config.context_length.min(model.shape().context_length);
+        let context = settings.context_length.min(model.shape().context_length);
         tracing::info!(
             device = model.device_description(),
             weights_mib = model.weight_bytes() / (1 << 20),
@@ -146,84 +225,22 @@ impl Worker {
         Ok(Self {
             info: EngineInfo {
                 engine: "cached",
-                model_path: config.model_path.display().to_string(),
-                architecture: chat.architecture.clone(),
+                model_path: model_path.display().to_string(),
+                architecture: architecture.into(),
                 context_length: context,
             },
             model,
-            chat,
-            config: config.clone(),
+            settings,
             context,
             slots: Vec::new(),
             clock: 0,
         })
     }
 
-    fn run(mut self, mut intake: Intake) {
-        let mut replies: Vec<Reply> = Vec::new();
-        let max_running = self.config.max_running.max(1);
-        while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
-            for job in jobs {
-                if let Some(reply) = self.admit(job) {
-                    replies.push(reply);
-                }
-            }
-            self.step(&mut replies);
-        }
-    }
-
-    /// Fits and prefills the prompt and announces the reply; `None` when it failed.
-    fn admit(&mut self, job: Job) -> Option<Reply> {
-        let queue_wait = job.queued_at.elapsed();
-        let fitted = self.chat.fit_prompt(&job.request, self.context);
-        let shift = self.model.shape().family.logit_shift();
-        let prepared = fitted.and_then(|f| {
-            let committed = &f.tokens[..f.tokens.len().saturating_sub(shift)];
-            let mut boundaries = prompt::turn_boundaries(&f.chat, &f.tokens, |c| self.chat.prompt_tokens(c))?;
-            boundaries.retain(|b| *b < committed.len());
-            let slot = self.pick_slot(committed, &boundaries)?;
-            self.prefill(slot, committed, &boundaries)
-                .map(|reused| (f, slot, reused))
-        });
-        let (
-            FittedPrompt {
-                tokens, dropped_turns, ..
-            },
-            slot,
-            reused,
-        ) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                job.fail(e);
-                return None;
-            }
-        };
-        let started = EngineEvent::Started {
-            prompt_tokens: tokens.len(),
-            cached_tokens: reused,
-            dropped_turns,
-            queue_wait,
-        };
-        if job.events.send(started).is_err() {
-            self.release(slot);
-            return None;
-        }
-        let canvas = Canvas::new(&job.request.options, self.chat.mask, self.chat.end_tokens.clone());
-        let lead = tokens[tokens.len().saturating_sub(shift)..].to_vec();
-        Some(Reply {
-            job,
-            slot,
-            canvas,
-            refreshed: None,
-            lead,
-        })
-    }
-
-    /// The idle cache that shares the longest exactly reusable prefix with `tokens` (ties and misses
-    /// go to the least recently used one), or a new cache while fewer than `kept_caches` exist. Marks
-    /// it busy and cuts it back to the reusable prefix.
+    /// The cache [`choose_slot`] picks for `tokens`, created when it is a new one. Marks it busy and
+    /// cuts it back to the prefix it shares exactly with `tokens`.
     fn pick_slot(&mut self, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
-        let reuse_history = self.config.reuse_history;
+        let reuse_history = self.settings.reuse_history;
         let reusable = |slot: &Slot| {
             if !reuse_history {
                 return 0;
@@ -236,17 +253,15 @@ impl Worker {
                 .copied()
                 .unwrap_or(0)
         };
-        let best = self
+        let idle: Vec<Option<(usize, u64)>> = self
             .slots
             .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| (reusable(s), std::cmp::Reverse(s.last_used), i))
-            .max();
-        let limit = self.config.kept_caches.max(self.config.max_running);
-        let index = match best {
-            Some((reuse, _, i)) if reuse > 0 || self.slots.len() >= limit => i,
-            _ if self.slots.len() < limit => {
+            .map(|s| (!s.busy).then(|| (reusable(s), s.last_used)))
+            .collect();
+        let limit = self.settings.kept_caches.max(self.settings.max_running);
+        let (index, reuse) = match choose_slot(&idle, limit)? {
+            Choice::Idle { index, reuse } => (index, reuse),
+            Choice::New => {
                 let cache = self
                     .model
                     .new_cache(self.context)
@@ -257,12 +272,9 @@ impl Worker {
                     busy: false,
                     last_used: 0,
                 });
-                self.slots.len() - 1
+                (self.slots.len() - 1, 0)
             }
-            Some((_, _, i)) => i,
-            None => return Err(EngineError::Decode("no free conversation cache".into())),
         };
-        let reuse = reusable(&self.slots[index]);
         self.clock += 1;
         let slot = &mut self.slots[index];
         slot.busy = true;
@@ -292,91 +304,24 @@ impl Worker {
         Ok(reused)
     }
 
-    fn release(&mut self, slot: usize) {
-        self.slots[slot].busy = false;
-    }
-
-    /// One denoising step of every running reply, in one graph evaluation.
-    fn step(&mut self, replies: &mut Vec<Reply>) {
-        let (gone, running): (Vec<Reply>, Vec<Reply>) =
-            std::mem::take(replies).into_iter().partition(|r| r.job.abandoned());
-        for r in gone {
-            r.job.finish(&r.canvas, &self.chat, StopReason::Cancelled);
-            self.release(r.slot);
-        }
-        *replies = running;
-        if replies.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
-        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
-        let mut segments: Vec<Segment> = replies
-            .iter()
-            .zip(&plans)
-            .map(|(r, p)| Segment {
-                cache: caches[r.slot].take().expect("one running reply per cache"),
-                tokens: &p.tokens,
-                offset: p.offset,
-                span: p.span,
-                outputs: &p.outputs,
-                temperature: r.job.request.options.temperature,
-                commit: false,
-            })
-            .collect();
-        let evaluated = self.model.eval(&mut segments, Head::TopK(self.config.top_k));
-        drop(segments);
-        crate::metrics::engine_step(started.elapsed(), replies.len());
-        let predictions = match evaluated {
-            Ok(p) => p,
-            Err(e) => {
-                let error = EngineError::Decode(e.to_string());
-                for r in replies.drain(..) {
-                    r.job.fail(error.clone());
-                    self.release(r.slot);
-                }
-                return;
-            }
-        };
-        let mut keep = Vec::with_capacity(replies.len());
-        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
-            let Predictions::TopK(tops) = predicted else {
-                unreachable!("the top-k head returns top-k predictions")
-            };
-            let unmasked = r.canvas.step_top_k(&plan.active, &tops);
-            keep.push(
-                r.job
-                    .report_step(&r.canvas, &self.chat, &self.config.mask_placeholder, unmasked),
-            );
-        }
-        let mut flags = keep.into_iter();
-        replies.retain(|r| {
-            let kept = flags.next().unwrap_or(false);
-            if !kept {
-                self.release(r.slot);
-            }
-            kept
-        });
-    }
-
     /// What `r` computes this step: the whole canvas at a block's start, then the block and what
     /// follows it (prefix cache) or the block alone (dual cache).
     ///
     /// The cells after the committed prompt hold `lead ++ canvas`: with Dream's shifted logits the
     /// prompt's last token stays uncommitted, so the row predicting canvas position `p` is cell `p`
     /// for both families.
-    fn plan(&self, r: &mut Reply) -> Planned {
+    fn plan(&self, r: &mut Running<Reply>) -> Planned {
         let active = r.canvas.active_positions();
         let block = r.canvas.current_block().expect("a running reply has a masked position");
-        let block_index = block.start / r.job.request.options.block_length.max(1);
-        let cells: Vec<i32> = r.lead.iter().chain(r.canvas.tokens()).copied().collect();
-        let window = if r.refreshed != Some(block_index) {
-            r.refreshed = Some(block_index);
+        let block_index = block.start / r.job.options.block_length.max(1);
+        let cells: Vec<i32> = r.state.lead.iter().chain(r.canvas.tokens()).copied().collect();
+        let window = if r.state.refreshed != Some(block_index) {
+            r.state.refreshed = Some(block_index);
             0..cells.len()
         } else {
-            match self.config.cache_mode {
+            match self.settings.cache_mode {
                 CacheMode::Prefix => block.start..cells.len(),
-                CacheMode::Dual => block.start..block.end + r.lead.len(),
+                CacheMode::Dual => block.start..block.end + r.state.lead.len(),
             }
         };
         Planned {
@@ -386,5 +331,31 @@ impl Worker {
             outputs: active.iter().map(|p| p - window.start).collect(),
             active,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_are_reused_by_prefix_then_least_recently_used() {
+        // The longest reusable prefix wins; among equal ones, the least recently used.
+        let idle = [Some((10, 5)), None, Some((30, 9)), Some((30, 2))];
+        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::Idle { index: 3, reuse: 30 });
+        // Nothing to reuse: a new cache below the limit, else the least recently used idle one.
+        let idle = [Some((0, 5)), None, Some((0, 2))];
+        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::New);
+        assert_eq!(choose_slot(&idle, 3).unwrap(), Choice::Idle { index: 2, reuse: 0 });
+    }
+
+    #[test]
+    fn every_cache_busy_at_the_limit_is_a_capacity_error() {
+        let err = choose_slot(&[None, None], 2).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Overloaded(Capacity::Caches { caches: 2 })),
+            "{err:?}"
+        );
+        assert_eq!(choose_slot(&[None, None], 3).unwrap(), Choice::New);
     }
 }

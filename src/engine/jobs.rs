@@ -1,9 +1,21 @@
 //! The queue between the async service and an engine thread.
 //!
-//! [`Submitter`] is the service's side: it fails fast with [`EngineError::Overloaded`] when too
-//! many replies wait, and hands each reply its event channel and cancel token. [`Intake`] is the
-//! engine thread's side: it blocks while the engine is idle and releases waiting jobs as running
-//! slots free up, oldest first.
+//! [`Submitter`] is the service's side: it fails fast with [`Capacity::Queue`] when too many
+//! replies wait, and hands each reply its event channel and cancel token. Every engine has a
+//! prompt thread between the two, which renders the chat template, tokenizes and fits the
+//! conversation into the context window ([`prompt::prepare`]): the engine thread receives tokens,
+//! and no batched step waits while a long history is tokenized. A prompt that cannot fit ends its
+//! reply there, with the same `Failed` event the engine would send. [`Intake`] is the engine
+//! thread's side: it blocks while the engine is idle and releases waiting jobs as running slots
+//! free up, oldest first.
+//!
+//! The prompt thread and the engine thread share the engine's [`ChatModel`]. That is safe:
+//! llama.cpp's chat templating is a pure function and its tokenizer only reads the vocabulary,
+//! which is immutable once the model is loaded (`LlamaModel` is `Send + Sync`); the decoding
+//! context, the one thing llama.cpp does not share, stays on the engine thread. Tokenizing in
+//! `submit` itself would run native code on the caller's async runtime. One prompt thread rather
+//! than a pool keeps jobs in the order they were submitted; a prompt takes milliseconds (about 5
+//! for a full 2048-token window with the bundled model), far less than a step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,14 +26,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::canvas::Canvas;
+use super::prompt::{self, Prompt};
 use super::vocab::ChatModel;
 use super::{
-    Completion, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream, Revision, StopReason,
+    Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream,
+    Revision, StopReason,
 };
 
-/// A reply request on its way to (or inside) an engine thread.
+/// A reply on its way to (or inside) an engine thread, its prompt prepared.
 pub(crate) struct Job {
-    pub request: GenerateRequest,
+    pub prompt: Prompt,
+    pub options: DecodeOptions,
     pub events: mpsc::UnboundedSender<EngineEvent>,
     pub cancel: CancellationToken,
     pub queued_at: Instant,
@@ -67,6 +82,15 @@ impl Job {
     }
 }
 
+/// What an engine thread reports once its model is loaded.
+pub(crate) struct Loaded {
+    pub info: EngineInfo,
+    /// The template and tokenizer the prompt thread prepares prompts with.
+    pub chat: Arc<ChatModel>,
+    /// Whether the engine wants the turn boundaries of its prompts (it caches them chunk by chunk).
+    pub boundaries: bool,
+}
+
 /// An engine running on its own thread, fed by the queue.
 pub(crate) struct EngineThread {
     submitter: Submitter,
@@ -84,12 +108,24 @@ impl Engine for EngineThread {
 }
 
 /// Runs `body` on a new thread called `name`: it loads the model, reports the outcome through its
-/// second argument, then serves the queue. Returns once the model is loaded (or failed to load).
+/// second argument, then serves the queue. Once the model is loaded, starts the prompt thread in
+/// front of the queue. Returns once the model is loaded (or failed to load).
 pub(crate) fn spawn<F>(name: &str, max_waiting: usize, body: F) -> Result<EngineThread, EngineError>
 where
-    F: FnOnce(Intake, &dyn Fn(Result<EngineInfo, EngineError>)) + Send + 'static,
+    F: FnOnce(Intake, &dyn Fn(Result<Loaded, EngineError>)) + Send + 'static,
 {
-    let (submitter, intake) = queue(max_waiting);
+    let no_thread = |e: std::io::Error| EngineError::Load {
+        path: String::new(),
+        reason: e.to_string(),
+    };
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let (jobs, queued) = std_mpsc::channel();
+    let intake = Intake {
+        jobs: queued,
+        waiting: waiting.clone(),
+        queue: VecDeque::new(),
+        open: true,
+    };
     let (ready_tx, ready_rx) = std_mpsc::channel();
     std::thread::Builder::new()
         .name(name.into())
@@ -98,35 +134,69 @@ where
                 let _ = ready_tx.send(outcome);
             })
         })
-        .map_err(|e| EngineError::Load {
-            path: String::new(),
-            reason: e.to_string(),
-        })?;
-    let info = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
-    Ok(EngineThread { submitter, info })
-}
-
-/// A queue of at most `max_waiting` waiting jobs.
-pub(crate) fn queue(max_waiting: usize) -> (Submitter, Intake) {
-    let (tx, rx) = std_mpsc::channel();
-    let waiting = Arc::new(AtomicUsize::new(0));
-    (
-        Submitter {
-            jobs: tx,
-            waiting: waiting.clone(),
+        .map_err(no_thread)?;
+    let Loaded { info, chat, boundaries } = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+    let (requests, pending) = std_mpsc::channel();
+    let context = info.context_length;
+    let prompts_waiting = waiting.clone();
+    std::thread::Builder::new()
+        .name(format!("{name}-prompts"))
+        .spawn(move || prepare_prompts(pending, jobs, &chat, context, boundaries, &prompts_waiting))
+        .map_err(no_thread)?;
+    Ok(EngineThread {
+        submitter: Submitter {
+            requests,
+            waiting,
             max_waiting,
         },
-        Intake {
-            jobs: rx,
-            waiting,
-            queue: VecDeque::new(),
-            open: true,
-        },
-    )
+        info,
+    })
+}
+
+/// A submitted reply on its way to the prompt thread.
+struct Pending {
+    request: GenerateRequest,
+    events: mpsc::UnboundedSender<EngineEvent>,
+    cancel: CancellationToken,
+    queued_at: Instant,
+}
+
+/// The prompt thread: prepares each submitted reply's prompt and queues it for the engine, until
+/// every [`Submitter`] is gone (then dropping `jobs` tells the engine thread no more will come).
+fn prepare_prompts(
+    pending: std_mpsc::Receiver<Pending>,
+    jobs: std_mpsc::Sender<Job>,
+    chat: &ChatModel,
+    context: usize,
+    boundaries: bool,
+    waiting: &AtomicUsize,
+) {
+    for p in pending {
+        match prompt::prepare(chat, &p.request, context, boundaries) {
+            Ok(prompt) => {
+                let job = Job {
+                    prompt,
+                    options: p.request.options,
+                    events: p.events,
+                    cancel: p.cancel,
+                    queued_at: p.queued_at,
+                };
+                if jobs.send(job).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let left = waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+                crate::metrics::engine_load(None, Some(left));
+                let _ = p.events.send(EngineEvent::Failed(e));
+            }
+        }
+    }
 }
 
 pub(crate) struct Submitter {
-    jobs: std_mpsc::Sender<Job>,
+    requests: std_mpsc::Sender<Pending>,
+    /// Replies submitted and not yet started (their prompts being prepared, or queued).
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
 }
@@ -136,17 +206,17 @@ impl Submitter {
         let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
         if waiting >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::Overloaded { waiting });
+            return Err(EngineError::Overloaded(Capacity::Queue { waiting }));
         }
         let (events, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        let job = Job {
+        let pending = Pending {
             request,
             events,
             cancel: cancel.clone(),
             queued_at: Instant::now(),
         };
-        if self.jobs.send(job).is_err() {
+        if self.requests.send(pending).is_err() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }

@@ -1,8 +1,9 @@
 //! The diffusion engine behind a trait: the service hands it a conversation and decode options
 //! and gets back a stream of whole-reply revisions.
 //!
-//! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels to
-//! that thread on a channel; each reply gets its own event channel back. Dropping the
+//! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels on a
+//! channel to the engine's prompt thread, which turns the conversation into fitted prompt tokens,
+//! and on to the engine thread; each reply gets its own event channel back. Dropping the
 //! [`ReplyStream`] or cancelling its token stops the reply at the next step.
 //!
 //! - [`policy`]: which positions to unmask each step (fixed, threshold, factor).
@@ -11,7 +12,11 @@
 //! - [`reference`]: llama.cpp's own diffusion path, recomputing `[prompt + canvas]` every step.
 //! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
 //! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
-//! - [`jobs`]: the queue between the service and an engine thread.
+//! - [`jobs`]: the queue between the service and an engine thread, with the prompt thread in
+//!   front of it.
+//! - [`scheduler`]: the loop every engine thread runs over that queue; engines differ only in
+//!   how they admit a reply and compute a step.
+//! - [`settings`]: what an engine is started with; the configuration builds it.
 
 pub mod cached;
 pub mod canvas;
@@ -19,14 +24,19 @@ pub(crate) mod jobs;
 pub mod policy;
 pub mod prompt;
 pub mod reference;
+pub(crate) mod scheduler;
+pub mod settings;
 pub mod vocab;
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{Schedule, Selection};
+pub use policy::{PolicyKind, Schedule, Selection};
+pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings};
 
 /// One message of the conversation as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,25 +117,42 @@ pub struct Completion {
     pub steps: usize,
 }
 
-/// Errors from engines.
+/// Errors from engines, grouped by what the caller can do about them: start-up failures (the
+/// model file), a request that cannot succeed as given, capacity (the same request may succeed
+/// later) and runtime failures.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
+    // Start-up.
     #[error("model file {path:?} could not be loaded: {reason}")]
     Load { path: String, reason: String },
     #[error("the model is not a diffusion model (architecture {0:?}); use a LLaDA or Dream GGUF")]
     NotDiffusion(String),
     #[error("the model has no mask token (tokenizer.ggml.mask_token_id)")]
     NoMaskToken,
+    // The request.
     #[error("the prompt needs {needed} tokens with the reply but the context holds {limit}")]
     ContextOverflow { needed: usize, limit: usize },
-    #[error("{waiting} replies are already waiting; try again later")]
-    Overloaded { waiting: usize },
+    /// Capacity: the engine has no room for the reply now; the client may retry.
+    #[error(transparent)]
+    Overloaded(Capacity),
+    // Runtime failures.
     #[error("the chat template could not be applied: {0}")]
     Template(String),
     #[error("llama.cpp failed to decode: {0}")]
     Decode(String),
     #[error("the engine has stopped")]
     Stopped,
+}
+
+/// What an engine ran out of.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Capacity {
+    /// The wait queue is full (`submit` fails fast).
+    #[error("{waiting} replies are already waiting; try again later")]
+    Queue { waiting: usize },
+    /// Every conversation cache holds a running reply.
+    #[error("all {caches} conversation caches are in use; try again later")]
+    Caches { caches: usize },
 }
 
 /// The receiving end of one reply.
@@ -186,44 +213,16 @@ pub struct EngineInfo {
 
 /// A diffusion engine.
 pub trait Engine: Send + Sync {
-    /// Queues a reply. Fails fast with [`EngineError::Overloaded`] when the wait queue is full.
+    /// Queues a reply. Fails fast with [`Capacity::Queue`] when the wait queue is full.
     fn submit(&self, request: GenerateRequest) -> Result<ReplyStream, EngineError>;
     fn info(&self) -> &EngineInfo;
 }
 
-/// Starts the engine `config.model` selects, loading the model on its own thread. Blocks until
+/// Starts the engine `settings.kind` selects, loading the model on its own thread. Blocks until
 /// the model is loaded: call it from a blocking context.
-pub fn start(
-    config: &crate::config::Config,
-    model_path: std::path::PathBuf,
-) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
-    use crate::config::{DeviceKind, EngineKind};
-    let m = &config.model;
-    let l = &config.limits;
-    Ok(match m.engine {
-        EngineKind::Cached => std::sync::Arc::new(cached::start(cached::CachedConfig {
-            model_path,
-            device: match m.device {
-                DeviceKind::Cpu => ggml_ext::runtime::Device::Cpu,
-                DeviceKind::Gpu => ggml_ext::runtime::Device::Gpu,
-            },
-            threads: m.threads,
-            context_length: m.context_length,
-            max_running: l.max_running_replies,
-            max_waiting: l.max_waiting_replies,
-            kept_caches: l.kept_conversation_caches,
-            reuse_history: m.reuse_history,
-            cache_mode: m.cache,
-            top_k: m.top_k,
-            mask_placeholder: config.prompt.mask_placeholder.clone(),
-        })?),
-        EngineKind::Reference => std::sync::Arc::new(reference::start(reference::ReferenceConfig {
-            model_path,
-            threads: m.threads,
-            context_length: m.context_length,
-            max_running: l.max_running_replies,
-            max_waiting: l.max_waiting_replies,
-            mask_placeholder: config.prompt.mask_placeholder.clone(),
-        })?),
+pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<Arc<dyn Engine>, EngineError> {
+    Ok(match settings.kind {
+        EngineKind::Cached => Arc::new(cached::start(settings, model_path)?),
+        EngineKind::Reference => Arc::new(reference::start(settings, model_path)?),
     })
 }

@@ -19,6 +19,16 @@ pub enum Schedule {
     Factor { factor: f32 },
 }
 
+/// The schedules by name, as configuration and clients choose them; the parameters (`tau`,
+/// `factor`) come separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    Fixed,
+    Threshold,
+    Factor,
+}
+
 /// Which candidates are preferred when only some can be unmasked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,10 +1,61 @@
-//! Fitting a conversation into the context window.
+//! From a conversation to prompt tokens: fitting it into the context window and finding the turn
+//! boundaries inside the prompt.
 //!
 //! The prompt is the system prompt plus as many of the newest turns as fit beside the reply
-//! canvas. The rendering itself (the model's chat template, then tokenization) is passed in, so
-//! this logic is tested without a model and every engine truncates the same way.
+//! canvas. The model's chat template and tokenizer are passed in as a [`Renderer`], so this logic
+//! is tested without a model and every engine truncates the same way.
+//!
+//! Both steps cost time linear in the conversation, not quadratic: a session's whole history comes
+//! in with every message, and rendering it once per dropped turn took seconds for long sessions.
+//! Each turn's own rendering is tokenized once to estimate the fit, which a couple of exact
+//! renderings then confirm; boundaries tokenize only what each earlier turn adds.
 
-use super::{ChatTurn, EngineError};
+use super::{ChatTurn, EngineError, GenerateRequest};
+
+/// A model's chat template and tokenizer.
+pub trait Renderer {
+    /// `chat` through the chat template; with `open_reply`, ending with the opening of the
+    /// assistant's turn.
+    fn apply_template(&self, chat: &[ChatTurn], open_reply: bool) -> Result<String, EngineError>;
+    /// `text` as tokens, control tokens included.
+    fn tokenize(&self, text: &str) -> Vec<i32>;
+}
+
+/// A prompt ready for an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub tokens: Vec<i32>,
+    /// Oldest turns left out to fit the context window.
+    pub dropped_turns: usize,
+    /// [`turn_boundaries`] of `tokens`, when asked for.
+    pub boundaries: Vec<usize>,
+}
+
+/// The prompt of `request`, fitted beside its canvas into a `context`-token window, with its turn
+/// boundaries when `with_boundaries` (engines that cache prompts chunk by chunk want them).
+pub fn prepare(
+    renderer: &impl Renderer,
+    request: &GenerateRequest,
+    context: usize,
+    with_boundaries: bool,
+) -> Result<Prompt, EngineError> {
+    let canvas = request.options.max_tokens;
+    let budget = context.checked_sub(canvas).ok_or(EngineError::ContextOverflow {
+        needed: canvas,
+        limit: context,
+    })?;
+    let fitted = fit(renderer, &request.system, &request.turns, budget)?;
+    let boundaries = if with_boundaries {
+        turn_boundaries(renderer, &fitted.chat, &fitted.tokens)?
+    } else {
+        Vec::new()
+    };
+    Ok(Prompt {
+        tokens: fitted.tokens,
+        dropped_turns: fitted.dropped_turns,
+        boundaries,
+    })
+}
 
 /// A prompt that fits the context window.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,31 +67,71 @@ pub struct FittedPrompt {
     pub chat: Vec<ChatTurn>,
 }
 
-/// Drops the oldest turns (never the system prompt or the last turn) until the rendered prompt
-/// has at most `budget` tokens. `render` turns `[system, turns...]` into prompt tokens.
-pub fn fit<F>(system: &str, turns: &[ChatTurn], budget: usize, mut render: F) -> Result<FittedPrompt, EngineError>
-where
-    F: FnMut(&[ChatTurn]) -> Result<Vec<i32>, EngineError>,
-{
+/// Drops the fewest oldest turns (never the system prompt or the last turn) for the prompt to
+/// have at most `budget` tokens.
+///
+/// Each earlier turn is rendered and tokenized on its own once, newest first, until the budget is
+/// spent: that estimates how many turns fit. Exact renderings of the whole prompt then confirm the
+/// estimate, one turn at a time: two of them (the prompt, and the one with a turn more that does
+/// not fit) when the template renders every message by itself, as ChatML does.
+pub fn fit(
+    renderer: &impl Renderer,
+    system: &str,
+    turns: &[ChatTurn],
+    budget: usize,
+) -> Result<FittedPrompt, EngineError> {
     let system_turn = (!system.is_empty()).then(|| ChatTurn {
         role: "system".into(),
         content: system.into(),
     });
-    let mut needed = 0;
-    for dropped in 0..turns.len().max(1) {
+    let prompt = |dropped: usize| -> Result<FittedPrompt, EngineError> {
         let mut chat: Vec<ChatTurn> = system_turn.iter().cloned().collect();
-        chat.extend_from_slice(&turns[dropped.min(turns.len())..]);
-        let tokens = render(&chat)?;
-        if tokens.len() <= budget {
-            return Ok(FittedPrompt {
-                tokens,
-                dropped_turns: dropped,
-                chat,
-            });
-        }
-        needed = tokens.len();
+        chat.extend_from_slice(&turns[dropped..]);
+        let tokens = renderer.tokenize(&renderer.apply_template(&chat, true)?);
+        Ok(FittedPrompt {
+            tokens,
+            dropped_turns: dropped,
+            chat,
+        })
+    };
+    let fits = |p: &FittedPrompt| p.tokens.len() <= budget;
+    // The shortest prompt, the system prompt and the last turn: if it does not fit, nothing does.
+    let last = turns.len().saturating_sub(1);
+    let shortest = prompt(last)?;
+    if !fits(&shortest) {
+        return Err(EngineError::ContextOverflow {
+            needed: shortest.tokens.len(),
+            limit: budget,
+        });
     }
-    Err(EngineError::ContextOverflow { needed, limit: budget })
+    let mut size = shortest.tokens.len();
+    let mut dropped = last;
+    while dropped > 0 {
+        let own = renderer
+            .tokenize(&renderer.apply_template(std::slice::from_ref(&turns[dropped - 1]), false)?)
+            .len();
+        if size + own > budget {
+            break;
+        }
+        size += own;
+        dropped -= 1;
+    }
+    let mut best = if dropped == last { shortest } else { prompt(dropped)? };
+    if fits(&best) {
+        while best.dropped_turns > 0 {
+            let more = prompt(best.dropped_turns - 1)?;
+            if !fits(&more) {
+                break;
+            }
+            best = more;
+        }
+    } else {
+        // The estimate kept too much; the shortest prompt fits, so this stops.
+        while !fits(&best) {
+            best = prompt(best.dropped_turns + 1)?;
+        }
+    }
+    Ok(best)
 }
 
 /// Where the prompts of the earlier user turns of `chat` end inside `tokens` (the prompt of the
@@ -48,27 +139,44 @@ where
 /// had is a prefix of every later turn's prompt, so a conversation's cache can be extended turn by
 /// turn. A rendering that is not a token prefix of `tokens` (the tokenizer merged across the
 /// boundary) is skipped, so the boundaries depend only on the conversation, not on what is cached.
-pub fn turn_boundaries<F>(chat: &[ChatTurn], tokens: &[i32], mut render: F) -> Result<Vec<usize>, EngineError>
-where
-    F: FnMut(&[ChatTurn]) -> Result<Vec<i32>, EngineError>,
-{
+///
+/// Each earlier prompt is rendered as text, but only the text it adds to the previous boundary's
+/// prompt is tokenized and compared with `tokens` there, so each token is tokenized once. Only
+/// where that part does not line up (a tokenizer that treats the start of a text specially) is the
+/// whole earlier prompt tokenized.
+pub fn turn_boundaries(renderer: &impl Renderer, chat: &[ChatTurn], tokens: &[i32]) -> Result<Vec<usize>, EngineError> {
     let mut boundaries = Vec::new();
+    // The text of the last earlier prompt found in `tokens`, and where its tokens end.
+    let mut anchor = (String::new(), 0);
     let last = chat.len().saturating_sub(1);
     for (i, turn) in chat.iter().enumerate().take(last) {
         if turn.role != "user" {
             continue;
         }
-        let earlier = render(&chat[..=i])?;
-        let end = earlier.len();
-        if end > 0 && end < tokens.len() && tokens.starts_with(&earlier) && boundaries.last() < Some(&end) {
+        let earlier = renderer.apply_template(&chat[..=i], true)?;
+        let by_part = earlier.strip_prefix(anchor.0.as_str()).and_then(|part| {
+            let part = renderer.tokenize(part);
+            tokens[anchor.1..].starts_with(&part).then(|| anchor.1 + part.len())
+        });
+        let end = by_part.or_else(|| {
+            let whole = renderer.tokenize(&earlier);
+            tokens.starts_with(&whole).then_some(whole.len())
+        });
+        let Some(end) = end else {
+            continue;
+        };
+        if end > 0 && end < tokens.len() && boundaries.last() < Some(&end) {
             boundaries.push(end);
         }
+        anchor = (earlier, end);
     }
     Ok(boundaries)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
 
     fn turn(role: &str, content: &str) -> ChatTurn {
@@ -78,15 +186,56 @@ mod tests {
         }
     }
 
-    /// One token per character of every message.
-    fn by_chars(chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
-        Ok(chat.iter().flat_map(|t| t.content.chars().map(|c| c as i32)).collect())
+    /// Every message's content, one token per character, counting the characters tokenized.
+    #[derive(Default)]
+    struct ByChars {
+        /// Prepended to every rendering (a template that starts each prompt with a marker).
+        start: &'static str,
+        /// Between messages (a template whose message alone renders shorter than in a chat).
+        join: &'static str,
+        /// A rendering of exactly two messages gets a stray character (not a prefix of more).
+        odd_pair: bool,
+        /// Every tokenized text starts with token 0 (as SentencePiece's space prefix does).
+        mark_start: bool,
+        tokenized: Cell<usize>,
+    }
+
+    impl Renderer for ByChars {
+        fn apply_template(&self, chat: &[ChatTurn], _open_reply: bool) -> Result<String, EngineError> {
+            let contents: Vec<&str> = chat.iter().map(|t| t.content.as_str()).collect();
+            let mut text = format!("{}{}", self.start, contents.join(self.join));
+            if self.odd_pair && chat.len() == 2 {
+                text.push('!');
+            }
+            Ok(text)
+        }
+
+        fn tokenize(&self, text: &str) -> Vec<i32> {
+            self.tokenized.set(self.tokenized.get() + text.chars().count());
+            let marker = self.mark_start.then_some(0);
+            marker.into_iter().chain(text.chars().map(|c| c as i32)).collect()
+        }
+    }
+
+    fn tokens(text: &str) -> Vec<i32> {
+        text.chars().map(|c| c as i32).collect()
+    }
+
+    /// The fit by definition: the fewest dropped turns whose whole prompt fits.
+    fn fit_by_definition(r: &ByChars, system: &str, turns: &[ChatTurn], budget: usize) -> Option<usize> {
+        let mut chat: Vec<ChatTurn> = vec![turn("system", system)];
+        chat.extend_from_slice(turns);
+        (0..turns.len().max(1)).find(|d| {
+            let mut c = vec![chat[0].clone()];
+            c.extend_from_slice(&turns[*d..]);
+            r.tokenize(&r.apply_template(&c, true).unwrap()).len() <= budget
+        })
     }
 
     #[test]
     fn keeps_everything_when_it_fits() {
         let turns = vec![turn("user", "abc"), turn("assistant", "de"), turn("user", "f")];
-        let fitted = fit("S", &turns, 100, by_chars).unwrap();
+        let fitted = fit(&ByChars::default(), "S", &turns, 100).unwrap();
         assert_eq!(fitted.dropped_turns, 0);
         assert_eq!(fitted.tokens.len(), 7);
     }
@@ -94,11 +243,56 @@ mod tests {
     #[test]
     fn drops_oldest_turns_but_keeps_system_and_last() {
         let turns = vec![turn("user", "aaaa"), turn("assistant", "bbbb"), turn("user", "cc")];
-        let fitted = fit("SS", &turns, 8, by_chars).unwrap();
+        let fitted = fit(&ByChars::default(), "SS", &turns, 8).unwrap();
         assert_eq!(fitted.dropped_turns, 1);
-        assert_eq!(fitted.tokens, "SSbbbbcc".chars().map(|c| c as i32).collect::<Vec<_>>());
-        let fitted = fit("SS", &turns, 4, by_chars).unwrap();
+        assert_eq!(fitted.tokens, tokens("SSbbbbcc"));
+        let fitted = fit(&ByChars::default(), "SS", &turns, 4).unwrap();
         assert_eq!(fitted.dropped_turns, 2);
+    }
+
+    #[test]
+    fn the_fit_is_the_fewest_dropped_turns_even_where_the_estimate_is_off() {
+        let turns: Vec<ChatTurn> = (0..12)
+            .map(|i| turn(["user", "assistant"][i % 2], &"x".repeat(1 + i % 4)))
+            .collect();
+        // A marker per rendering makes each turn's own rendering overstate what it adds to a
+        // prompt, a separator between messages understate it.
+        for (start, join) in [("", ""), ("#", ""), ("####", ""), ("", "|"), ("", "||||"), ("##", "|")] {
+            let r = ByChars {
+                start,
+                join,
+                ..Default::default()
+            };
+            for budget in 4..40 {
+                let fitted = fit(&r, "S", &turns, budget).ok().map(|f| f.dropped_turns);
+                assert_eq!(
+                    fitted,
+                    fit_by_definition(&r, "S", &turns, budget),
+                    "start {start:?}, join {join:?}, budget {budget}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fitting_a_long_history_tokenizes_about_the_window_not_the_history() {
+        let turns: Vec<ChatTurn> = (0..2000)
+            .map(|i| turn(["user", "assistant"][i % 2], "0123456789"))
+            .collect();
+        let r = ByChars::default();
+        let fitted = fit(&r, "S", &turns, 200).unwrap();
+        assert_eq!(fitted.tokens.len(), 191);
+        assert_eq!(fitted.dropped_turns, 1981);
+        // The shortest prompt, each kept turn and one more, then the prompt and the one a turn
+        // longer: about three windows, however long the history.
+        assert!(
+            r.tokenized.get() <= 3 * 200 + 30,
+            "{} characters tokenized",
+            r.tokenized.get()
+        );
+        let before = r.tokenized.get();
+        turn_boundaries(&r, &fitted.chat, &fitted.tokens).unwrap();
+        assert!(r.tokenized.get() - before <= 200, "{}", r.tokenized.get() - before);
     }
 
     #[test]
@@ -111,24 +305,28 @@ mod tests {
             turn("assistant", "f"),
             turn("user", "g"),
         ];
-        let tokens = by_chars(&chat).unwrap();
-        assert_eq!(turn_boundaries(&chat, &tokens, by_chars).unwrap(), vec![3, 6]);
+        let r = ByChars::default();
+        let all = r.tokenize(&r.apply_template(&chat, true).unwrap());
+        assert_eq!(turn_boundaries(&r, &chat, &all).unwrap(), vec![3, 6]);
         // A rendering that is not a prefix of the whole prompt is no boundary.
-        let odd = |c: &[ChatTurn]| {
-            by_chars(c).map(|mut t| {
-                if c.len() == 2 {
-                    t.push(0);
-                }
-                t
-            })
+        let odd = ByChars {
+            odd_pair: true,
+            ..Default::default()
         };
-        assert_eq!(turn_boundaries(&chat, &tokens, odd).unwrap(), vec![6]);
+        assert_eq!(turn_boundaries(&odd, &chat, &all).unwrap(), vec![6]);
+        // A tokenizer that marks the start of every text gets its boundaries from whole renderings.
+        let marked = ByChars {
+            mark_start: true,
+            ..Default::default()
+        };
+        let all = marked.tokenize(&marked.apply_template(&chat, true).unwrap());
+        assert_eq!(turn_boundaries(&marked, &chat, &all).unwrap(), vec![4, 7]);
     }
 
     #[test]
     fn overflow_when_last_turn_alone_is_too_long() {
         let turns = vec![turn("user", "a"), turn("user", "0123456789")];
-        let err = fit("S", &turns, 5, by_chars).unwrap_err();
+        let err = fit(&ByChars::default(), "S", &turns, 5).unwrap_err();
         assert!(
             matches!(err, EngineError::ContextOverflow { needed: 11, limit: 5 }),
             "{err:?}"

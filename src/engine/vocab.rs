@@ -9,8 +9,8 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 
-use super::prompt::{self, FittedPrompt};
-use super::{ChatTurn, EngineError, GenerateRequest};
+use super::prompt::Renderer;
+use super::{ChatTurn, EngineError};
 
 /// Architectures llama.cpp runs as diffusion models.
 pub const DIFFUSION_ARCHITECTURES: [&str; 4] = ["llada", "llada-moe", "dream", "rnd1"];
@@ -71,7 +71,6 @@ impl ChatModel {
         }
         let end_tokens = vocab.tokens().filter(|t| vocab.is_eog(*t)).map(|t| t.0).collect();
         let pieces = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
-        drop(vocab);
         let template = model
             .chat_template(None)
             .map_err(|e| EngineError::Template(e.to_string()))?;
@@ -92,46 +91,57 @@ impl ChatModel {
         usize::from(self.architecture == "dream")
     }
 
-    /// Renders `chat` with the chat template (ending with the assistant's turn opening) and
-    /// tokenizes it, control tokens included.
-    pub fn prompt_tokens(&self, chat: &[ChatTurn]) -> Result<Vec<i32>, EngineError> {
-        chat_tokens(&self.model, &self.template, chat)
-    }
-
-    /// The prompt of `request`, fitted beside its canvas into a `context`-token window.
-    pub fn fit_prompt(&self, request: &GenerateRequest, context: usize) -> Result<FittedPrompt, EngineError> {
-        let canvas = request.options.max_tokens;
-        let budget = context.checked_sub(canvas).ok_or(EngineError::ContextOverflow {
-            needed: canvas,
-            limit: context,
-        })?;
-        prompt::fit(&request.system, &request.turns, budget, |chat| self.prompt_tokens(chat))
-    }
-
     /// The text of `tokens[..reply_len]`, each masked position shown as `placeholder`.
     pub fn render(&self, tokens: &[i32], reply_len: usize, placeholder: &str) -> String {
         super::canvas::render(tokens, reply_len, self.mask, &self.pieces, placeholder)
     }
 }
 
-/// Renders `chat` with `template` and tokenizes it, control tokens included.
+/// Prompts are rendered and tokenized off the engine thread, on its prompt thread: llama.cpp's
+/// chat templating is a pure function and its tokenizer only reads the vocabulary, which is
+/// immutable once loaded (`LlamaModel` is `Send + Sync`).
+impl Renderer for ChatModel {
+    fn apply_template(&self, chat: &[ChatTurn], open_reply: bool) -> Result<String, EngineError> {
+        render_chat(&self.model, &self.template, chat, open_reply)
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<i32> {
+        tokenize(&self.model, text)
+    }
+}
+
+/// Renders `chat` with `template` and tokenizes it, control tokens included: the prompt of a reply.
 pub fn chat_tokens(
     model: &LlamaModel,
     template: &LlamaChatTemplate,
     chat: &[ChatTurn],
 ) -> Result<Vec<i32>, EngineError> {
+    Ok(tokenize(model, &render_chat(model, template, chat, true)?))
+}
+
+/// `chat` through `template`; with `open_reply`, ending with the opening of the assistant's turn.
+fn render_chat(
+    model: &LlamaModel,
+    template: &LlamaChatTemplate,
+    chat: &[ChatTurn],
+    open_reply: bool,
+) -> Result<String, EngineError> {
     let messages = chat
         .iter()
         .map(|t| LlamaChatMessage::new(t.role.clone(), t.content.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| EngineError::Template(e.to_string()))?;
-    let text = model
-        .apply_chat_template(template, &messages, true)
-        .map_err(|e| EngineError::Template(e.to_string()))?;
-    Ok(model
+    model
+        .apply_chat_template(template, &messages, open_reply)
+        .map_err(|e| EngineError::Template(e.to_string()))
+}
+
+/// `text` as tokens, control tokens included, no BOS added (templates write their own).
+fn tokenize(model: &LlamaModel, text: &str) -> Vec<i32> {
+    model
         .vocab()
         .tokenize(text.as_bytes(), false, true)
         .into_iter()
         .map(|t| t.0)
-        .collect())
+        .collect()
 }

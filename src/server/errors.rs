@@ -49,7 +49,8 @@ fn from_store(e: &StoreError) -> WireError {
 fn from_engine(e: &EngineError) -> WireError {
     let code = match e {
         EngineError::ContextOverflow { .. } => ErrorCode::ContextOverflow,
-        EngineError::Overloaded { .. } => ErrorCode::Overloaded,
+        // A full wait queue or every conversation cache in use: the client may retry.
+        EngineError::Overloaded(_) => ErrorCode::Overloaded,
         EngineError::Stopped => ErrorCode::ShuttingDown,
         EngineError::Load { .. }
         | EngineError::NotDiffusion(_)
@@ -70,4 +71,21 @@ pub(super) fn from_failure(f: &ReplyFailure) -> WireError {
         FailureKind::Internal => ErrorCode::Internal,
     };
     WireError::new(code, f.message.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Capacity;
+
+    #[test]
+    fn every_capacity_error_is_overloaded() {
+        for capacity in [Capacity::Queue { waiting: 64 }, Capacity::Caches { caches: 8 }] {
+            assert_eq!(
+                from_engine(&EngineError::Overloaded(capacity)).code,
+                ErrorCode::Overloaded
+            );
+        }
+        assert_eq!(from_engine(&EngineError::Decode("x".into())).code, ErrorCode::Internal);
+    }
 }

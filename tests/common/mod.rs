@@ -48,9 +48,9 @@ pub fn test_config() -> Config {
 }
 
 pub async fn start_engine(config: &Config) -> Arc<dyn Engine> {
-    let config = config.clone();
+    let settings = config.engine_settings();
     let path = PathBuf::from(&config.model.path);
-    tokio::task::spawn_blocking(move || engine::start(&config, path))
+    tokio::task::spawn_blocking(move || engine::start(&settings, path))
         .await
         .unwrap()
         .expect("engine starts")

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use dllm_chat::chat::{MessageOptions, Validator};
-use dllm_chat::config::{Config, EngineKind, ModelConfig};
-use dllm_chat::engine::{self, ChatTurn, EngineEvent, GenerateRequest};
+use dllm_chat::config::{Config, ModelConfig};
+use dllm_chat::engine::{self, ChatTurn, EngineEvent, EngineKind, GenerateRequest};
 use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
@@ -167,9 +167,9 @@ fn main() -> anyhow::Result<()> {
 async fn start_engine(config: &Config) -> anyhow::Result<std::sync::Arc<dyn engine::Engine>> {
     let model_path = dllm_chat::models::resolve(&config.model.path)?;
     tracing::info!(model = %model_path.display(), "loading model");
-    let config = config.clone();
+    let settings = config.engine_settings();
     let started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || engine::start(&config, model_path)).await??;
+    let engine = tokio::task::spawn_blocking(move || engine::start(&settings, model_path)).await??;
     tracing::info!(ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(engine)
 }
@@ -266,8 +266,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
-    use dllm_chat::engine::cached::CacheMode;
-    use dllm_chat::engine::{DecodeOptions, Schedule, Selection};
+    use dllm_chat::engine::{CacheMode, DecodeOptions, Schedule, Selection};
     use dllm_tools::bench::{self, Case};
     use dllm_tools::eval;
     let pool = bench::conversations(&eval::read_dialogs(&args.dialogs)?);

@@ -18,7 +18,8 @@ async fn fixture_engine() -> Arc<dyn Engine> {
     config.model.path = path.display().to_string();
     config.model.context_length = 1024;
     config.model.threads = 1;
-    tokio::task::spawn_blocking(move || engine::start(&config, path))
+    let settings = config.engine_settings();
+    tokio::task::spawn_blocking(move || engine::start(&settings, path))
         .await
         .unwrap()
         .expect("engine starts")

@@ -1,0 +1,118 @@
+//! The one loop every engine thread runs: take jobs from the queue as running slots free up,
+//! admit them, sweep out replies nobody waits for any more (cancelled, or the receiver dropped),
+//! step every running reply and hand back what a finished one held.
+//!
+//! Engines differ only in what a running reply holds and how a step is computed; that is the
+//! [`Backend`] trait. The cached engine computes a step for all running replies in one batched
+//! graph evaluation, the reference engine one decode after another; either way each reply's
+//! revision goes out as soon as its step is done.
+
+use super::canvas::Canvas;
+use super::jobs::{Intake, Job};
+use super::vocab::ChatModel;
+use super::{EngineError, EngineEvent, StopReason};
+
+/// What one engine implementation does with the replies the scheduler runs.
+pub(crate) trait Backend {
+    /// What a running reply holds in the engine besides its canvas (a conversation cache, say).
+    type State;
+
+    /// Starts `job`'s reply (its prefill, where there is one). Returns its state and how many
+    /// prompt tokens were already cached.
+    fn admit(&mut self, job: &Job) -> Result<(Self::State, usize), EngineError>;
+
+    /// Advances every reply in `replies` by one denoising step and calls `stepped` for each,
+    /// as soon as its step is done, with the positions the step unmasked or the error that ends
+    /// the reply.
+    fn step(&mut self, replies: &mut [Running<Self::State>], stepped: &mut dyn FnMut(&mut Running<Self::State>, Step));
+
+    /// The reply ended (finished, failed, cancelled or its receiver dropped); what it held may
+    /// serve another.
+    fn release(&mut self, state: Self::State);
+}
+
+/// The outcome of one reply's step: positions unmasked, or why the reply failed.
+pub(crate) type Step = Result<usize, EngineError>;
+
+/// A reply in progress.
+pub(crate) struct Running<S> {
+    pub job: Job,
+    pub canvas: Canvas,
+    pub state: S,
+    /// Cleared once the reply ended: reported finished, failed, or its receiver went away.
+    live: bool,
+}
+
+/// Serves `intake` with `backend` until no replies run, none wait and no more can come.
+/// `chat` renders revisions; `placeholder` stands for each masked position in them.
+pub(crate) fn run<B: Backend>(
+    mut backend: B,
+    mut intake: Intake,
+    chat: &ChatModel,
+    placeholder: &str,
+    max_running: usize,
+) {
+    let max_running = max_running.max(1);
+    let mut replies: Vec<Running<B::State>> = Vec::new();
+    while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
+        for job in jobs {
+            if let Some(reply) = admit(&mut backend, job, chat) {
+                replies.push(reply);
+            }
+        }
+        let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut replies)
+            .into_iter()
+            .partition(|r| r.job.abandoned());
+        for r in gone {
+            r.job.finish(&r.canvas, chat, StopReason::Cancelled);
+            backend.release(r.state);
+        }
+        replies = running;
+        if replies.is_empty() {
+            continue;
+        }
+        backend.step(&mut replies, &mut |r, step| {
+            r.live = match step {
+                Ok(unmasked) => r.job.report_step(&r.canvas, chat, placeholder, unmasked),
+                Err(e) => {
+                    r.job.fail(e);
+                    false
+                }
+            };
+        });
+        let (live, ended): (Vec<_>, Vec<_>) = std::mem::take(&mut replies).into_iter().partition(|r| r.live);
+        for r in ended {
+            backend.release(r.state);
+        }
+        replies = live;
+    }
+}
+
+/// Starts `job` and announces it; `None` when it failed or nobody listens any more.
+fn admit<B: Backend>(backend: &mut B, job: Job, chat: &ChatModel) -> Option<Running<B::State>> {
+    let queue_wait = job.queued_at.elapsed();
+    let (state, cached_tokens) = match backend.admit(&job) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            job.fail(e);
+            return None;
+        }
+    };
+    let started = EngineEvent::Started {
+        prompt_tokens: job.prompt.tokens.len(),
+        cached_tokens,
+        dropped_turns: job.prompt.dropped_turns,
+        queue_wait,
+    };
+    if job.events.send(started).is_err() {
+        backend.release(state);
+        return None;
+    }
+    let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone());
+    Some(Running {
+        job,
+        canvas,
+        state,
+        live: true,
+    })
+}

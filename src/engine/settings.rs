@@ -1,0 +1,66 @@
+//! What an engine is started with: [`EngineSettings`] and the kinds it chooses between.
+//!
+//! These types belong to the engine so that the engine depends on nothing above it: the
+//! configuration (`[model]`, the engine's `[limits]` and the mask placeholder of `[prompt]`)
+//! deserializes into these enums and builds the settings at the composition root.
+
+use serde::{Deserialize, Serialize};
+
+/// Which engine implementation serves replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// Our own ggml graph: K/V caches per conversation, batched steps (LLaDA models).
+    Cached,
+    /// llama.cpp's diffusion path: the whole `[prompt + reply]` is recomputed every step.
+    Reference,
+}
+
+/// Where the cached engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+}
+
+/// What the cached engine's steps inside a block recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// The current block and the rest of the canvas after it.
+    #[default]
+    Prefix,
+    /// Only the current block; the rest of the canvas comes from the cache.
+    Dual,
+}
+
+/// Everything an engine needs besides the model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub kind: EngineKind,
+    /// The cached engine's device; the reference engine runs where llama.cpp was built to.
+    pub device: DeviceKind,
+    /// Cached engine only.
+    pub cache_mode: CacheMode,
+    /// Extend an idle conversation cache whose tokens start the new prompt instead of prefilling
+    /// everything (cached engine only).
+    pub reuse_history: bool,
+    /// Tokens per position the cached engine's graph returns (temperature sampling chooses among
+    /// them).
+    pub top_k: usize,
+    /// CPU threads per decode.
+    pub threads: usize,
+    /// Tokens of context per reply (prompt + canvas); capped at the model's training context.
+    pub context_length: usize,
+    /// Replies denoised at once: batched into one graph evaluation per step (cached) or
+    /// interleaved one step each (reference).
+    pub max_running: usize,
+    /// Replies allowed to wait for a running slot before `submit` fails fast.
+    pub max_waiting: usize,
+    /// Conversation caches kept, running ones included; idle ones wait for their next turn
+    /// (cached engine only).
+    pub kept_caches: usize,
+    /// Shown in revisions for each masked position.
+    pub mask_placeholder: String,
+}
