@@ -10,7 +10,7 @@
 //! 3. *Steps* inside the block: with [`CacheMode::Prefix`] the block and everything after it are
 //!    recomputed; with [`CacheMode::Dual`] only the block, attending to the cached K/V of the rest of
 //!    the canvas from the last refresh (Fast-dLLM's prefix and dual caches). Both are
-//!    approximations of the full recompute; `dllm-chat eval` measures what they cost.
+//!    approximations of the full recompute; `dllm-tools eval` measures what they cost.
 //!
 //! Every step of every running reply goes into one graph evaluation, whose head returns the top-k
 //! tokens, probabilities and entropy of each masked position of the current blocks.

@@ -174,7 +174,7 @@ pub struct Outcome {
 }
 
 /// Submits `request` and waits for its end, for tools that need the result rather than the
-/// stream (eval, bench).
+/// stream (the eval and bench tools).
 pub async fn complete(engine: &dyn Engine, request: GenerateRequest) -> Result<Outcome, EngineError> {
     let started = std::time::Instant::now();
     let mut stream = engine.submit(request)?;
