@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
     pub outgoing_queue: usize,
+    pub listen_backlog: u32,
+    pub ws_read_buffer_bytes: usize,
+    pub ws_write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +202,8 @@ impl Config {
         positive("server.max_connections", s.max_connections)?;
         positive("server.ping_interval_ms", s.ping_interval_ms as usize)?;
         positive("server.outgoing_queue", s.outgoing_queue)?;
+        positive("server.listen_backlog", s.listen_backlog as usize)?;
+        positive("server.ws_read_buffer_bytes", s.ws_read_buffer_bytes)?;
         if s.idle_timeout_ms <= s.ping_interval_ms {
             return Err(ConfigError::Invalid {
                 setting: "server.idle_timeout_ms",

@@ -32,4 +32,4 @@ pub mod protocol;
 pub mod server;
 pub mod sessions;
 
-pub use server::{run, Services};
+pub use server::{bind, run, Services};

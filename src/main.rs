@@ -73,11 +73,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let bind = config.server.bind;
+    let (bind, backlog) = (config.server.bind, config.server.listen_backlog);
     let services = dllm_chat::app::build(config).await?;
-    let listener = tokio::net::TcpListener::bind(bind)
-        .await
-        .with_context(|| format!("binding {bind}"))?;
+    let listener = dllm_chat::bind(bind, backlog).with_context(|| format!("binding {bind}"))?;
     dllm_chat::run(listener, services, shutdown_signal()).await?;
     Ok(())
 }

@@ -60,8 +60,14 @@ pub(super) async fn upgrade(
     let owner = authenticate(&state, &headers, params.api_key.as_deref());
     let permit = state.connections.clone().try_acquire_owned().ok();
     let hard = state.config.limits.hard_frame_bytes;
+    let server = &state.config.server;
     ws.max_message_size(hard)
         .max_frame_size(hard)
+        .read_buffer_size(server.ws_read_buffer_bytes)
+        .write_buffer_size(server.ws_write_buffer_bytes)
+        // A peer that stopped reading fills the outbox, not this buffer: the writer task waits
+        // on the socket, and revisions are skipped before they are queued.
+        .max_write_buffer_size(server.ws_write_buffer_bytes + hard)
         .on_upgrade(move |socket| {
             let tasks = state.tasks.clone();
             tasks.track_future(async move {

@@ -60,6 +60,19 @@ pub(crate) struct AppState {
     pub tasks: TaskTracker,
 }
 
+/// Binds `addr` with a listen backlog of `backlog` (tokio's `TcpListener::bind` uses 128, which
+/// makes a burst of connects wait for SYN retransmits).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

@@ -3,10 +3,13 @@
 //! - [`bench`]: side-by-side latency and throughput figures for engines and policies, through the
 //!   engine API and through the real server over WebSockets.
 //! - [`eval`]: held-out quality evaluation through the real inference paths.
-//! - `main.rs`: the `dllm-tools` CLI (`generate`, `eval`, `bench`).
+//! - [`load`]: connections held, memory per connection and chat latency under load, on one
+//!   replica over loopback.
+//! - `main.rs`: the `dllm-tools` CLI (`generate`, `eval`, `bench`, `load`).
 //!
 //! Dialogs are read as `dllm-train`'s corpus types ([`dllm_train::corpus::Dialog`]), the one
 //! declaration of the corpus JSONL schema.
 
 pub mod bench;
 pub mod eval;
+pub mod load;

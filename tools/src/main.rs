@@ -1,6 +1,6 @@
 //! The `dllm-tools` binary: `generate` runs one reply from the command line and prints every
 //! revision, `eval` scores held-out dialogs, `bench` measures latency and throughput. The service
-//! itself is the `dllm-chat` binary (`serve`).
+//! itself is the `dllm-chat` binary (`serve`); `load` starts it and puts it under load.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -43,6 +43,29 @@ enum Command {
     Eval(EvalArgs),
     /// Measure reply latency and throughput side by side and print markdown tables.
     Bench(BenchArgs),
+    /// Hold many WebSocket connections on one replica (a `dllm-chat serve` child on loopback) and
+    /// print handshake times, memory per connection and chat latency under that load.
+    Load(LoadArgs),
+}
+
+/// Options of `load`.
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The `dllm-chat` binary; by default the one beside this binary.
+    #[arg(long)]
+    server: Option<PathBuf>,
+    /// Connection counts to reach, one step after another.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000")]
+    connections: Vec<usize>,
+    /// Of the connections held, how many then chat at once.
+    #[arg(long, default_value_t = 100)]
+    chatting: usize,
+    /// Messages each chatting client sends.
+    #[arg(long, default_value_t = 3)]
+    messages: usize,
+    /// The longest one step (or the chatting phase) may take, in seconds.
+    #[arg(long, default_value_t = 120)]
+    step_deadline_secs: u64,
 }
 
 /// Options of `eval`.
@@ -161,6 +184,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate { prompt, decode } => runtime.block_on(generate(config, prompt, decode.options())),
         Command::Eval(args) => runtime.block_on(eval(config, args)),
         Command::Bench(args) => runtime.block_on(bench(config, args)),
+        Command::Load(args) => runtime.block_on(load(config, args)),
     }
 }
 
@@ -367,5 +391,27 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
     );
+    Ok(())
+}
+
+async fn load(config: Config, args: LoadArgs) -> anyhow::Result<()> {
+    let server = match args.server {
+        Some(s) => s,
+        None => std::env::current_exe()?.with_file_name("dllm-chat"),
+    };
+    let plan = dllm_tools::load::LoadPlan {
+        server,
+        model: config.model.path.clone(),
+        steps: args.connections,
+        chatting: args.chatting,
+        messages: args.messages,
+        step_deadline: std::time::Duration::from_secs(args.step_deadline_secs),
+    };
+    let (steps, chat) = dllm_tools::load::run(&plan).await?;
+    println!(
+        "one replica ({}), loopback, all connections of a step opened at once:\n",
+        plan.model
+    );
+    print!("{}", dllm_tools::load::report(&steps, &chat));
     Ok(())
 }
