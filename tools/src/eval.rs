@@ -103,7 +103,9 @@ impl IntentClassifier {
     }
 
     /// Whether the template closest to `reply` (ties included) belongs to `intent`. `slots` are the
-    /// values the turn is about; in the reply they count as their placeholders.
+    /// values the turn is about; in the reply they count as their placeholders. A reply that
+    /// shares no word with any template (an empty one among them) is wrong for every intent:
+    /// otherwise every template would tie at 0 and it would count as right.
     pub fn matches(&self, reply: &str, slots: &BTreeMap<String, String>, intent: &str) -> bool {
         let w = words(&without_slots(reply, slots));
         let scored: Vec<(f32, &BTreeSet<String>)> = self
@@ -116,6 +118,9 @@ impl IntentClassifier {
             })
             .collect();
         let best = scored.iter().map(|(score, _)| *score).fold(f32::NEG_INFINITY, f32::max);
+        if best <= 0.0 {
+            return false;
+        }
         scored
             .iter()
             .any(|(score, intents)| *score == best && intents.contains(intent))
@@ -127,6 +132,8 @@ impl IntentClassifier {
 pub struct Report {
     pub replies: usize,
     pub intent_correct: usize,
+    /// Replies to turns that expect facts; turns that expect none are not scored for facts.
+    pub fact_turns: usize,
     pub facts_correct: usize,
     pub slot_turns: usize,
     pub slots_correct: usize,
@@ -146,7 +153,8 @@ pub struct Sample {
     pub gold: String,
     pub reply: String,
     pub intent_correct: bool,
-    pub facts_correct: bool,
+    /// `None` for a turn that expects no facts.
+    pub facts_correct: Option<bool>,
 }
 
 impl Report {
@@ -155,8 +163,12 @@ impl Report {
         let intent_correct = classifier.matches(reply, user.slots, user.intent);
         self.intent_correct += usize::from(intent_correct);
         let lower = reply.to_lowercase();
-        let facts_correct = user.facts.iter().all(|f| lower.contains(&f.to_lowercase()));
-        self.facts_correct += usize::from(facts_correct);
+        let facts_correct =
+            (!user.facts.is_empty()).then(|| user.facts.iter().all(|f| lower.contains(&f.to_lowercase())));
+        if let Some(ok) = facts_correct {
+            self.fact_turns += 1;
+            self.facts_correct += usize::from(ok);
+        }
         let slots: Vec<&String> = ["order", "product"].iter().filter_map(|k| user.slots.get(*k)).collect();
         if !slots.is_empty() {
             self.slot_turns += 1;
@@ -179,24 +191,30 @@ impl Report {
 
     /// A markdown table of intent and fact accuracy per expected intent, weakest first.
     pub fn by_intent(&self) -> String {
-        let mut tally: HashMap<&str, (usize, usize, usize)> = HashMap::new();
+        // Per intent: replies, intent right, turns with facts, facts right.
+        let mut tally: HashMap<&str, (usize, usize, usize, usize)> = HashMap::new();
         for s in &self.samples {
             let entry = tally.entry(s.intent.as_str()).or_default();
             entry.0 += 1;
             entry.1 += usize::from(s.intent_correct);
-            entry.2 += usize::from(s.facts_correct);
+            entry.2 += usize::from(s.facts_correct.is_some());
+            entry.3 += usize::from(s.facts_correct == Some(true));
         }
         let mut rows: Vec<_> = tally.into_iter().collect();
         rows.sort_by(|a, b| {
-            let share = |(n, ok, _): (usize, usize, usize)| ok as f64 / n as f64;
+            let share = |(n, ok, _, _): (usize, usize, usize, usize)| ok as f64 / n as f64;
             share(a.1).total_cmp(&share(b.1)).then(a.0.cmp(b.0))
         });
         let mut table = String::from("| intent | replies | intent | fact |\n| --- | --- | --- | --- |\n");
-        for (intent, (n, intent_ok, facts_ok)) in rows {
+        for (intent, (n, intent_ok, fact_turns, facts_ok)) in rows {
+            let fact = if fact_turns == 0 {
+                "n/a".to_owned()
+            } else {
+                format!("{:.0}%", Self::pct(facts_ok, fact_turns))
+            };
             table.push_str(&format!(
-                "| {intent} | {n} | {:.0}% | {:.0}% |\n",
-                Self::pct(intent_ok, n),
-                Self::pct(facts_ok, n)
+                "| {intent} | {n} | {:.0}% | {fact} |\n",
+                Self::pct(intent_ok, n)
             ));
         }
         table
@@ -228,8 +246,9 @@ impl Report {
     pub fn intent_accuracy(&self) -> f64 {
         Self::pct(self.intent_correct, self.replies)
     }
+    /// Of the replies to turns that expect facts.
     pub fn fact_accuracy(&self) -> f64 {
-        Self::pct(self.facts_correct, self.replies)
+        Self::pct(self.facts_correct, self.fact_turns)
     }
     pub fn slot_accuracy(&self) -> f64 {
         Self::pct(self.slots_correct, self.slot_turns)
@@ -249,10 +268,11 @@ impl Report {
     /// A markdown table row: name | replies | intent | fact | slot | exact | tokens/step | median ms.
     pub fn row(&self, name: &str) -> String {
         format!(
-            "| {name} | {} | {:.1}% | {:.1}% | {:.1}% ({} turns) | {:.1}% | {:.2} | {:.0} |",
+            "| {name} | {} | {:.1}% | {:.1}% ({} turns) | {:.1}% ({} turns) | {:.1}% | {:.2} | {:.0} |",
             self.replies,
             self.intent_accuracy(),
             self.fact_accuracy(),
+            self.fact_turns,
             self.slot_accuracy(),
             self.slot_turns,
             self.exact_match(),
@@ -542,8 +562,15 @@ mod tests {
         r.score(&c, user, "Order NW-77777 ships.", "Order NW-77777 ships.");
         r.score(&c, user, "Order NW-77777 ships.", "Order NW-11111 is late.");
         assert_eq!(
-            (r.replies, r.exact, r.facts_correct, r.slot_turns, r.slots_correct),
-            (2, 1, 1, 2, 1)
+            (
+                r.replies,
+                r.exact,
+                r.fact_turns,
+                r.facts_correct,
+                r.slot_turns,
+                r.slots_correct
+            ),
+            (2, 1, 2, 1, 2, 1)
         );
         assert_eq!(r.intent_correct, 2);
         assert!(
@@ -551,5 +578,81 @@ mod tests {
             "{}",
             r.by_intent()
         );
+    }
+
+    fn track_classifier() -> IntentClassifier {
+        IntentClassifier::new(&[dialog(&[
+            ("track", "where?", "Order NW-1 ships today."),
+            ("returns", "return?", "Returns are accepted within 30 days."),
+        ])])
+    }
+
+    #[test]
+    fn an_empty_or_unrelated_reply_is_wrong_for_every_intent() {
+        let c = track_classifier();
+        let none = BTreeMap::new();
+        for reply in ["", "   ", "zebra quantum marmalade"] {
+            assert!(!c.matches(reply, &none, "track"), "{reply:?} must not count as track");
+            assert!(
+                !c.matches(reply, &none, "returns"),
+                "{reply:?} must not count as returns"
+            );
+        }
+        assert!(c.matches("it ships today", &none, "track"));
+    }
+
+    #[test]
+    fn turns_without_expected_facts_are_not_scored_for_facts() {
+        let c = track_classifier();
+        let (facts, none) = (vec!["30 days".to_owned()], Vec::new());
+        let slots = BTreeMap::new();
+        let with = Expected {
+            content: "return?",
+            intent: "returns",
+            facts: &facts,
+            slots: &slots,
+        };
+        let without = Expected { facts: &none, ..with };
+        let mut r = Report::default();
+        r.score(&c, without, "Returns are accepted within 30 days.", "");
+        assert_eq!((r.fact_turns, r.facts_correct), (0, 0), "no facts expected: not scored");
+        assert_eq!(r.fact_accuracy(), 0.0, "nothing scored is not 100%");
+        r.score(
+            &c,
+            with,
+            "Returns are accepted within 30 days.",
+            "Returns take 14 days.",
+        );
+        r.score(
+            &c,
+            with,
+            "Returns are accepted within 30 days.",
+            "Returns within 30 DAYS.",
+        );
+        assert_eq!((r.fact_turns, r.facts_correct), (2, 1));
+        assert_eq!(r.fact_accuracy(), 50.0);
+        assert_eq!(r.intent_correct, 2, "the empty reply was wrong, both others right");
+        assert!(r.row("m").contains("50.0% (2 turns)"), "{}", r.row("m"));
+        assert!(
+            r.by_intent().contains("| returns | 3 | 67% | 50% |"),
+            "{}",
+            r.by_intent()
+        );
+    }
+
+    #[test]
+    fn a_reply_without_the_turns_slot_value_fails_the_slot() {
+        let c = track_classifier();
+        let slots = BTreeMap::from([("order".to_owned(), "NW-55555".to_owned())]);
+        let user = Expected {
+            content: "where is NW-55555?",
+            intent: "track",
+            facts: &[],
+            slots: &slots,
+        };
+        let mut r = Report::default();
+        r.score(&c, user, "Order NW-55555 ships today.", "Order NW-12345 ships today.");
+        r.score(&c, user, "Order NW-55555 ships today.", "Order NW-55555 ships today.");
+        assert_eq!((r.slot_turns, r.slots_correct, r.exact), (2, 1, 1));
     }
 }
