@@ -25,6 +25,9 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("invalid setting `{setting}`: {reason}")]
     Invalid { setting: &'static str, reason: String },
+    /// A setting inside a list, named with its index (`auth.keys[2].digest`).
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidEntry { setting: String, reason: String },
     #[error("system prompt file {path:?} could not be read: {source}")]
     SystemPrompt { path: PathBuf, source: std::io::Error },
 }
@@ -156,13 +159,48 @@ pub struct AuthConfig {
     pub keys: Vec<ApiKey>,
 }
 
-/// A client credential. `name` is what sessions record as their owner, so the secret itself is
-/// never written to the store.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A client credential: exactly one of `digest` (`sha256:<64 hex>` of the key) and `key` (the
+/// key itself; deprecated). `name` is what sessions record as their owner, so the secret itself
+/// is never written to the store.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     pub name: String,
-    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl ApiKey {
+    /// An entry holding the key's digest.
+    pub fn with_digest(name: impl Into<String>, digest: crate::keys::KeyDigest) -> Self {
+        Self {
+            name: name.into(),
+            digest: Some(digest.to_string()),
+            key: None,
+        }
+    }
+
+    /// An entry holding the key itself (deprecated in configuration files).
+    pub fn plain(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            digest: None,
+            key: Some(key.into()),
+        }
+    }
+}
+
+/// Never shows a plain key, so a logged or printed configuration leaks no credential.
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,13 +338,57 @@ impl Config {
         positive("chat.recovery_interval_ms", chat.recovery_interval_ms as usize)?;
         positive("chat.tail_block_ms", chat.tail_block_ms as usize)?;
         positive("chat.watch_buffer", chat.watch_buffer)?;
+        self.validate_keys()
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        use crate::keys::{KeyDigest, MIN_PLAIN_KEY_CHARS};
+        let invalid = |i: usize, field: &str, reason: String| ConfigError::InvalidEntry {
+            setting: format!("auth.keys[{i}].{field}"),
+            reason,
+        };
+        let mut seen: Vec<KeyDigest> = Vec::new();
         for (i, k) in self.auth.keys.iter().enumerate() {
-            if k.name.is_empty() || k.key.len() < 8 {
-                return Err(ConfigError::Invalid {
-                    setting: "auth.keys",
-                    reason: format!("entry {i} needs a non-empty name and a key of at least 8 characters"),
-                });
+            if k.name.trim().is_empty() {
+                return Err(invalid(
+                    i,
+                    "name",
+                    "must not be empty (sessions record it as their owner)".into(),
+                ));
             }
+            let (field, digest) = match (&k.digest, &k.key) {
+                (Some(d), None) => (
+                    "digest",
+                    d.parse::<KeyDigest>()
+                        .map_err(|e| invalid(i, "digest", e.to_string()))?,
+                ),
+                (None, Some(key)) => {
+                    if key.chars().count() < MIN_PLAIN_KEY_CHARS {
+                        return Err(invalid(
+                            i,
+                            "key",
+                            format!(
+                                "must be at least {MIN_PLAIN_KEY_CHARS} characters (`dllm-chat keys new` makes one)"
+                            ),
+                        ));
+                    }
+                    ("key", KeyDigest::of(key))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(i, "key", "give either `digest` or `key`, not both".into()));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        i,
+                        "digest",
+                        "missing: give `digest = \"sha256:...\"` (`dllm-chat keys new` prints one)".into(),
+                    ));
+                }
+            };
+            if let Some(j) = seen.iter().position(|d| *d == digest) {
+                return Err(invalid(i, field, format!("the same key as auth.keys[{j}]")));
+            }
+            seen.push(digest);
         }
         Ok(())
     }
@@ -347,6 +429,63 @@ mod tests {
         let mut c = Config::defaults();
         c.chat.lease_ms = 10;
         assert!(c.validate().unwrap_err().to_string().contains("chat.lease_ms"));
+    }
+
+    fn with_keys(keys: Vec<ApiKey>) -> Config {
+        let mut c = Config::defaults();
+        c.auth.keys = keys;
+        c
+    }
+
+    fn key_error(keys: Vec<ApiKey>) -> String {
+        with_keys(keys).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn key_entries_need_exactly_one_valid_key_or_digest() {
+        use crate::keys::KeyDigest;
+        let good = || ApiKey::with_digest("widget", KeyDigest::of("widget-key-0123456789"));
+        with_keys(vec![good(), ApiKey::plain("legacy", "legacy-key-0123456789")])
+            .validate()
+            .unwrap();
+
+        let mut bad = good();
+        bad.digest = Some("sha256:0123".into());
+        let err = key_error(vec![good(), ApiKey::plain("legacy", "legacy-key-0123456789"), bad]);
+        assert!(err.contains("auth.keys[2].digest"), "{err}");
+        assert!(err.contains("64 hex"), "{err}");
+
+        let mut both = good();
+        both.key = Some("legacy-key-0123456789".into());
+        assert!(key_error(vec![both]).contains("auth.keys[0].key"));
+        let mut neither = good();
+        neither.digest = None;
+        assert!(key_error(vec![good(), neither]).contains("auth.keys[1].digest"));
+
+        let err = key_error(vec![ApiKey::plain("short", "fifteen-chars-x")]);
+        assert!(err.contains("auth.keys[0].key") && err.contains("16"), "{err}");
+        with_keys(vec![ApiKey::plain("long", "sixteen-chars-xx")])
+            .validate()
+            .unwrap();
+
+        let err = key_error(vec![ApiKey::with_digest(" ", KeyDigest::of("k"))]);
+        assert!(err.contains("auth.keys[0].name"), "{err}");
+
+        let err = key_error(vec![good(), ApiKey::plain("again", "widget-key-0123456789")]);
+        assert!(
+            err.contains("auth.keys[1].key") && err.contains("auth.keys[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_keys_never_show_in_debug_output() {
+        let c = with_keys(vec![ApiKey::plain("legacy", "legacy-key-0123456789")]);
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("legacy") && !shown.contains("legacy-key-0123456789"),
+            "{shown}"
+        );
     }
 
     #[test]

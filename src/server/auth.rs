@@ -1,21 +1,39 @@
 //! Who is calling: the API key a request presents, as the owner name sessions record. One check
 //! for every front end on the port.
 
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 
 use super::AppState;
 
-/// The owner name for the key in `Authorization: Bearer` (or `query_key`, which browsers need
-/// for WebSockets); `Some("anonymous")` with auth off, `None` for a missing or unknown key.
-pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Option<String> {
-    let keys = &state.config.auth.keys;
-    if keys.is_empty() {
-        return Some("anonymous".into());
+/// Why a request was not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// No key, or one no `[[auth.keys]]` entry matches.
+    UnknownKey,
+}
+
+impl Refused {
+    pub(super) fn message(self) -> &'static str {
+        match self {
+            Refused::UnknownKey => "missing or unknown API key",
+        }
+    }
+}
+
+/// The owner name for the key in `Authorization: Bearer` (or `query_key`, `?api_key=` on a
+/// WebSocket upgrade, which browsers need); `"anonymous"` with auth off.
+pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Result<String, Refused> {
+    if state.keys.is_empty() {
+        return Ok("anonymous".into());
     }
     let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let presented = bearer.or(query_key)?;
-    keys.iter().find(|k| k.key == presented).map(|k| k.name.clone())
+    let presented = bearer.or(query_key).ok_or(Refused::UnknownKey)?;
+    state
+        .keys
+        .owner(presented)
+        .map(str::to_owned)
+        .ok_or(Refused::UnknownKey)
 }

@@ -66,15 +66,15 @@ pub(super) async fn upgrade(
             let tasks = state.tasks.clone();
             tasks.track_future(async move {
                 match (owner, permit) {
-                    (None, _) => {
-                        let e = WireError::new(ErrorCode::Unauthorized, "missing or unknown API key");
+                    (Err(refused), _) => {
+                        let e = WireError::new(ErrorCode::Unauthorized, refused.message());
                         refuse(socket, e, CLOSE_POLICY, "unauthorized").await;
                     }
                     (_, None) => {
                         let e = WireError::new(ErrorCode::Overloaded, "too many open connections; try again later");
                         refuse(socket, e, CLOSE_TRY_AGAIN, "too many connections").await;
                     }
-                    (Some(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
+                    (Ok(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
                 }
             })
         })
