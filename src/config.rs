@@ -157,6 +157,8 @@ pub struct ChatConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub keys: Vec<ApiKey>,
+    /// Accept `?api_key=` on WebSocket upgrades (URLs end up in proxy and access logs).
+    pub allow_query_key: bool,
 }
 
 /// A client credential: exactly one of `digest` (`sha256:<64 hex>` of the key) and `key` (the

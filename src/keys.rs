@@ -216,7 +216,7 @@ mod tests {
         struct File {
             auth: AuthConfig,
         }
-        let toml = snippet.clone();
+        let toml = format!("[auth]\nallow_query_key = false\n\n{snippet}");
         use figment::providers::Format;
         let file: File = figment::Figment::from(figment::providers::Toml::string(&toml))
             .extract()
@@ -229,7 +229,10 @@ mod tests {
     }
 
     fn auth(keys: Vec<ApiKey>) -> AuthConfig {
-        AuthConfig { keys }
+        AuthConfig {
+            keys,
+            allow_query_key: false,
+        }
     }
 
     #[test]

@@ -133,6 +133,8 @@ async fn unknown_and_foreign_sessions_are_not_found() {
         ApiKey::plain("widget", "key-widget-0123456789"),
         ApiKey::plain("dashboard", "key-dashboard-0123456789"),
     ];
+    // Keys in the URL, as browsers send them (off by default; tests/auth.rs covers both).
+    config.auth.allow_query_key = true;
     let server = TestServer::start(config).await;
     let url = format!("ws://{}/v1/chat", server.addr);
 

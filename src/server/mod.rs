@@ -146,4 +146,7 @@ fn warn_about_auth(config: &Config) {
             );
         }
     }
+    if auth.allow_query_key && !auth.keys.is_empty() {
+        tracing::warn!("auth.allow_query_key is on: keys sent as ?api_key= end up in proxy and access logs");
+    }
 }
