@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
     pub outgoing_queue: usize,
+    /// Origins (`scheme://host[:port]`, or `"*"`) a browser may open a WebSocket from; empty =
+    /// any. Upgrades without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,6 +343,12 @@ impl Config {
         positive("chat.recovery_interval_ms", chat.recovery_interval_ms as usize)?;
         positive("chat.tail_block_ms", chat.tail_block_ms as usize)?;
         positive("chat.watch_buffer", chat.watch_buffer)?;
+        for (i, origin) in s.allowed_origins.iter().enumerate() {
+            check_origin(origin).map_err(|reason| ConfigError::InvalidEntry {
+                setting: format!("server.allowed_origins[{i}]"),
+                reason,
+            })?;
+        }
         self.validate_keys()
     }
 
@@ -404,6 +413,37 @@ impl Config {
         std::fs::read_to_string(&path)
             .map(|s| s.trim().to_owned())
             .map_err(|source| ConfigError::SystemPrompt { path, source })
+    }
+}
+
+/// An allowed origin is `"*"` or a serialized origin as browsers send it: `scheme://host` with
+/// an optional `:port`, no path, no trailing slash.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let rule = || format!("must be \"*\" or scheme://host[:port] with no path, got {origin:?}");
+    let (scheme, rest) = origin.split_once("://").ok_or_else(rule)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let (host, port) = match rest.rsplit_once(':') {
+        // An IPv6 literal holds colons of its own: `[::1]` or `[::1]:8080`.
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty()
+        && if let Some(inner) = host.strip_prefix('[') {
+            inner
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        } else {
+            host.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+        };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if scheme_ok && host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(rule())
     }
 }
 
@@ -488,6 +528,43 @@ mod tests {
             shown.contains("legacy") && !shown.contains("legacy-key-0123456789"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn allowed_origins_are_bare_origins() {
+        for ok in [
+            "*",
+            "https://chat.example.com",
+            "http://localhost:8080",
+            "http://127.0.0.1:3000",
+            "http://[::1]:8080",
+            "https://[2001:db8::1]",
+            "chrome-extension://abcdef",
+        ] {
+            check_origin(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "chat.example.com",
+            "https://",
+            "https://chat.example.com/",
+            "https://chat.example.com/app",
+            "https://chat.example.com?x=1",
+            "https://user@chat.example.com",
+            "https://chat.example.com:",
+            "https://chat.example.com:0",
+            "https://chat.example.com:99999",
+            "https://*.example.com",
+            "http://[::1",
+            "null",
+            "1http://x",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad:?} was accepted");
+        }
+        let mut c = Config::defaults();
+        c.server.allowed_origins = vec!["https://ok.example".into(), "https://bad.example/path".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("server.allowed_origins[1]"), "{err}");
     }
 
     #[test]

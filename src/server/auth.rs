@@ -1,5 +1,6 @@
-//! Who is calling: the API key a request presents, as the owner name sessions record. One check
-//! for every front end on the port.
+//! Who is calling, and from where: the API key a request presents, as the owner name sessions
+//! record (one check for every front end on the port), and the `Origin` allow-list of browser
+//! WebSocket upgrades.
 
 use axum::http::{header, HeaderMap};
 
@@ -44,4 +45,54 @@ pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Opt
         .owner(presented)
         .map(str::to_owned)
         .ok_or(Refused::UnknownKey)
+}
+
+/// Whether a WebSocket upgrade may proceed under `server.allowed_origins`: always with an
+/// empty list or without an `Origin` header (not a browser), else only from a listed origin
+/// (or with `"*"` listed). Scheme and host compare case-insensitively.
+pub(super) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(value: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = value {
+            h.insert(header::ORIGIN, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_listed_and_sent() {
+        let listed = vec![
+            "https://chat.example.com".to_owned(),
+            "http://localhost:3000".to_owned(),
+        ];
+        assert!(origin_allowed(&[], &origin(Some("https://evil.example"))));
+        assert!(origin_allowed(&listed, &origin(None)));
+        assert!(origin_allowed(&listed, &origin(Some("https://chat.example.com"))));
+        assert!(origin_allowed(&listed, &origin(Some("HTTPS://Chat.Example.com"))));
+        assert!(origin_allowed(&listed, &origin(Some("http://localhost:3000"))));
+        assert!(!origin_allowed(&listed, &origin(Some("http://localhost:3001"))));
+        assert!(!origin_allowed(&listed, &origin(Some("http://chat.example.com"))));
+        assert!(!origin_allowed(
+            &listed,
+            &origin(Some("https://chat.example.com.evil.example"))
+        ));
+        assert!(!origin_allowed(&listed, &origin(Some("null"))));
+        assert!(origin_allowed(&["*".to_owned()], &origin(Some("null"))));
+    }
 }

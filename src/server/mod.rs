@@ -7,7 +7,7 @@
 //! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
-//! - [`auth`]: the API key check every front end uses.
+//! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
 //! [`run`] takes any bound listener and any shutdown future, so tests run the real server on
