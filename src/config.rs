@@ -25,6 +25,9 @@ pub enum ConfigError {
     Load(#[from] Box<figment::Error>),
     #[error("invalid setting `{setting}`: {reason}")]
     Invalid { setting: &'static str, reason: String },
+    /// A setting inside a list, named with its index (`auth.keys[2].digest`).
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidEntry { setting: String, reason: String },
     #[error("system prompt file {path:?} could not be read: {source}")]
     SystemPrompt { path: PathBuf, source: std::io::Error },
 }
@@ -54,6 +57,9 @@ pub struct ServerConfig {
     pub listen_backlog: u32,
     pub ws_read_buffer_bytes: usize,
     pub ws_write_buffer_bytes: usize,
+    /// Origins (`scheme://host[:port]`, or `"*"`) a browser may open a WebSocket from; empty =
+    /// any. Upgrades without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,15 +136,52 @@ pub struct ChatConfig {
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub keys: Vec<ApiKey>,
+    /// Accept `?api_key=` on WebSocket upgrades (URLs end up in proxy and access logs).
+    pub allow_query_key: bool,
 }
 
-/// A client credential. `name` is what sessions record as their owner, so the secret itself is
-/// never written to the store.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A client credential: exactly one of `digest` (`sha256:<64 hex>` of the key) and `key` (the
+/// key itself; deprecated). `name` is what sessions record as their owner, so the secret itself
+/// is never written to the store.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     pub name: String,
-    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl ApiKey {
+    /// An entry holding the key's digest.
+    pub fn with_digest(name: impl Into<String>, digest: crate::keys::KeyDigest) -> Self {
+        Self {
+            name: name.into(),
+            digest: Some(digest.to_string()),
+            key: None,
+        }
+    }
+
+    /// An entry holding the key itself (deprecated in configuration files).
+    pub fn plain(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            digest: None,
+            key: Some(key.into()),
+        }
+    }
+}
+
+/// Never shows a plain key, so a logged or printed configuration leaks no credential.
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -278,13 +321,63 @@ impl Config {
         positive("chat.recovery_interval_ms", chat.recovery_interval_ms as usize)?;
         positive("chat.tail_block_ms", chat.tail_block_ms as usize)?;
         positive("chat.watch_buffer", chat.watch_buffer)?;
+        for (i, origin) in s.allowed_origins.iter().enumerate() {
+            check_origin(origin).map_err(|reason| ConfigError::InvalidEntry {
+                setting: format!("server.allowed_origins[{i}]"),
+                reason,
+            })?;
+        }
+        self.validate_keys()
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        use crate::keys::{KeyDigest, MIN_PLAIN_KEY_CHARS};
+        let invalid = |i: usize, field: &str, reason: String| ConfigError::InvalidEntry {
+            setting: format!("auth.keys[{i}].{field}"),
+            reason,
+        };
+        let mut seen: Vec<KeyDigest> = Vec::new();
         for (i, k) in self.auth.keys.iter().enumerate() {
-            if k.name.is_empty() || k.key.len() < 8 {
-                return Err(ConfigError::Invalid {
-                    setting: "auth.keys",
-                    reason: format!("entry {i} needs a non-empty name and a key of at least 8 characters"),
-                });
+            if k.name.trim().is_empty() {
+                return Err(invalid(
+                    i,
+                    "name",
+                    "must not be empty (sessions record it as their owner)".into(),
+                ));
             }
+            let (field, digest) = match (&k.digest, &k.key) {
+                (Some(d), None) => (
+                    "digest",
+                    d.parse::<KeyDigest>()
+                        .map_err(|e| invalid(i, "digest", e.to_string()))?,
+                ),
+                (None, Some(key)) => {
+                    if key.chars().count() < MIN_PLAIN_KEY_CHARS {
+                        return Err(invalid(
+                            i,
+                            "key",
+                            format!(
+                                "must be at least {MIN_PLAIN_KEY_CHARS} characters (`dllm-chat keys new` makes one)"
+                            ),
+                        ));
+                    }
+                    ("key", KeyDigest::of(key))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(i, "key", "give either `digest` or `key`, not both".into()));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        i,
+                        "digest",
+                        "missing: give `digest = \"sha256:...\"` (`dllm-chat keys new` prints one)".into(),
+                    ));
+                }
+            };
+            if let Some(j) = seen.iter().position(|d| *d == digest) {
+                return Err(invalid(i, field, format!("the same key as auth.keys[{j}]")));
+            }
+            seen.push(digest);
         }
         Ok(())
     }
@@ -320,6 +413,37 @@ impl Config {
     }
 }
 
+/// An allowed origin is `"*"` or a serialized origin as browsers send it: `scheme://host` with
+/// an optional `:port`, no path, no trailing slash.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let rule = || format!("must be \"*\" or scheme://host[:port] with no path, got {origin:?}");
+    let (scheme, rest) = origin.split_once("://").ok_or_else(rule)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let (host, port) = match rest.rsplit_once(':') {
+        // An IPv6 literal holds colons of its own: `[::1]` or `[::1]:8080`.
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    let host_ok = !host.is_empty()
+        && if let Some(inner) = host.strip_prefix('[') {
+            inner
+                .strip_suffix(']')
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        } else {
+            host.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+        };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if scheme_ok && host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(rule())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +468,100 @@ mod tests {
         let mut c = Config::defaults();
         c.chat.lease_ms = 10;
         assert!(c.validate().unwrap_err().to_string().contains("chat.lease_ms"));
+    }
+
+    fn with_keys(keys: Vec<ApiKey>) -> Config {
+        let mut c = Config::defaults();
+        c.auth.keys = keys;
+        c
+    }
+
+    fn key_error(keys: Vec<ApiKey>) -> String {
+        with_keys(keys).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn key_entries_need_exactly_one_valid_key_or_digest() {
+        use crate::keys::KeyDigest;
+        let good = || ApiKey::with_digest("widget", KeyDigest::of("widget-key-0123456789"));
+        with_keys(vec![good(), ApiKey::plain("legacy", "legacy-key-0123456789")])
+            .validate()
+            .unwrap();
+
+        let mut bad = good();
+        bad.digest = Some("sha256:0123".into());
+        let err = key_error(vec![good(), ApiKey::plain("legacy", "legacy-key-0123456789"), bad]);
+        assert!(err.contains("auth.keys[2].digest"), "{err}");
+        assert!(err.contains("64 hex"), "{err}");
+
+        let mut both = good();
+        both.key = Some("legacy-key-0123456789".into());
+        assert!(key_error(vec![both]).contains("auth.keys[0].key"));
+        let mut neither = good();
+        neither.digest = None;
+        assert!(key_error(vec![good(), neither]).contains("auth.keys[1].digest"));
+
+        let err = key_error(vec![ApiKey::plain("short", "fifteen-chars-x")]);
+        assert!(err.contains("auth.keys[0].key") && err.contains("16"), "{err}");
+        with_keys(vec![ApiKey::plain("long", "sixteen-chars-xx")])
+            .validate()
+            .unwrap();
+
+        let err = key_error(vec![ApiKey::with_digest(" ", KeyDigest::of("k"))]);
+        assert!(err.contains("auth.keys[0].name"), "{err}");
+
+        let err = key_error(vec![good(), ApiKey::plain("again", "widget-key-0123456789")]);
+        assert!(
+            err.contains("auth.keys[1].key") && err.contains("auth.keys[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_keys_never_show_in_debug_output() {
+        let c = with_keys(vec![ApiKey::plain("legacy", "legacy-key-0123456789")]);
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("legacy") && !shown.contains("legacy-key-0123456789"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn allowed_origins_are_bare_origins() {
+        for ok in [
+            "*",
+            "https://chat.example.com",
+            "http://localhost:8080",
+            "http://127.0.0.1:3000",
+            "http://[::1]:8080",
+            "https://[2001:db8::1]",
+            "chrome-extension://abcdef",
+        ] {
+            check_origin(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "chat.example.com",
+            "https://",
+            "https://chat.example.com/",
+            "https://chat.example.com/app",
+            "https://chat.example.com?x=1",
+            "https://user@chat.example.com",
+            "https://chat.example.com:",
+            "https://chat.example.com:0",
+            "https://chat.example.com:99999",
+            "https://*.example.com",
+            "http://[::1",
+            "null",
+            "1http://x",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad:?} was accepted");
+        }
+        let mut c = Config::defaults();
+        c.server.allowed_origins = vec!["https://ok.example".into(), "https://bad.example/path".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("server.allowed_origins[1]"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`engine`]: diffusion engines behind the `Engine` trait, unmasking policies, the canvas.
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
+//! - [`keys`]: API keys: generation, digests, the constant-time check.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
 //! - [`app`]: the composition root that builds all of the above from a [`config::Config`].
 //!
@@ -26,6 +27,7 @@ pub mod app;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod keys;
 pub mod metrics;
 pub mod models;
 pub mod protocol;

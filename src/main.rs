@@ -1,5 +1,5 @@
-//! The `dllm-chat` binary: `serve` runs the chat service. The command-line tools (`generate`,
-//! `eval`, `bench`) are the `dllm-tools` binary (`tools/`).
+//! The `dllm-chat` binary: `serve` runs the chat service, `keys new` makes an API key. The
+//! command-line tools (`generate`, `eval`, `bench`) are the `dllm-tools` binary (`tools/`).
 
 use std::path::PathBuf;
 
@@ -36,6 +36,21 @@ enum Command {
         #[arg(long)]
         store: Option<String>,
     },
+    /// API keys for `[[auth.keys]]`.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random key and the `[[auth.keys]]` table (with its digest) that admits it.
+    New {
+        /// The name sessions created with the key record as their owner.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +62,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let (bind, store) = match &cli.command {
+        Command::Serve { bind, store } => (bind, store),
+        Command::Keys {
+            command: KeysCommand::New { name },
+        } => return new_key(name),
+    };
     let mut patch = Map::new();
     let mut section = |name: &str, key: &str, value: Value| {
         let entry = patch.entry(name).or_insert_with(|| json!({}));
@@ -58,7 +79,6 @@ fn main() -> anyhow::Result<()> {
     if let Some(e) = cli.engine {
         section("model", "engine", serde_json::to_value(e)?);
     }
-    let Command::Serve { bind, store } = &cli.command;
     if let Some(b) = bind {
         section("server", "bind", json!(b));
     }
@@ -67,9 +87,20 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(cli.config.as_deref())?.merged(Value::Object(patch))?;
     let runtime = tokio::runtime::Runtime::new()?;
-    match cli.command {
-        Command::Serve { .. } => runtime.block_on(serve(config)),
-    }
+    runtime.block_on(serve(config))
+}
+
+/// `keys new`: the key goes to the client, the table (holding only its digest) into the
+/// configuration. Nothing is stored: a lost key is replaced, not recovered.
+fn new_key(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+    let key = dllm_chat::keys::generate();
+    println!("# The key, for the client (shown once; the service keeps only its digest):");
+    println!("{key}");
+    println!();
+    println!("# For the service's configuration file:");
+    print!("{}", dllm_chat::keys::config_snippet(name, &key));
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -130,15 +130,11 @@ async fn content_too_long_for_the_context_is_context_overflow() {
 async fn unknown_and_foreign_sessions_are_not_found() {
     let mut config = test_config();
     config.auth.keys = vec![
-        ApiKey {
-            name: "widget".into(),
-            key: "key-widget-123".into(),
-        },
-        ApiKey {
-            name: "dashboard".into(),
-            key: "key-dashboard-456".into(),
-        },
+        ApiKey::plain("widget", "key-widget-0123456789"),
+        ApiKey::plain("dashboard", "key-dashboard-0123456789"),
     ];
+    // Keys in the URL, as browsers send them (off by default; tests/auth.rs covers both).
+    config.auth.allow_query_key = true;
     let server = TestServer::start(config).await;
     let url = format!("ws://{}/v1/chat", server.addr);
 
@@ -151,8 +147,8 @@ async fn unknown_and_foreign_sessions_are_not_found() {
     let mut wrong = Client::connect(&format!("{url}?api_key=nope")).await;
     expect_error(&mut wrong, "unauthorized").await;
 
-    let mut widget = Client::connect(&format!("{url}?api_key=key-widget-123")).await;
-    let mut dashboard = Client::connect(&format!("{url}?api_key=key-dashboard-456")).await;
+    let mut widget = Client::connect(&format!("{url}?api_key=key-widget-0123456789")).await;
+    let mut dashboard = Client::connect(&format!("{url}?api_key=key-dashboard-0123456789")).await;
     let session = widget.create_session().await;
     widget.exchange(&session, "mine", json!({})).await;
 

@@ -6,6 +6,7 @@ mod common;
 
 use common::{test_config, TestServer};
 use dllm_chat::config::ApiKey;
+use dllm_chat::keys::KeyDigest;
 use serde_json::json;
 
 const KEY: &str = "sk-openai-test-0001";
@@ -13,16 +14,14 @@ const KEY: &str = "sk-openai-test-0001";
 #[tokio::test]
 async fn the_openai_python_client_gets_completions_streams_and_errors() {
     let mut config = test_config();
-    config.auth.keys = vec![ApiKey {
-        name: "openai-tests".into(),
-        key: KEY.into(),
-    }];
+    config.auth.keys = vec![ApiKey::with_digest("openai-tests", KeyDigest::of(KEY))];
     config.limits.max_message_chars = 4000;
     let model = dllm_chat::models::display_name(&config.model.path);
     let server = TestServer::start(config).await;
 
-    let url = format!("ws://{}/v1/chat?api_key={KEY}", server.addr);
-    let mut ws = common::Client::connect(&url).await;
+    let mut ws = server
+        .connect_with(&[("authorization", &format!("Bearer {KEY}"))])
+        .await;
     let session = ws.create_session().await;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai/client.py");

@@ -1,21 +1,98 @@
-//! Who is calling: the API key a request presents, as the owner name sessions record. One check
-//! for every front end on the port.
+//! Who is calling, and from where: the API key a request presents, as the owner name sessions
+//! record (one check for every front end on the port), and the `Origin` allow-list of browser
+//! WebSocket upgrades.
 
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 
 use super::AppState;
 
-/// The owner name for the key in `Authorization: Bearer` (or `query_key`, which browsers need
-/// for WebSockets); `Some("anonymous")` with auth off, `None` for a missing or unknown key.
-pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Option<String> {
-    let keys = &state.config.auth.keys;
-    if keys.is_empty() {
-        return Some("anonymous".into());
+/// Why a request was not let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// No key, or one no `[[auth.keys]]` entry matches.
+    UnknownKey,
+    /// A key in the URL while `auth.allow_query_key` is off.
+    QueryKey,
+}
+
+impl Refused {
+    pub(super) fn message(self) -> &'static str {
+        match self {
+            Refused::UnknownKey => "missing or unknown API key",
+            Refused::QueryKey => {
+                "API keys in the URL are not accepted (auth.allow_query_key is off); send Authorization: Bearer <key>"
+            }
+        }
+    }
+}
+
+/// The owner name for the key in `Authorization: Bearer` (or `query_key`, `?api_key=` on a
+/// WebSocket upgrade, when `auth.allow_query_key` is on); `"anonymous"` with auth off.
+pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Result<String, Refused> {
+    if state.keys.is_empty() {
+        return Ok("anonymous".into());
+    }
+    if query_key.is_some() && !state.config.auth.allow_query_key {
+        return Err(Refused::QueryKey);
     }
     let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let presented = bearer.or(query_key)?;
-    keys.iter().find(|k| k.key == presented).map(|k| k.name.clone())
+    let presented = bearer.or(query_key).ok_or(Refused::UnknownKey)?;
+    state
+        .keys
+        .owner(presented)
+        .map(str::to_owned)
+        .ok_or(Refused::UnknownKey)
+}
+
+/// Whether a WebSocket upgrade may proceed under `server.allowed_origins`: always with an
+/// empty list or without an `Origin` header (not a browser), else only from a listed origin
+/// (or with `"*"` listed). Scheme and host compare case-insensitively.
+pub(super) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(value: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(v) = value {
+            h.insert(header::ORIGIN, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_listed_and_sent() {
+        let listed = vec![
+            "https://chat.example.com".to_owned(),
+            "http://localhost:3000".to_owned(),
+        ];
+        assert!(origin_allowed(&[], &origin(Some("https://evil.example"))));
+        assert!(origin_allowed(&listed, &origin(None)));
+        assert!(origin_allowed(&listed, &origin(Some("https://chat.example.com"))));
+        assert!(origin_allowed(&listed, &origin(Some("HTTPS://Chat.Example.com"))));
+        assert!(origin_allowed(&listed, &origin(Some("http://localhost:3000"))));
+        assert!(!origin_allowed(&listed, &origin(Some("http://localhost:3001"))));
+        assert!(!origin_allowed(&listed, &origin(Some("http://chat.example.com"))));
+        assert!(!origin_allowed(
+            &listed,
+            &origin(Some("https://chat.example.com.evil.example"))
+        ));
+        assert!(!origin_allowed(&listed, &origin(Some("null"))));
+        assert!(origin_allowed(&["*".to_owned()], &origin(Some("null"))));
+    }
 }

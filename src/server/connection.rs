@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
-use super::auth::authenticate;
+use super::auth::{authenticate, origin_allowed};
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
@@ -48,8 +48,10 @@ pub(super) struct ConnectParams {
     api_key: Option<String>,
 }
 
-/// `GET /v1/chat`: authenticates, takes a connection permit, upgrades. Refusals are sent as an
-/// `error` event and a close frame, which browsers can read (an HTTP 401 on upgrade they cannot).
+/// `GET /v1/chat`: checks the `Origin` (a browser page not in `server.allowed_origins` gets
+/// HTTP 403, before anything else), authenticates, takes a connection permit, upgrades. The
+/// other refusals are sent as an `error` event and a close frame, which browsers can read (an
+/// HTTP 401 on upgrade they cannot).
 pub(super) async fn upgrade(
     ws: WebSocketUpgrade,
     State(state): State<Arc<AppState>>,
@@ -57,6 +59,11 @@ pub(super) async fn upgrade(
     Query(params): Query<ConnectParams>,
     headers: HeaderMap,
 ) -> Response {
+    if !origin_allowed(&state.config.server.allowed_origins, &headers) {
+        crate::metrics::error("forbidden_origin");
+        tracing::debug!(%peer, "upgrade from an origin not in server.allowed_origins refused");
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
     let owner = authenticate(&state, &headers, params.api_key.as_deref());
     let permit = state.connections.clone().try_acquire_owned().ok();
     let hard = state.config.limits.hard_frame_bytes;
@@ -72,15 +79,15 @@ pub(super) async fn upgrade(
             let tasks = state.tasks.clone();
             tasks.track_future(async move {
                 match (owner, permit) {
-                    (None, _) => {
-                        let e = WireError::new(ErrorCode::Unauthorized, "missing or unknown API key");
+                    (Err(refused), _) => {
+                        let e = WireError::new(ErrorCode::Unauthorized, refused.message());
                         refuse(socket, e, CLOSE_POLICY, "unauthorized").await;
                     }
                     (_, None) => {
                         let e = WireError::new(ErrorCode::Overloaded, "too many open connections; try again later");
                         refuse(socket, e, CLOSE_TRY_AGAIN, "too many connections").await;
                     }
-                    (Some(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
+                    (Ok(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
                 }
             })
         })

@@ -7,7 +7,7 @@
 //! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
-//! - [`auth`]: the API key check every front end uses.
+//! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
 //! [`run`] takes any bound listener and any shutdown future, so tests run the real server on
@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::chat::Chat;
 use crate::config::Config;
+use crate::keys::{BadKeyEntry, KeyRing};
 
 /// What the server is built from.
 pub struct Services {
@@ -50,6 +51,8 @@ pub(crate) struct AppState {
     pub config: Config,
     pub chat: Chat,
     pub metrics: PrometheusHandle,
+    /// The digests of `config.auth.keys`, computed once at start.
+    pub keys: KeyRing,
     /// One permit per open WebSocket; taken before the upgrade so overload is refused cheaply.
     pub connections: Arc<Semaphore>,
     /// Cancelled when shutdown starts.
@@ -78,6 +81,8 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 pub enum ServerError {
     #[error("serving failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Keys(#[from] BadKeyEntry),
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets running replies finish within
@@ -88,10 +93,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let Services { config, chat } = services;
-    if config.auth.keys.is_empty() {
-        tracing::warn!("no API keys configured: authentication is OFF and every client is \"anonymous\"");
-    }
+    let keys = KeyRing::new(&config.auth)?;
+    warn_about_auth(&config);
     let state = Arc::new(AppState {
+        keys,
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
         chat,
@@ -136,4 +141,25 @@ pub async fn run(
     state.drained.cancelled().await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The start-up warnings about authentication settings. Never logs a key or a digest.
+fn warn_about_auth(config: &Config) {
+    let auth = &config.auth;
+    if auth.keys.is_empty() {
+        tracing::warn!("no API keys configured: authentication is OFF and every client is \"anonymous\"");
+    }
+    for (i, k) in auth.keys.iter().enumerate() {
+        if k.key.is_some() {
+            tracing::warn!(
+                name = %k.name,
+                "DEPRECATED: auth.keys[{i}] holds a plain `key`; replace it with \
+                 `digest = \"sha256:<hex>\"` (printf %s KEY | sha256sum), or make a new key with \
+                 `dllm-chat keys new`"
+            );
+        }
+    }
+    if auth.allow_query_key && !auth.keys.is_empty() {
+        tracing::warn!("auth.allow_query_key is on: keys sent as ?api_key= end up in proxy and access logs");
+    }
 }

@@ -179,7 +179,7 @@ impl IntoResponse for ApiError {
 
 fn owner(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     authenticate(state, headers, None)
-        .ok_or_else(|| ApiError::from_wire(WireError::new(ErrorCode::Unauthorized, "missing or unknown API key")))
+        .map_err(|refused| ApiError::from_wire(WireError::new(ErrorCode::Unauthorized, refused.message())))
 }
 
 fn model_id(state: &AppState) -> String {

@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -88,6 +90,11 @@ impl TestServer {
         Client::connect(&format!("ws://{}/v1/chat", self.addr)).await
     }
 
+    /// Connects to `/v1/chat` with extra headers on the upgrade request.
+    pub async fn connect_with(&self, headers: &[(&str, &str)]) -> Client {
+        Client::connect_with(&format!("ws://{}/v1/chat", self.addr), headers).await
+    }
+
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -121,6 +128,30 @@ impl Client {
     pub async fn connect(url: &str) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
         Self { ws }
+    }
+
+    /// Connects with extra headers (`Authorization`, `Origin`, ...) on the upgrade request.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Self {
+        Self::try_connect_with(url, headers).await.expect("websocket connects")
+    }
+
+    /// Like [`Client::connect_with`], but an upgrade the server refuses (an HTTP status instead
+    /// of 101 comes as `tungstenite::Error::Http`) is returned instead of panicking.
+    pub async fn try_connect_with(
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).expect("a header name");
+            request
+                .headers_mut()
+                .insert(name, http::HeaderValue::from_str(value).expect("a header value"));
+        }
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("upgrade answered in time")?;
+        Ok(Self { ws })
     }
 
     pub async fn send(&mut self, v: Value) {

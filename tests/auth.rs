@@ -1,0 +1,307 @@
+//! Keys and isolation, black-box: digest and (deprecated) plain keys on the WebSocket and the
+//! OpenAI endpoint, keys in the URL off by default, the `Origin` allow-list, and another key's
+//! sessions and replies answered exactly like unknown ones.
+
+mod common;
+
+use common::{test_config, Client, TestServer};
+use dllm_chat::config::{ApiKey, Config};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const WIDGET_KEY: &str = "dk_widget-test-key-000000000001";
+/// `printf %s dk_widget-test-key-000000000001 | sha256sum`
+const WIDGET_DIGEST: &str = "sha256:e94bce9dc7c35bc421f42671bb4e1b6d6a120d6f339759089590f31cc637d873";
+const DASHBOARD_KEY: &str = "dk_dashboard-test-key-0000000002";
+/// `printf %s dk_dashboard-test-key-0000000002 | sha256sum`
+const DASHBOARD_DIGEST: &str = "sha256:64c76ba2bb31870ba333bda626ce5b921631bf5d9ef2516a3d5360efbcefb478";
+
+fn digest_key(name: &str, digest: &str) -> ApiKey {
+    ApiKey {
+        name: name.into(),
+        digest: Some(digest.into()),
+        key: None,
+    }
+}
+
+/// Two keys, configured by digest.
+fn two_keys() -> Config {
+    let mut config = test_config();
+    config.auth.keys = vec![
+        digest_key("widget", WIDGET_DIGEST),
+        digest_key("dashboard", DASHBOARD_DIGEST),
+    ];
+    config
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+async fn with_key(server: &TestServer, key: &str) -> Client {
+    server.connect_with(&[("authorization", &bearer(key))]).await
+}
+
+/// The connection was refused as `unauthorized` with close 1008; returns the error's message.
+async fn expect_unauthorized(client: &mut Client) -> String {
+    let e = client.recv().await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["error"]["code"], "unauthorized", "{e}");
+    match client.next_frame().await {
+        Some(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1008),
+        other => panic!("expected close 1008, got {other:?}"),
+    }
+    e["error"]["message"].as_str().unwrap().to_owned()
+}
+
+/// The connection is let in: a session can be made on it.
+async fn expect_in(client: &mut Client) {
+    client.create_session().await;
+}
+
+#[tokio::test]
+async fn digest_keys_are_accepted_as_bearer_tokens_and_nothing_else_is() {
+    let server = TestServer::start(two_keys()).await;
+    expect_in(&mut with_key(&server, WIDGET_KEY).await).await;
+    expect_in(&mut with_key(&server, DASHBOARD_KEY).await).await;
+
+    let message = expect_unauthorized(&mut server.connect().await).await;
+    assert!(!message.is_empty());
+    for wrong in [
+        "dk_widget-test-key-000000000002",
+        &WIDGET_KEY[..WIDGET_KEY.len() - 1],
+        // The digest is not the key.
+        WIDGET_DIGEST,
+        &WIDGET_DIGEST["sha256:".len()..],
+        "",
+    ] {
+        let mut c = server.connect_with(&[("authorization", &bearer(wrong))]).await;
+        expect_unauthorized(&mut c).await;
+    }
+    let mut not_bearer = server.connect_with(&[("authorization", WIDGET_KEY)]).await;
+    expect_unauthorized(&mut not_bearer).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn deprecated_plain_keys_still_work() {
+    let mut config = test_config();
+    config.auth.keys = vec![
+        ApiKey {
+            name: "legacy".into(),
+            digest: None,
+            key: Some("legacy-plain-key-0001".into()),
+        },
+        digest_key("widget", WIDGET_DIGEST),
+    ];
+    let server = TestServer::start(config).await;
+    expect_in(&mut with_key(&server, "legacy-plain-key-0001").await).await;
+    expect_in(&mut with_key(&server, WIDGET_KEY).await).await;
+    expect_unauthorized(&mut with_key(&server, "legacy-plain-key-0002").await).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_in_the_url_are_refused_unless_allowed() {
+    let server = TestServer::start(two_keys()).await;
+    assert!(!server.config.auth.allow_query_key, "off by default");
+    let url = format!("ws://{}/v1/chat", server.addr);
+    let message = expect_unauthorized(&mut Client::connect(&format!("{url}?api_key={WIDGET_KEY}")).await).await;
+    assert!(message.contains("allow_query_key"), "{message}");
+    // Not even next to a valid header: the key in the URL has leaked already.
+    let mut both = Client::connect_with(
+        &format!("{url}?api_key={WIDGET_KEY}"),
+        &[("authorization", &bearer(WIDGET_KEY))],
+    )
+    .await;
+    expect_unauthorized(&mut both).await;
+    server.stop().await;
+
+    let mut config = two_keys();
+    config.auth.allow_query_key = true;
+    let server = TestServer::start(config).await;
+    let url = format!("ws://{}/v1/chat", server.addr);
+    expect_in(&mut Client::connect(&format!("{url}?api_key={WIDGET_KEY}")).await).await;
+    expect_unauthorized(&mut Client::connect(&format!("{url}?api_key=dk_not-a-key-000000000")).await).await;
+    // Headers still work alongside.
+    expect_in(&mut with_key(&server, DASHBOARD_KEY).await).await;
+    server.stop().await;
+}
+
+/// The HTTP status of a refused upgrade, or `None` when it upgraded (and a session works).
+async fn upgrade_status(server: &TestServer, headers: &[(&str, &str)]) -> Option<u16> {
+    let url = format!("ws://{}/v1/chat", server.addr);
+    match Client::try_connect_with(&url, headers).await {
+        Ok(mut c) => {
+            expect_in(&mut c).await;
+            None
+        }
+        Err(tungstenite::Error::Http(response)) => Some(response.status().as_u16()),
+        Err(e) => panic!("upgrade failed otherwise: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn browser_upgrades_from_other_origins_get_403() {
+    let mut config = two_keys();
+    config.server.allowed_origins = vec!["https://chat.example.com".into(), "http://localhost:3000".into()];
+    let server = TestServer::start(config).await;
+    let key = bearer(WIDGET_KEY);
+    let auth = ("authorization", key.as_str());
+    assert_eq!(
+        upgrade_status(&server, &[auth, ("origin", "https://chat.example.com")]).await,
+        None
+    );
+    assert_eq!(
+        upgrade_status(&server, &[auth, ("origin", "http://localhost:3000")]).await,
+        None
+    );
+    // Non-browser clients send no Origin.
+    assert_eq!(upgrade_status(&server, &[auth]).await, None);
+    for foreign in [
+        "https://evil.example",
+        "http://chat.example.com",
+        "https://chat.example.com.evil.example",
+        "http://localhost:3001",
+        "null",
+    ] {
+        assert_eq!(
+            upgrade_status(&server, &[auth, ("origin", foreign)]).await,
+            Some(403),
+            "{foreign}"
+        );
+    }
+    // The origin is checked before the key: a valid key does not help, and no key gets 403 too.
+    assert_eq!(
+        upgrade_status(&server, &[("origin", "https://evil.example")]).await,
+        Some(403)
+    );
+    server.stop().await;
+
+    // "*" allows any; no list (the default) checks nothing.
+    let mut config = test_config();
+    config.server.allowed_origins = vec!["*".into()];
+    let server = TestServer::start(config).await;
+    assert_eq!(
+        upgrade_status(&server, &[("origin", "https://anywhere.example")]).await,
+        None
+    );
+    server.stop().await;
+    let server = TestServer::start(test_config()).await;
+    assert!(server.config.server.allowed_origins.is_empty());
+    assert_eq!(
+        upgrade_status(&server, &[("origin", "https://anywhere.example")]).await,
+        None
+    );
+    server.stop().await;
+}
+
+/// GET with an optional bearer key; (status, JSON body).
+async fn get_models(server: &TestServer, key: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().get(server.http_url("/v1/models"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = tokio::time::timeout(common::WAIT, request.send())
+        .await
+        .expect("answered in time")
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, serde_json::from_str(&response.text().await.unwrap()).unwrap())
+}
+
+#[tokio::test]
+async fn the_openai_endpoint_takes_digest_keys_and_refuses_others_with_401() {
+    let server = TestServer::start(two_keys()).await;
+    let (status, body) = get_models(&server, Some(WIDGET_KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list", "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 1, "{body}");
+    for wrong in [Some("dk_widget-test-key-000000000002"), Some(WIDGET_DIGEST), None] {
+        let (status, body) = get_models(&server, wrong).await;
+        assert_eq!(status, 401, "{wrong:?}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    }
+    server.stop().await;
+}
+
+/// Sends `event` and returns the error it gets: (code, message with `id` replaced by `<id>`).
+async fn refusal(client: &mut Client, event: Value, id: &str) -> (String, String) {
+    client.send(event.clone()).await;
+    let e = client.recv().await;
+    assert_eq!(e["type"], "error", "{event} got {e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("widget"), "{message}");
+    (
+        e["error"]["code"].as_str().unwrap().to_owned(),
+        message.replace(id, "<id>"),
+    )
+}
+
+/// Each of the four calls naming a session or a reply: the answer for one of another key's
+/// ids, and for an id that never existed.
+async fn compare(client: &mut Client, foreign: &str, unknown: &str, event: impl Fn(&str) -> Value) -> (String, String) {
+    let theirs = refusal(client, event(foreign), foreign).await;
+    let missing = refusal(client, event(unknown), unknown).await;
+    assert_eq!(theirs, missing, "{}", event("ID"));
+    theirs
+}
+
+#[tokio::test]
+async fn another_keys_sessions_and_replies_read_exactly_like_unknown_ones() {
+    let server = TestServer::start(two_keys()).await;
+    let mut widget = with_key(&server, WIDGET_KEY).await;
+    let mut dashboard = with_key(&server, DASHBOARD_KEY).await;
+    let session = widget.create_session().await;
+    let done = widget.exchange(&session, "mine", json!({})).await;
+    let finished = done.last().unwrap()["response_id"].as_str().unwrap().to_owned();
+
+    // A reply of widget's that still runs while dashboard tries it.
+    widget
+        .send(
+            json!({"type": "message.create", "session_id": session, "content": "long one",
+                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
+        )
+        .await;
+    let created = widget.until("response.created").await;
+    let running = created.last().unwrap()["response_id"].as_str().unwrap().to_owned();
+
+    let no_session = format!("sess_{}", uuid::Uuid::new_v4().simple());
+    let no_response = format!("resp_{}", uuid::Uuid::new_v4().simple());
+    let resume = |id: &str| json!({"type": "session.resume", "session_id": id, "event_id": "r"});
+    let message = |id: &str| json!({"type": "message.create", "session_id": id, "content": "theirs", "event_id": "m"});
+    let cancel = |id: &str| json!({"type": "response.cancel", "response_id": id, "event_id": "c"});
+    let resume_response =
+        |id: &str| json!({"type": "response.resume", "response_id": id, "after_revision": 0, "event_id": "rr"});
+
+    let d = &mut dashboard;
+    let (code, _) = compare(d, &session, &no_session, resume).await;
+    assert_eq!(code, "session_not_found");
+    let (code, _) = compare(d, &session, &no_session, message).await;
+    assert_eq!(code, "session_not_found");
+    for response in [&running, &finished] {
+        let (code, _) = compare(d, response, &no_response, cancel).await;
+        assert_eq!(code, "response_not_found");
+        let (code, _) = compare(d, response, &no_response, resume_response).await;
+        assert_eq!(code, "response_not_found");
+    }
+
+    // Nothing dashboard did touched widget's session: the reply was still running (widget's
+    // own cancel stops it; a refused cancel would answer `response_not_found`) and no message
+    // was added.
+    widget
+        .send(json!({"type": "response.cancel", "response_id": running, "event_id": "own"}))
+        .await;
+    let mut events = widget.until("response.done").await;
+    assert_eq!(events.last().unwrap()["status"], "cancelled", "{events:?}");
+    widget
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    events.extend(widget.until("session.resumed").await);
+    assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
+    let messages = events.last().unwrap()["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    assert_eq!(messages[1]["status"], "completed");
+    assert_eq!(messages[3]["status"], "cancelled");
+    server.stop().await;
+}
