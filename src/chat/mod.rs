@@ -230,7 +230,7 @@ impl Chat {
         let store = &self.core.store;
         let not_found = || ChatError::ResponseNotFound(response_id.to_owned());
         let log = store.reply_log(response_id).await?.ok_or_else(not_found)?;
-        self.owned(owner, &log.session_id).await.map_err(|_| not_found())?;
+        self.owned_response(owner, &log.session_id, response_id).await?;
         self.core
             .hub
             .watch(store.as_ref(), response_id, after_revision)
@@ -382,13 +382,13 @@ impl Chat {
             .get(response_id)
             .cloned();
         if let Some((session_id, token)) = local {
-            self.owned(owner, &session_id).await.map_err(|_| not_found())?;
+            self.owned_response(owner, &session_id, response_id).await?;
             token.cancel();
             return Ok(());
         }
         let store = &self.core.store;
         let log = store.reply_log(response_id).await?.ok_or_else(not_found)?;
-        self.owned(owner, &log.session_id).await.map_err(|_| not_found())?;
+        self.owned_response(owner, &log.session_id, response_id).await?;
         if store.request_cancel(&log.session_id, response_id).await? {
             Ok(())
         } else {
@@ -407,6 +407,15 @@ impl Chat {
                 token.cancel();
             }
             core.replies.wait().await;
+        }
+    }
+
+    /// As [`Chat::owned`] for a response of `session_id`: another owner's response reads as not
+    /// found; a store that does not answer stays a store error.
+    async fn owned_response(&self, owner: &str, session_id: &str, response_id: &str) -> Result<(), ChatError> {
+        match self.owned(owner, session_id).await {
+            Err(ChatError::SessionNotFound(_)) => Err(ChatError::ResponseNotFound(response_id.to_owned())),
+            other => other,
         }
     }
 

@@ -30,7 +30,7 @@ use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
 use crate::chat::{ChatEvent, NewMessage, ReplyWatch};
-use crate::protocol::{self, ClientEvent, ErrorCode, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
+use crate::protocol::{self, ClientEvent, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
 use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
@@ -80,12 +80,16 @@ pub(super) async fn upgrade(
             tasks.track_future(async move {
                 match (owner, permit) {
                     (Err(refused), _) => {
-                        let e = WireError::new(ErrorCode::Unauthorized, refused.message());
-                        refuse(socket, e, CLOSE_POLICY, "unauthorized").await;
+                        refuse(socket, errors::from_refused(refused), CLOSE_POLICY, "unauthorized").await;
                     }
                     (_, None) => {
-                        let e = WireError::new(ErrorCode::Overloaded, "too many open connections; try again later");
-                        refuse(socket, e, CLOSE_TRY_AGAIN, "too many connections").await;
+                        refuse(
+                            socket,
+                            errors::too_many_connections(),
+                            CLOSE_TRY_AGAIN,
+                            "too many connections",
+                        )
+                        .await;
                     }
                     (Ok(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
                 }
@@ -152,8 +156,7 @@ async fn serve(
                 match frame {
                     Some(Ok(Message::Text(text))) => conn.on_text(text.as_str()).await,
                     Some(Ok(Message::Binary(_))) => {
-                        let e = WireError::new(ErrorCode::UnsupportedFrame, "binary frames are not supported; send JSON text frames");
-                        conn.outbox.error(e).await;
+                        conn.outbox.error(errors::binary_frame()).await;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) | None => break None,
@@ -204,14 +207,7 @@ impl Connection {
     async fn on_text(&self, text: &str) {
         let limits = &self.state.config.limits;
         if text.len() > limits.max_frame_bytes {
-            let e = WireError::new(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "frame of {} bytes exceeds the limit of {} bytes",
-                    text.len(),
-                    limits.max_frame_bytes
-                ),
-            );
+            let e = errors::frame_too_large(text.len(), limits.max_frame_bytes);
             return self.outbox.error(e).await;
         }
         let envelope = match protocol::parse(text) {
@@ -341,13 +337,7 @@ impl Connection {
     async fn create_message(&self, m: MessageCreate, event_id: &Option<String>) -> Result<(), WireError> {
         let chat = &self.state.chat;
         if self.rate.check().is_err() {
-            return Err(WireError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per minute on this connection",
-                    self.state.config.limits.messages_per_minute
-                ),
-            ));
+            return Err(errors::rate_limited(self.state.config.limits.messages_per_minute));
         }
         let message = chat
             .validator()

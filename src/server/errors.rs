@@ -1,6 +1,7 @@
 //! Subsystem errors to wire errors: the one place codes are chosen, so the protocol, the
 //! metrics label and the docs agree.
 
+use super::auth::Refused;
 use crate::chat::{ChatError, FailureKind, ReplyFailure, ValidationError};
 use crate::engine::EngineError;
 use crate::protocol::{ErrorCode, WireError};
@@ -19,6 +20,46 @@ pub(super) fn from_chat(e: &ChatError) -> WireError {
         ChatError::Store(s) => from_store(s),
         ChatError::Engine(e) => from_engine(e),
     }
+}
+
+/// The errors of the port itself, before anything reaches the conversation core.
+pub(super) fn from_refused(refused: Refused) -> WireError {
+    WireError::new(ErrorCode::Unauthorized, refused.message())
+}
+
+pub(super) fn too_many_connections() -> WireError {
+    WireError::new(ErrorCode::Overloaded, "too many open connections; try again later")
+}
+
+pub(super) fn binary_frame() -> WireError {
+    WireError::new(
+        ErrorCode::UnsupportedFrame,
+        "binary frames are not supported; send JSON text frames",
+    )
+}
+
+pub(super) fn frame_too_large(bytes: usize, limit: usize) -> WireError {
+    WireError::new(
+        ErrorCode::MessageTooLarge,
+        format!("frame of {bytes} bytes exceeds the limit of {limit} bytes"),
+    )
+}
+
+pub(super) fn rate_limited(per_minute: u32) -> WireError {
+    WireError::new(
+        ErrorCode::RateLimited,
+        format!("more than {per_minute} messages per minute on this connection"),
+    )
+}
+
+/// A request the HTTP front end could not read.
+pub(super) fn invalid_request(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError::new(code, message)
+}
+
+/// A reply that ended without its terminal event.
+pub(super) fn reply_vanished() -> WireError {
+    WireError::new(ErrorCode::Internal, "the reply ended without a result")
 }
 
 pub(super) fn from_validation(e: &ValidationError) -> WireError {

@@ -124,7 +124,7 @@ struct ApiError {
 
 impl ApiError {
     fn invalid(message: impl Into<String>) -> Self {
-        Self::from_wire(WireError::new(ErrorCode::InvalidField, message))
+        Self::from_wire(errors::invalid_request(ErrorCode::InvalidField, message))
     }
 
     fn from_wire(e: WireError) -> Self {
@@ -178,8 +178,7 @@ impl IntoResponse for ApiError {
 }
 
 fn owner(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    authenticate(state, headers, None)
-        .map_err(|refused| ApiError::from_wire(WireError::new(ErrorCode::Unauthorized, refused.message())))
+    authenticate(state, headers, None).map_err(|refused| ApiError::from_wire(errors::from_refused(refused)))
 }
 
 fn model_id(state: &AppState) -> String {
@@ -222,8 +221,12 @@ struct Started {
 
 async fn start(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Started, ApiError> {
     let owner = owner(state, headers)?;
-    let request: CompletionRequest = serde_json::from_slice(body)
-        .map_err(|e| ApiError::from_wire(WireError::new(ErrorCode::InvalidJson, format!("request body: {e}"))))?;
+    let request: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::from_wire(errors::invalid_request(
+            ErrorCode::InvalidJson,
+            format!("request body: {e}"),
+        ))
+    })?;
     let model = model_id(state);
     if request.model != model {
         return Err(ApiError {
@@ -328,11 +331,11 @@ fn finish_reason(done: &DoneEvent, max_tokens: usize) -> &'static str {
 
 /// A failed reply as the error it amounts to.
 fn failed(done: &DoneEvent) -> ApiError {
-    let error = done.error.as_ref().map_or_else(
-        || WireError::new(ErrorCode::Internal, "the reply failed"),
-        errors::from_failure,
-    );
-    ApiError::from_wire(error)
+    ApiError::from_wire(
+        done.error
+            .as_ref()
+            .map_or_else(errors::reply_vanished, errors::from_failure),
+    )
 }
 
 /// The reply as one `chat.completion`.
@@ -341,12 +344,7 @@ async fn whole(mut s: Started) -> Result<Json<Value>, ApiError> {
         match s.events.next().await {
             Some(ChatEvent::Reply(ReplyEvent::Done(done))) => break done,
             Some(_) => continue,
-            None => {
-                return Err(ApiError::from_wire(WireError::new(
-                    ErrorCode::Internal,
-                    "the reply ended without a result",
-                )))
-            }
+            None => return Err(ApiError::from_wire(errors::reply_vanished())),
         }
     };
     if done.status == ReplyStatus::Failed {
@@ -462,10 +460,7 @@ impl Streaming {
                     }
                     Some(_) => self.phase = Phase::Reply,
                     None => {
-                        let error = ApiError::from_wire(WireError::new(
-                            ErrorCode::Internal,
-                            "the reply ended without a result",
-                        ));
+                        let error = ApiError::from_wire(errors::reply_vanished());
                         self.phase = Phase::Closing(vec![error.body()]);
                     }
                 },
