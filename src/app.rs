@@ -1,5 +1,6 @@
 //! The composition root: the one place start-up builds the service from its configuration (the
-//! model, the engine, the session store and the conversation core), for `serve` and for tests.
+//! model, the engine, the session store and the conversation core), for `serve` and for tests;
+//! and the logging both binaries set up.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +11,17 @@ use crate::engine::{self, Engine, EngineError};
 use crate::models::ModelError;
 use crate::server::Services;
 use crate::sessions::{self, SessionStore, StoreError};
+
+/// Logs to stderr, at `RUST_LOG`'s levels (llama.cpp's own chatter off by default).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,llama_cpp_2=error,llama-cpp-2=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
 
 /// Why the service could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,19 @@ pub enum ConfigError {
     SystemPrompt { path: PathBuf, source: std::io::Error },
 }
 
+/// Settings the command line can give, over the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--model`
+    pub model: Option<String>,
+    /// `--engine`
+    pub engine: Option<crate::engine::EngineKind>,
+    /// `--bind`
+    pub bind: Option<String>,
+    /// `--store`
+    pub store: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -219,6 +232,34 @@ impl Config {
         Figment::from(Toml::string(DEFAULT_TOML))
             .extract()
             .expect("built-in defaults parse")
+    }
+
+    /// `load`, then the command-line flags both binaries share. Not validated.
+    pub fn load_with(file: Option<&Path>, flags: &Flags) -> Result<Self, ConfigError> {
+        let mut patch = serde_json::Map::new();
+        let mut set = |section: &str, key: &str, value: serde_json::Value| {
+            let entry = patch
+                .entry(section)
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+            entry[key] = value;
+        };
+        if let Some(m) = &flags.model {
+            set("model", "path", m.clone().into());
+        }
+        if let Some(e) = flags.engine {
+            set(
+                "model",
+                "engine",
+                serde_json::to_value(e).expect("engine kinds serialize"),
+            );
+        }
+        if let Some(b) = &flags.bind {
+            set("server", "bind", b.clone().into());
+        }
+        if let Some(s) = &flags.store {
+            set("store", "url", s.clone().into());
+        }
+        Self::load(file)?.merged(serde_json::Value::Object(patch))
     }
 
     /// Applies overrides given as a serializable patch (e.g. command-line flags).

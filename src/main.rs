@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dllm_chat::config::Config;
+use dllm_chat::config::{Config, Flags};
 use dllm_chat::engine::EngineKind;
-use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
 #[command(version, about = "Real-time chat service for diffusion language models")]
@@ -54,38 +53,21 @@ enum KeysCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,llama_cpp_2=error,llama-cpp-2=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    dllm_chat::app::init_tracing();
     let cli = Cli::parse();
-    let (bind, store) = match &cli.command {
+    let (bind, store) = match cli.command {
         Command::Serve { bind, store } => (bind, store),
         Command::Keys {
             command: KeysCommand::New { name },
-        } => return new_key(name),
+        } => return new_key(&name),
     };
-    let mut patch = Map::new();
-    let mut section = |name: &str, key: &str, value: Value| {
-        let entry = patch.entry(name).or_insert_with(|| json!({}));
-        entry[key] = value;
+    let flags = Flags {
+        model: cli.model,
+        engine: cli.engine,
+        bind,
+        store,
     };
-    if let Some(m) = &cli.model {
-        section("model", "path", json!(m));
-    }
-    if let Some(e) = cli.engine {
-        section("model", "engine", serde_json::to_value(e)?);
-    }
-    if let Some(b) = bind {
-        section("server", "bind", json!(b));
-    }
-    if let Some(s) = store {
-        section("store", "url", json!(s));
-    }
-    let config = Config::load(cli.config.as_deref())?.merged(Value::Object(patch))?;
+    let config = Config::load_with(cli.config.as_deref(), &flags)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(serve(config))
 }

@@ -7,9 +7,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use dllm_chat::chat::{MessageOptions, Validator};
-use dllm_chat::config::{Config, ModelConfig};
+use dllm_chat::config::{Config, Flags, ModelConfig};
 use dllm_chat::engine::{self, ChatTurn, EngineEvent, EngineKind, GenerateRequest};
-use serde_json::{json, Map, Value};
 
 #[derive(Parser)]
 #[command(
@@ -157,26 +156,14 @@ impl DecodeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,llama_cpp_2=error,llama-cpp-2=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    dllm_chat::app::init_tracing();
     let cli = Cli::parse();
-    let mut patch = Map::new();
-    let mut section = |name: &str, key: &str, value: Value| {
-        let entry = patch.entry(name).or_insert_with(|| json!({}));
-        entry[key] = value;
+    let flags = Flags {
+        model: cli.model.clone(),
+        engine: cli.engine,
+        ..Flags::default()
     };
-    if let Some(m) = &cli.model {
-        section("model", "path", json!(m));
-    }
-    if let Some(e) = cli.engine {
-        section("model", "engine", serde_json::to_value(e)?);
-    }
-    let config = Config::load(cli.config.as_deref())?.merged(Value::Object(patch))?;
+    let config = Config::load_with(cli.config.as_deref(), &flags)?;
     config.validate()?;
 
     let runtime = tokio::runtime::Runtime::new()?;
