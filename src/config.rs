@@ -32,6 +32,20 @@ pub enum ConfigError {
     SystemPrompt { path: PathBuf, source: std::io::Error },
 }
 
+/// The command-line flags every binary takes (flattened into each one's arguments).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (TOML); the built-in defaults apply to anything it leaves out.
+    #[arg(long, global = true, env = "DLLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// GGUF model path, `builtin:northwind` (the bundled model) or `builtin:fixture`.
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// Engine implementation.
+    #[arg(long, global = true, value_enum)]
+    pub engine: Option<crate::engine::EngineKind>,
+}
+
 /// Settings the command line can give, over the file and the environment.
 #[derive(Debug, Clone, Default)]
 pub struct Flags {
@@ -43,6 +57,19 @@ pub struct Flags {
     pub bind: Option<String>,
     /// `--store`
     pub store: Option<String>,
+}
+
+impl CommonArgs {
+    /// The configuration these flags (and `bind`, `store` where a binary has them) select.
+    pub fn load(&self, bind: Option<String>, store: Option<String>) -> Result<Config, ConfigError> {
+        let flags = Flags {
+            model: self.model.clone(),
+            engine: self.engine,
+            bind,
+            store,
+        };
+        Config::load_with(self.config.as_deref(), &flags)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,25 +1,15 @@
 //! The `dllm-chat` binary: `serve` runs the chat service, `keys new` makes an API key. The
 //! command-line tools (`generate`, `eval`, `bench`) are the `dllm-tools` binary (`tools/`).
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use dllm_chat::config::{Config, Flags};
-use dllm_chat::engine::EngineKind;
+use dllm_chat::config::{CommonArgs, Config};
 
 #[derive(Parser)]
 #[command(version, about = "Real-time chat service for diffusion language models")]
 struct Cli {
-    /// Configuration file (TOML); the built-in defaults apply to anything it leaves out.
-    #[arg(long, global = true, env = "DLLM_CONFIG")]
-    config: Option<PathBuf>,
-    /// GGUF model path, `builtin:northwind` (the bundled model) or `builtin:fixture`.
-    #[arg(long, global = true)]
-    model: Option<String>,
-    /// Engine implementation.
-    #[arg(long, global = true, value_enum)]
-    engine: Option<EngineKind>,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,13 +51,7 @@ fn main() -> anyhow::Result<()> {
             command: KeysCommand::New { name },
         } => return new_key(&name),
     };
-    let flags = Flags {
-        model: cli.model,
-        engine: cli.engine,
-        bind,
-        store,
-    };
-    let config = Config::load_with(cli.config.as_deref(), &flags)?;
+    let config = cli.common.load(bind, store)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(serve(config))
 }

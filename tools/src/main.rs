@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use dllm_chat::chat::{MessageOptions, Validator};
-use dllm_chat::config::{Config, Flags, ModelConfig};
+use dllm_chat::config::{CommonArgs, Config, ModelConfig};
 use dllm_chat::engine::{self, ChatTurn, EngineEvent, EngineKind, GenerateRequest};
 
 #[derive(Parser)]
@@ -16,15 +16,8 @@ use dllm_chat::engine::{self, ChatTurn, EngineEvent, EngineKind, GenerateRequest
     about = "Tools around the dllm-chat service: one reply, held-out evaluation, benchmark"
 )]
 struct Cli {
-    /// Configuration file (TOML); the built-in defaults apply to anything it leaves out.
-    #[arg(long, global = true, env = "DLLM_CONFIG")]
-    config: Option<PathBuf>,
-    /// GGUF model path, `builtin:northwind` (the bundled model) or `builtin:fixture`.
-    #[arg(long, global = true)]
-    model: Option<String>,
-    /// Engine implementation.
-    #[arg(long, global = true, value_enum)]
-    engine: Option<EngineKind>,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -158,12 +151,7 @@ impl DecodeArgs {
 fn main() -> anyhow::Result<()> {
     dllm_chat::app::init_tracing();
     let cli = Cli::parse();
-    let flags = Flags {
-        model: cli.model.clone(),
-        engine: cli.engine,
-        ..Flags::default()
-    };
-    let config = Config::load_with(cli.config.as_deref(), &flags)?;
+    let config = cli.common.load(None, None)?;
     config.validate()?;
 
     let runtime = tokio::runtime::Runtime::new()?;
