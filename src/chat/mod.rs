@@ -120,11 +120,6 @@ impl ChatStream {
         }
         event.map(ChatEvent::Reply)
     }
-
-    /// The response this stream follows, once created.
-    pub fn response_id(&self) -> Option<&str> {
-        self.watch.as_ref().map(|w| w.response_id.as_str())
-    }
 }
 
 impl Chat {
@@ -451,7 +446,7 @@ impl ChatStream {
 /// The conversation up to and including the user message `message_id`, or `None` when it is
 /// unknown or already answered (a completed or cancelled reply follows it; a failed one does not
 /// count). Cancelled and failed replies are left out of the prompt.
-pub fn turns_for(history: &[StoredMessage], message_id: &str) -> Option<Vec<ChatTurn>> {
+fn turns_for(history: &[StoredMessage], message_id: &str) -> Option<Vec<ChatTurn>> {
     let index = history.iter().position(|m| m.id == message_id)?;
     let answered = history[index + 1..]
         .iter()
