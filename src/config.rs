@@ -83,6 +83,7 @@ pub struct Config {
     pub chat: ChatConfig,
     pub auth: AuthConfig,
     pub prompt: PromptConfig,
+    pub chatwoot: ChatwootConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +223,25 @@ impl std::fmt::Debug for ApiKey {
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
+}
+
+/// The Chatwoot agent bot (`POST /integrations/chatwoot`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatwootConfig {
+    pub enabled: bool,
+    /// Chatwoot's address, `https://app.chatwoot.com` say.
+    pub base_url: String,
+    pub account_id: u64,
+    /// The agent bot's access token (sent as `api_access_token`).
+    pub bot_token: String,
+    /// The webhook URL carries it as `?secret=`; other requests are refused.
+    pub webhook_secret: String,
+    /// A reply containing one of these (case-insensitive) hands the conversation to a human:
+    /// the bot sets it `open`.
+    pub handover_phrases: Vec<String>,
+    /// The longest one call to Chatwoot may take.
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -389,6 +409,28 @@ impl Config {
         positive("chat.recovery_interval_ms", chat.recovery_interval_ms as usize)?;
         positive("chat.tail_block_ms", chat.tail_block_ms as usize)?;
         positive("chat.watch_buffer", chat.watch_buffer)?;
+        let cw = &self.chatwoot;
+        if cw.enabled {
+            if !(cw.base_url.starts_with("http://") || cw.base_url.starts_with("https://")) {
+                return Err(ConfigError::Invalid {
+                    setting: "chatwoot.base_url",
+                    reason: format!("must be an http:// or https:// URL, got {:?}", cw.base_url),
+                });
+            }
+            if cw.bot_token.is_empty() {
+                return Err(ConfigError::Invalid {
+                    setting: "chatwoot.bot_token",
+                    reason: "must be set when chatwoot.enabled".into(),
+                });
+            }
+            if cw.webhook_secret.len() < 16 {
+                return Err(ConfigError::Invalid {
+                    setting: "chatwoot.webhook_secret",
+                    reason: "must be at least 16 characters when chatwoot.enabled".into(),
+                });
+            }
+            positive("chatwoot.request_timeout_ms", cw.request_timeout_ms as usize)?;
+        }
         for (i, origin) in s.allowed_origins.iter().enumerate() {
             check_origin(origin).map_err(|reason| ConfigError::InvalidEntry {
                 setting: format!("server.allowed_origins[{i}]"),

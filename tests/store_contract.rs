@@ -413,3 +413,21 @@ async fn reply_logs_keep_the_newest_events_and_tails_see_new_ones() {
         assert!(store.reply_log("resp_unknown").await.unwrap().is_none(), "{name}");
     }
 }
+
+#[tokio::test]
+async fn an_alias_names_one_session_until_it_expires() {
+    for (name, store) in stores(1).await {
+        let a = store
+            .aliased("chatwoot:1:42", "bot", json!({"conversation": 42}))
+            .await
+            .unwrap();
+        let again = store.aliased("chatwoot:1:42", "bot", json!({})).await.unwrap();
+        assert_eq!(again.id, a.id, "{name}: the same alias, the same session");
+        assert_eq!(again.metadata["conversation"], 42, "{name}: made once");
+        let other = store.aliased("chatwoot:1:43", "bot", json!({})).await.unwrap();
+        assert_ne!(other.id, a.id, "{name}");
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let fresh = store.aliased("chatwoot:1:42", "bot", json!({})).await.unwrap();
+        assert_ne!(fresh.id, a.id, "{name}: an expired session is replaced");
+    }
+}

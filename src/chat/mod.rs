@@ -174,6 +174,20 @@ impl Chat {
         Ok(self.core.store.create(owner, metadata).await?)
     }
 
+    /// The session an outside conversation id names (a live-chat platform's), made on first use.
+    pub async fn session_by_alias(
+        &self,
+        owner: &str,
+        alias: &str,
+        metadata: serde_json::Value,
+    ) -> Result<SessionInfo, ChatError> {
+        let info = self.core.store.aliased(alias, owner, metadata).await?;
+        if info.owner != owner {
+            return Err(ChatError::SessionNotFound(info.id));
+        }
+        Ok(info)
+    }
+
     /// The session's messages after `after` (all of them when `after` is absent or unknown),
     /// and its running reply if there is one.
     pub async fn resume_session(

@@ -6,6 +6,7 @@
 //! - [`outbox`]: a connection's outgoing queue and the task that writes it to the socket.
 //! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
+//! - [`chatwoot`]: the Chatwoot agent bot's webhook.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
 //! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
 //! - [`errors`]: the only place subsystem errors become wire errors.
@@ -14,6 +15,7 @@
 //! `127.0.0.1:0`.
 
 mod auth;
+mod chatwoot;
 mod connection;
 mod errors;
 mod forward;
@@ -55,6 +57,8 @@ pub(crate) struct AppState {
     pub keys: KeyRing,
     /// One permit per open WebSocket; taken before the upgrade so overload is refused cheaply.
     pub connections: Arc<Semaphore>,
+    /// The Chatwoot bot's API client, when `chatwoot.enabled`.
+    pub chatwoot: Option<Arc<chatwoot::ChatwootClient>>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
     /// Cancelled once the core has finished or cancelled every running reply.
@@ -83,6 +87,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Keys(#[from] BadKeyEntry),
+    #[error("the Chatwoot bot: {0}")]
+    Chatwoot(#[from] chatwoot::ChatwootError),
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets running replies finish within
@@ -95,7 +101,12 @@ pub async fn run(
     let Services { config, chat } = services;
     let keys = KeyRing::new(&config.auth)?;
     warn_about_auth(&config);
+    let chatwoot = match config.chatwoot.enabled {
+        true => Some(Arc::new(chatwoot::ChatwootClient::new(&config.chatwoot)?)),
+        false => None,
+    };
     let state = Arc::new(AppState {
+        chatwoot,
         keys,
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
@@ -118,6 +129,7 @@ pub async fn run(
         .route("/v1/chat", get(connection::upgrade))
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/integrations/chatwoot", post(chatwoot::webhook))
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))

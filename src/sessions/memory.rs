@@ -78,6 +78,8 @@ struct Log {
 struct State {
     sessions: HashMap<String, Entry>,
     logs: HashMap<String, Log>,
+    /// Alias -> session id.
+    aliases: HashMap<String, String>,
 }
 
 impl State {
@@ -99,6 +101,8 @@ impl State {
         let now = Instant::now();
         self.sessions.retain(|_, e| e.expires_at > now);
         self.logs.retain(|_, l| l.expires_at.is_none_or(|t| t > now));
+        let sessions = &self.sessions;
+        self.aliases.retain(|_, id| sessions.contains_key(id));
     }
 
     fn push_event(&mut self, response_id: &str, session_id: &str, event: &LoggedEvent, keep: usize) {
@@ -220,6 +224,19 @@ impl SessionStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn aliased(&self, alias: &str, owner: &str, metadata: serde_json::Value) -> Result<SessionInfo, StoreError> {
+        let known = self.lock().aliases.get(alias).cloned();
+        if let Some(id) = known {
+            match self.get(&id).await {
+                Err(StoreError::NotFound(_)) => {}
+                other => return other,
+            }
+        }
+        let info = self.create(owner, metadata).await?;
+        self.lock().aliases.insert(alias.to_owned(), info.id.clone());
+        Ok(info)
     }
 
     async fn begin_reply(

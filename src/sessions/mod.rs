@@ -141,6 +141,9 @@ pub trait SessionStore: Send + Sync {
     async fn append(&self, id: &str, message: StoredMessage) -> Result<Appended, StoreError>;
     /// Checks the store answers (for `/ready`).
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The session `alias` names (an outside system's conversation id), created for `owner` with
+    /// `metadata` on first use. The alias lives as long as its session.
+    async fn aliased(&self, alias: &str, owner: &str, metadata: serde_json::Value) -> Result<SessionInfo, StoreError>;
 
     /// In one atomic step: unless the session has a running reply, appends the user's `message`
     /// (idempotently, as [`SessionStore::append`]) and grants the session lease for `start`.

@@ -14,6 +14,7 @@
 //! | `{p}:{<session_id>}:log:<response_id>` | stream | the reply's newest events (`seq`, `e` = JSON), capped at `store.reply_log_events`, kept `store.reply_log_ttl_secs` after the reply |
 //! | `{p}:response:<response_id>` | string | the session of a response, as long as its log |
 //! | `{p}:leases` | sorted set | sessions with a running reply, scored by lease deadline (ms since the epoch) |
+//! | `{p}:alias:<alias>` | string | the session an outside conversation id names (the Chatwoot bot's), with the session TTL |
 //!
 //! The session keys carry the session TTL, refreshed on every read and append. Every write that
 //! must be atomic is one Lua script: an append (existence, idempotency, write), the start of a
@@ -463,6 +464,44 @@ impl SessionStore for RedisStore {
             Some("missing") => Err(StoreError::NotFound(id.to_owned())),
             other => Err(StoreError::Corrupt(format!("unexpected append reply {other:?}"))),
         }
+    }
+
+    async fn aliased(&self, alias: &str, owner: &str, metadata: serde_json::Value) -> Result<SessionInfo, StoreError> {
+        let key = format!("{}:alias:{alias}", self.prefix);
+        let mut conn = self.conn.clone();
+        for _ in 0..2 {
+            let known: Option<String> = self.within(conn.get(&key)).await?;
+            if let Some(id) = known {
+                match self.get(&id).await {
+                    Ok(info) => {
+                        let _: () = self.within(conn.expire(&key, self.ttl_secs)).await?;
+                        return Ok(info);
+                    }
+                    Err(StoreError::NotFound(_)) => {
+                        let _: () = self.within(conn.del(&key)).await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let info = self.create(owner, metadata.clone()).await?;
+            let set: bool = self
+                .within(
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&info.id)
+                        .arg("NX")
+                        .arg("EX")
+                        .arg(self.ttl_secs)
+                        .query_async::<Option<String>>(&mut conn),
+                )
+                .await?
+                .is_some();
+            if set {
+                return Ok(info);
+            }
+            // Another replica bound the alias first: use its session (ours expires unused).
+        }
+        Err(StoreError::Corrupt(format!("alias {alias} kept changing")))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
