@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub ping_interval_ms: u64,
     pub idle_timeout_ms: u64,
     pub outgoing_queue: usize,
+    /// Where the built support widget (`widget.js`) and its demo page (`index.html`) are read
+    /// from at request time; relative paths start at the working directory.
+    pub web_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

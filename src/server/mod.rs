@@ -7,6 +7,7 @@
 //! - [`forward`]: one reply's events onto a connection, with the slow-reader policy.
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
+//! - [`web`]: the support widget (`/widget.js`) and its demo page (`/`).
 //! - [`auth`]: the API key check every front end uses.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
@@ -20,6 +21,7 @@ mod forward;
 mod http;
 mod openai;
 mod outbox;
+mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -103,6 +105,8 @@ pub async fn run(
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))
+        .route("/", get(web::demo))
+        .route("/widget.js", get(web::widget))
         .layer(DefaultBodyLimit::max(state.config.limits.hard_frame_bytes))
         .with_state(state.clone());
     let engine = state.chat.engine().info().engine;
