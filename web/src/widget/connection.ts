@@ -20,6 +20,9 @@ export class Connection {
 
   constructor(private readonly url: string, private readonly on: ConnectionHandlers) {
     window.addEventListener("online", () => this.recycle());
+    // The browser knows the network is gone before TCP does: drop the socket now, so the
+    // banner shows and the reply's state is fetched again once the network is back.
+    window.addEventListener("offline", () => this.drop());
     document.addEventListener("visibilitychange", () => {
       if (document.visibilityState === "visible") this.now();
     });
@@ -49,13 +52,22 @@ export class Connection {
     this.connect();
   }
 
-  /** The network changed: a socket that looks open may be dead, so open a fresh one. */
+  /** The network changed: a socket that looks open may be dead, so open a fresh one now. */
   private recycle(): void {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.close(4000, "network changed");
-      return; // onclose reconnects
-    }
-    this.now();
+    if (this.ws) this.drop();
+    this.attempt = 0;
+    this.connect();
+  }
+
+  /** Forgets the current socket without waiting for its closing handshake. */
+  private drop(): void {
+    const ws = this.ws;
+    if (!ws) return;
+    this.ws = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.close(4000, "network changed");
+    this.on.close();
+    this.schedule();
   }
 
   private connect(): void {

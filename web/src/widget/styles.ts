@@ -8,7 +8,7 @@ export const css = `
   --accent: #2f6f4f; --on-accent: #fff;
   --bg: #ffffff; --fg: #1d2330; --muted: #667085; --line: #e4e7ec;
   --bot: #f2f4f7; --user: var(--accent); --on-user: var(--on-accent);
-  --mask: #c9ced8; --mask-hi: #e8ebf0; --error: #b42318; --error-bg: #fef3f2; --banner: #fff4e5;
+  --mask: #b4bcc8; --mask-hi: #dfe3e9; --error: #b42318; --error-bg: #fef3f2; --banner: #fff4e5;
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
   color: var(--fg);
 }

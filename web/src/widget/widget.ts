@@ -142,8 +142,17 @@ export class Widget {
     this.sessionId = this.store.sessionId;
 
     const shadow = host.attachShadow({ mode: "open" });
-    const style = h("style");
-    style.textContent = css;
+    // A constructed stylesheet is not an inline style to CSP, so embedding sites need no
+    // `style-src 'unsafe-inline'`; browsers without them get a <style> element.
+    let style: HTMLStyleElement | null = null;
+    if ("adoptedStyleSheets" in Document.prototype && "replaceSync" in CSSStyleSheet.prototype) {
+      const sheet = new CSSStyleSheet();
+      sheet.replaceSync(css);
+      shadow.adoptedStyleSheets = [sheet];
+    } else {
+      style = h("style");
+      style.textContent = css;
+    }
     const dark = settings.darkMode === "on" ? "dark" : settings.darkMode === "off" ? "light" : "auto";
     this.root = h("div", { class: `root ${dark} ${settings.position === "left" ? "left" : "right"}` });
     if (settings.color) {
@@ -209,7 +218,8 @@ export class Widget {
       footer,
     );
     this.root.append(this.panel, this.launcher);
-    shadow.append(style, this.root);
+    if (style) shadow.append(style);
+    shadow.append(this.root);
 
     this.launcher.addEventListener("click", () => (this.isOpen ? this.close() : this.open()));
     close.addEventListener("click", () => this.close());
@@ -288,6 +298,8 @@ export class Widget {
     let set = this.listeners.get(name);
     if (!set) this.listeners.set(name, (set = new Set()));
     set.add(fn);
+    // A page that subscribes after the widget became ready still hears about it.
+    if (name === "ready" && this.announcedReady) queueMicrotask(() => fn({ sessionId: this.sessionId }));
     return () => set!.delete(fn);
   }
 
