@@ -21,10 +21,10 @@
 //     the widget resends it with the same client_message_id, the server answers duplicate:true
 //     and the message and its reply are shown once;
 //  7. the keyboard (Escape closes), the unread badge, the JS API (open / close / events);
-//     embedding from another origin under a strict CSP;
+//     embedding from another origin under a strict CSP; markdown sanitized, links in a new tab;
 //  7b. a rate_limited message: the error in plain words, "Try again" resends it, shown once;
 //  8. screenshots with the bundled Northwind model: mid-reply, final, reconnecting, closed with
-//     an unread badge, phone 390x844.
+//     an unread badge, phone 390x844 (full screen), phone in dark mode with German strings.
 
 import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, copyFileSync, existsSync } from "node:fs";
@@ -192,16 +192,21 @@ async function newContext(options = {}) {
   return browser.newContext({ viewport: { width: 1280, height: 820 }, ...options });
 }
 
-/** A slow decode (one position per step) so the test can act while a reply runs. */
-async function slowReplies(context, options) {
-  await context.addInitScript((options) => {
+/** Patches the demo page's dllmChatSettings, e.g. a slow decode (one position per step) so
+ *  the test can act while a reply runs. */
+async function overrideSettings(context, patch) {
+  await context.addInitScript((patch) => {
     let value;
     Object.defineProperty(window, "dllmChatSettings", {
       configurable: true,
       get: () => value,
-      set: (v) => (value = { ...v, options }),
+      set: (v) => (value = { ...v, ...patch }),
     });
-  }, options);
+  }, patch);
+}
+
+async function slowReplies(context, options) {
+  await overrideSettings(context, { options });
 }
 
 async function save(page, name) {
@@ -342,7 +347,42 @@ async function mechanics() {
   // 6. The socket dies right after the server stored a message: its message.accepted is lost.
   await duplicateResend(base);
   await strictCsp(base);
+  await sanitizedMarkdown(base);
   stop(child);
+}
+
+/** Final text is markdown through DOMPurify: formatting kept, scripts gone, links in a new tab. */
+async function sanitizedMarkdown(base) {
+  const context = await newContext();
+  const page = await context.newPage();
+  let toPage;
+  await page.routeWebSocket(/\/v1\/chat/, (ws) => {
+    const server = ws.connectToServer();
+    ws.onMessage((m) => server.send(m));
+    server.onMessage((m) => ws.send(m));
+    toPage = ws;
+  });
+  await page.goto(base);
+  await page.locator(`${W} .launcher`).click();
+  await waitReady(page);
+  // A reply as a hostile or confused model might write it, injected as server frames.
+  const text = '**Bold** and a [size guide](https://example.com/sizes). <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>';
+  const rid = "resp_markdown_test";
+  toPage.send(JSON.stringify({ type: "response.created", response_id: rid, session_id: "s", message_id: "m" }));
+  toPage.send(JSON.stringify({ type: "response.revision", response_id: rid, revision: 1, step: 1, text: "**Bold** ░░ ░ [size ░░░░░", masked: 5 }));
+  toPage.send(JSON.stringify({ type: "response.done", response_id: rid, status: "completed", text, usage: {}, timings: {} }));
+  await waitAnswers(page, 1);
+  const html = await page.evaluate((rid) => {
+    const el = document.querySelector("#dllm-chat-widget").shadowRoot.querySelector(`[data-response-id="${rid}"] .body`);
+    const a = el.querySelector("a");
+    return { strong: !!el.querySelector("strong"), href: a?.href, target: a?.target, rel: a?.rel,
+      img: el.querySelector("img")?.outerHTML ?? null, script: !!el.querySelector("script"), xss: window.__xss ?? null };
+  }, rid);
+  check(html.strong && html.href === "https://example.com/sizes" && html.target === "_blank" && /noopener/.test(html.rel),
+    "the final text is rendered as markdown; links open in a new tab with rel=noopener", html);
+  check(!html.script && html.xss === null && (html.img === null || !/onerror/.test(html.img)),
+    "markup in a reply is sanitized (no script, no event handlers)", html);
+  await context.close();
 }
 
 /** Resolves with the widget's `ready` event, or fails after 20 s. */
@@ -462,9 +502,13 @@ async function screenshots() {
   for (const [name, options] of [
     ["desktop", {}],
     ["phone", { viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true }],
+    ["phone-dark", { viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true, colorScheme: "dark" }],
   ]) {
     const context = await newContext(options);
-    await slowReplies(context, { policy: "fixed", max_tokens: 48, steps: 24 });
+    await overrideSettings(context, {
+      options: { policy: "fixed", max_tokens: 48, steps: 24 },
+      ...(name === "phone-dark" ? { darkMode: "auto", locale: "de", position: "left" } : {}),
+    });
     const page = await context.newPage();
     // Hold the server's frames once a revision with masked positions arrived, so the screenshot
     // shows a real mid-reply state of the bundled model; then let the rest through.
@@ -516,9 +560,15 @@ async function screenshots() {
       await page.mouse.move(0, 0);
       await save(page, "widget-closed-unread.png");
     } else {
-      await ask(page, "How do I return boots that don't fit?");
+      const geometry = await page.evaluate(() => {
+        const panel = document.querySelector("#dllm-chat-widget").shadowRoot.querySelector(".panel").getBoundingClientRect();
+        return { width: panel.width, height: panel.height, vw: innerWidth, vh: innerHeight };
+      });
+      check(geometry.width === geometry.vw && Math.abs(geometry.height - geometry.vh) <= 1,
+        `${name}: below 670 px the panel fills the screen`, geometry);
+      await ask(page, name === "phone" ? "How do I return boots that don't fit?" : "Do gift cards expire?");
       await waitAnswers(page, 1);
-      await save(page, "widget-phone.png");
+      await save(page, `widget-${name}.png`);
     }
     await context.close();
   }
