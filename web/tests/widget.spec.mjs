@@ -20,7 +20,7 @@
 //  6. a socket cut right after the server stored a message (its message.accepted never arrives):
 //     the widget resends it with the same client_message_id, the server answers duplicate:true
 //     and the message and its reply are shown once;
-//  7. the keyboard (Escape closes), the unread badge, the JS API (open / close / events);
+//  7. the stop button (response.cancel), the keyboard (Escape closes), the unread badge, the JS API (open / close / events);
 //     embedding from another origin under a strict CSP; markdown sanitized, links in a new tab;
 //  7b. a rate_limited message: the error in plain words, "Try again" resends it, shown once;
 //  8. screenshots with the bundled Northwind model: mid-reply, final, reconnecting, closed with
@@ -323,12 +323,21 @@ async function mechanics() {
   check(after.queue.length === 0 && after.live === 0, "nothing left queued or streaming", after);
   check(after.log.every((m) => m.role === "user" || m.status === "completed"), "every reply completed", after.log);
 
+  // The stop button cancels the running reply.
+  await ask(page, "Tell me about your tents");
+  await page.waitForFunction(() => document.querySelector("#dllm-chat-widget").shadowRoot.querySelector('.live [data-revision]:not([data-revision="0"]) .masked'));
+  await page.locator(`${W} .stop`).click();
+  await waitAnswers(page, 5);
+  const stopped = (await conversation(page)).log.at(-1);
+  check(stopped.status === "cancelled" && (await page.locator(`${W} [role="log"] .msg.bot:last-child .meta`).textContent()) === "Stopped",
+    "the stop button sends response.cancel; the reply ends as stopped", stopped);
+
   // 7. The keyboard, the unread badge and the JS API.
   await ask(page, "Can I change my delivery address?");
   await page.keyboard.press("Escape");
   await page.locator(`${W} .panel`).waitFor({ state: "hidden" });
   check(true, "Escape closes the panel");
-  await waitAnswers(page, 5);
+  await waitAnswers(page, 6);
   const badge = await page.evaluate(() => {
     const root = document.querySelector("#dllm-chat-widget").shadowRoot;
     const b = root.querySelector(".badge");
