@@ -101,6 +101,9 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`, or `"*"`) a browser may open a WebSocket from; empty =
     /// any. Upgrades without an `Origin` header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// Where the built support widget (`widget.js`) and its demo page (`index.html`) are read
+    /// from at request time; relative paths start at the working directory.
+    pub web_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

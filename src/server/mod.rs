@@ -8,6 +8,7 @@
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`chatwoot`]: the Chatwoot agent bot's webhook.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
+//! - [`web`]: the support widget (`/widget.js`) and its demo page (`/`).
 //! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
@@ -22,6 +23,7 @@ mod forward;
 mod http;
 mod openai;
 mod outbox;
+mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -133,6 +135,8 @@ pub async fn run(
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))
+        .route("/", get(web::demo))
+        .route("/widget.js", get(web::widget))
         .layer(DefaultBodyLimit::max(state.config.limits.hard_frame_bytes))
         .with_state(state.clone());
     let engine = state.chat.engine().info().engine;
