@@ -8,6 +8,16 @@ use common::{http_get, revisions, test_config, TestServer};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Asks for a reply long enough (256 steps) to act on while it runs.
+async fn send_long(client: &mut common::Client, session: &str) {
+    client
+        .send(
+            json!({"type": "message.create", "session_id": session, "content": "long please",
+                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
+        )
+        .await;
+}
+
 /// Checks the invariants every reply must hold and returns the final text.
 fn check_reply(events: &[serde_json::Value], placeholder: &str) -> String {
     let revs = revisions(events);
@@ -137,12 +147,7 @@ async fn cancel_stops_the_reply_and_marks_it() {
     let server = TestServer::start(test_config()).await;
     let mut client = server.connect().await;
     let session = client.create_session().await;
-    client
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": "long please",
-                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
-        )
-        .await;
+    send_long(&mut client, &session).await;
     let created = client.until("response.created").await;
     let response_id = created.last().unwrap()["response_id"].as_str().unwrap().to_owned();
     client
@@ -289,12 +294,7 @@ async fn another_connection_resumes_a_running_reply_in_one_process() {
     let server = TestServer::start(test_config()).await;
     let mut asker = server.connect().await;
     let session = asker.create_session().await;
-    asker
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": "long please",
-                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
-        )
-        .await;
+    send_long(&mut asker, &session).await;
     let started = asker.until("response.revision").await;
     let response_id = started[1]["response_id"].as_str().unwrap().to_owned();
 
@@ -339,12 +339,7 @@ async fn orphaned_replies_are_cancelled_when_configured_so() {
     let server = TestServer::start(config).await;
     let mut asker = server.connect().await;
     let session = asker.create_session().await;
-    asker
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": "long please",
-                     "options": {"max_tokens": 256, "steps": 256, "block_length": 32}}),
-        )
-        .await;
+    send_long(&mut asker, &session).await;
     asker.until("response.revision").await;
     drop(asker);
     let mut later = server.connect().await;

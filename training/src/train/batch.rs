@@ -173,12 +173,7 @@ mod tests {
     use super::*;
     use crate::train::ReplyTurn;
 
-    const IDS: SpecialIds = SpecialIds {
-        end_of_text: 0,
-        im_start: 1,
-        im_end: 2,
-        mask: 3,
-    };
+    use crate::train::example::TEST_IDS as IDS;
 
     fn example(turns: &[(&[u32], &[u32])]) -> Example {
         Example {

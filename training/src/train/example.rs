@@ -174,6 +174,15 @@ fn slot_spans(reply: &str, user: Option<&Turn>) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// Special-token ids of the tests' four-token fixtures.
+#[cfg(test)]
+pub(super) const TEST_IDS: SpecialIds = SpecialIds {
+    end_of_text: 0,
+    im_start: 1,
+    im_end: 2,
+    mask: 3,
+};
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -183,13 +192,6 @@ mod tests {
     use crate::domain::northwind;
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
     use crate::train::autoregressive_batch;
-
-    const IDS: SpecialIds = SpecialIds {
-        end_of_text: 0,
-        im_start: 1,
-        im_end: 2,
-        mask: 3,
-    };
 
     /// A generated Northwind corpus, a tokenizer trained on it and its training examples.
     fn northwind_examples(seed: u64, dialogs: usize) -> (Corpus, Tokenizer, Vec<Example>) {
@@ -244,7 +246,7 @@ mod tests {
             .iter()
             .find(|e| e.turns.iter().any(|t| t.reply_weights.contains(&3.0)))
             .unwrap();
-        let lb = autoregressive_batch(&[copy], IDS, &Device::Cpu).unwrap();
+        let lb = autoregressive_batch(&[copy], TEST_IDS, &Device::Cpu).unwrap();
         let max = lb.weights.iter().cloned().fold(0.0, f32::max);
         let min = lb.weights.iter().cloned().fold(f32::MAX, f32::min);
         assert!((max / min - 3.0).abs() < 1e-4);
