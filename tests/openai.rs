@@ -49,3 +49,44 @@ async fn the_openai_python_client_gets_completions_streams_and_errors() {
     assert_eq!(messages[1]["status"], "completed");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn browsers_on_allowed_origins_may_call_the_api_and_others_may_not() {
+    let mut config = test_config();
+    config.server.allowed_origins = vec!["http://shop.example".into()];
+    let server = TestServer::start(config).await;
+    let http = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        http.request(reqwest::Method::OPTIONS, server.http_url("/v1/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    let allowed = preflight("http://shop.example").await.unwrap();
+    let headers = allowed.headers();
+    assert_eq!(headers["access-control-allow-origin"], "http://shop.example");
+    let methods = headers["access-control-allow-methods"].to_str().unwrap().to_lowercase();
+    assert!(methods.contains("post"), "{methods}");
+    let asked = headers["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(
+        asked.contains("authorization") && asked.contains("content-type"),
+        "{asked}"
+    );
+
+    let refused = preflight("http://evil.example").await.unwrap();
+    assert!(
+        refused.headers().get("access-control-allow-origin").is_none(),
+        "another origin gets no CORS grant: {:?}",
+        refused.headers()
+    );
+    let models = http
+        .get(server.http_url("/v1/models"))
+        .header("origin", "http://shop.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    assert_eq!(models.headers()["access-control-allow-origin"], "http://shop.example");
+    server.stop().await;
+}

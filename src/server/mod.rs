@@ -82,6 +82,22 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// CORS for `origins` (validated as `scheme://host[:port]` or `"*"`); none allows no other origin.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(std::time::Duration::from_secs(600))
+}
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -127,10 +143,14 @@ pub async fn run(
         drain.drained.cancel();
     });
 
-    let app = Router::new()
-        .route("/v1/chat", get(connection::upgrade))
+    // Browsers on the allowed origins may call the OpenAI-compatible API from their pages.
+    let api = Router::new()
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .layer(cors(&state.config.server.allowed_origins));
+    let app = Router::new()
+        .route("/v1/chat", get(connection::upgrade))
+        .merge(api)
         .route("/integrations/chatwoot", post(chatwoot::webhook))
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
