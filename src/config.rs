@@ -182,6 +182,23 @@ pub struct AuthConfig {
     pub keys: Vec<ApiKey>,
     /// Accept `?api_key=` on WebSocket upgrades (URLs end up in proxy and access logs).
     pub allow_query_key: bool,
+    /// Publishable keys for the support widget, each bound to the origins of its pages.
+    pub widget_keys: Vec<WidgetKey>,
+}
+
+/// A publishable key for the support widget: public (it sits in a page), so it is bound to the
+/// origins that may present it, and sessions record `widget:<name>` as their owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WidgetKey {
+    pub name: String,
+    /// `pk_…`
+    pub key: String,
+    /// `scheme://host[:port]` of the pages that embed the widget.
+    pub origins: Vec<String>,
+    /// Messages per minute per connection, instead of `limits.messages_per_minute`.
+    #[serde(default)]
+    pub messages_per_minute: Option<u32>,
 }
 
 /// A client credential: exactly one of `digest` (`sha256:<64 hex>` of the key) and `key` (the
@@ -439,6 +456,33 @@ impl Config {
                 setting: format!("server.allowed_origins[{i}]"),
                 reason,
             })?;
+        }
+        for (i, w) in self.auth.widget_keys.iter().enumerate() {
+            let invalid = |field: &str, reason: String| ConfigError::InvalidEntry {
+                setting: format!("auth.widget_keys[{i}].{field}"),
+                reason,
+            };
+            if w.name.trim().is_empty() {
+                return Err(invalid("name", "must not be empty".into()));
+            }
+            if !w.key.starts_with("pk_") || w.key.len() < 16 {
+                return Err(invalid(
+                    "key",
+                    "must start with \"pk_\" and have at least 16 characters".into(),
+                ));
+            }
+            if w.origins.is_empty() {
+                return Err(invalid(
+                    "origins",
+                    "must list the origins of the pages that embed the widget".into(),
+                ));
+            }
+            for origin in &w.origins {
+                check_origin(origin).map_err(|reason| invalid("origins", reason))?;
+            }
+            if w.messages_per_minute == Some(0) {
+                return Err(invalid("messages_per_minute", "must be at least 1".into()));
+            }
         }
         self.validate_keys()
     }

@@ -305,3 +305,55 @@ async fn another_keys_sessions_and_replies_read_exactly_like_unknown_ones() {
     assert_eq!(messages[3]["status"], "cancelled");
     server.stop().await;
 }
+
+/// Like `upgrade_status`, for a URL with a query string.
+async fn upgrade_status_at(url: &str, headers: &[(&str, &str)]) -> Option<u16> {
+    match Client::try_connect_with(url, headers).await {
+        Ok(mut c) => {
+            expect_in(&mut c).await;
+            None
+        }
+        Err(tungstenite::Error::Http(response)) => Some(response.status().as_u16()),
+        Err(e) => panic!("upgrade failed otherwise: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_widget_key_works_only_from_the_origins_it_is_bound_to() {
+    let mut config = two_keys();
+    // Server-wide, only the operator's dashboard origin; the widget key brings its own.
+    config.server.allowed_origins = vec!["https://ops.example".into()];
+    config.auth.widget_keys = vec![dllm_chat::config::WidgetKey {
+        name: "shop".into(),
+        key: "pk_shop_0123456789abcdef".into(),
+        origins: vec!["https://shop.example".into()],
+        messages_per_minute: Some(30),
+    }];
+    let server = TestServer::start(config).await;
+    let url = format!("ws://{}/v1/chat?api_key=pk_shop_0123456789abcdef", server.addr);
+    // Accepted in the URL although auth.allow_query_key is off: it is public by design.
+    assert!(!server.config.auth.allow_query_key);
+    assert_eq!(
+        upgrade_status_at(&url, &[("origin", "https://shop.example")]).await,
+        None
+    );
+    for refused in [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "https://ops.example")],
+        vec![],
+    ] {
+        assert_eq!(upgrade_status_at(&url, &refused).await, Some(403), "{refused:?}");
+    }
+    // An unknown pk_ key is just an unknown key (and a query key, which is off).
+    let unknown = format!("ws://{}/v1/chat?api_key=pk_nope_0123456789abcdef", server.addr);
+    let mut c = Client::connect_with(&unknown, &[("origin", "https://ops.example")]).await;
+    expect_unauthorized(&mut c).await;
+
+    // The widget's sessions are its own: an API key's connection cannot see them.
+    let mut widget = Client::connect_with(&url, &[("origin", "https://shop.example")]).await;
+    let session = widget.create_session().await;
+    let mut api = with_key(&server, DASHBOARD_KEY).await;
+    api.send(json!({"type": "session.resume", "session_id": session})).await;
+    assert_eq!(api.recv().await["error"]["code"], "session_not_found");
+    server.stop().await;
+}

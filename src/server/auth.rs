@@ -47,6 +47,40 @@ pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Opt
         .ok_or(Refused::UnknownKey)
 }
 
+/// A widget key that was let in.
+pub(super) struct Widget {
+    pub owner: String,
+    pub messages_per_minute: Option<u32>,
+}
+
+/// What a `pk_…` key in the URL amounts to.
+pub(super) enum WidgetCheck {
+    /// No widget key presented: the API key rules apply.
+    NotWidget,
+    Allowed(Widget),
+    /// A known widget key from an origin it is not bound to (or from no browser page at all).
+    WrongOrigin,
+}
+
+/// Checks a publishable widget key (`?api_key=pk_…`) against the origins it is bound to. An
+/// unknown `pk_` key is `NotWidget`, and then fails as an unknown API key.
+pub(super) fn widget(state: &AppState, query_key: Option<&str>, headers: &HeaderMap) -> WidgetCheck {
+    let Some(presented) = query_key.filter(|k| k.starts_with("pk_")) else {
+        return WidgetCheck::NotWidget;
+    };
+    let Some(key) = state.config.auth.widget_keys.iter().find(|w| w.key == presented) else {
+        return WidgetCheck::NotWidget;
+    };
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    match origin {
+        Some(o) if key.origins.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(o)) => WidgetCheck::Allowed(Widget {
+            owner: format!("widget:{}", key.name),
+            messages_per_minute: key.messages_per_minute,
+        }),
+        _ => WidgetCheck::WrongOrigin,
+    }
+}
+
 /// Whether a WebSocket upgrade may proceed under `server.allowed_origins`: always with an
 /// empty list or without an `Origin` header (not a browser), else only from a listed origin
 /// (or with `"*"` listed). Scheme and host compare case-insensitively.

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 
-use super::auth::{authenticate, origin_allowed};
+use super::auth::{authenticate, origin_allowed, widget, WidgetCheck};
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
@@ -59,12 +59,23 @@ pub(super) async fn upgrade(
     Query(params): Query<ConnectParams>,
     headers: HeaderMap,
 ) -> Response {
-    if !origin_allowed(&state.config.server.allowed_origins, &headers) {
+    let forbidden = || {
         crate::metrics::error("forbidden_origin");
-        tracing::debug!(%peer, "upgrade from an origin not in server.allowed_origins refused");
-        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-    }
-    let owner = authenticate(&state, &headers, params.api_key.as_deref());
+        tracing::debug!(%peer, "upgrade from an origin not allowed refused");
+        (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
+    };
+    // A widget key carries its own origins; everything else the server-wide allow-list.
+    let (owner, messages_per_minute) = match widget(&state, params.api_key.as_deref(), &headers) {
+        WidgetCheck::WrongOrigin => return forbidden(),
+        WidgetCheck::Allowed(w) => (Ok(w.owner), w.messages_per_minute),
+        WidgetCheck::NotWidget => {
+            if !origin_allowed(&state.config.server.allowed_origins, &headers) {
+                return forbidden();
+            }
+            (authenticate(&state, &headers, params.api_key.as_deref()), None)
+        }
+    };
+    let messages_per_minute = messages_per_minute.unwrap_or(state.config.limits.messages_per_minute);
     let permit = state.connections.clone().try_acquire_owned().ok();
     let hard = state.config.limits.hard_frame_bytes;
     let server = &state.config.server;
@@ -91,7 +102,7 @@ pub(super) async fn upgrade(
                         )
                         .await;
                     }
-                    (Ok(owner), Some(permit)) => serve(socket, state, owner, peer, permit).await,
+                    (Ok(owner), Some(permit)) => serve(socket, state, owner, messages_per_minute, peer, permit).await,
                 }
             })
         })
@@ -118,12 +129,15 @@ struct Connection {
     /// The forwarders of this connection's replies; aborted when it closes.
     forwarders: Mutex<JoinSet<()>>,
     rate: DefaultDirectRateLimiter,
+    /// The rate `rate` enforces: `limits.messages_per_minute`, or its widget key's own.
+    messages_per_minute: u32,
 }
 
 async fn serve(
     socket: WebSocket,
     state: Arc<AppState>,
     owner: String,
+    messages_per_minute: u32,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -134,13 +148,14 @@ async fn serve(
     let writer = tokio::spawn(write_loop(sink, rx));
 
     let limits = &state.config.limits;
-    let quota = Quota::per_minute(NonZeroU32::new(limits.messages_per_minute).expect("validated"))
+    let quota = Quota::per_minute(NonZeroU32::new(messages_per_minute).expect("validated"))
         .allow_burst(NonZeroU32::new(limits.message_burst).expect("validated"));
     let conn = Connection {
         owner,
         outbox,
         forwarders: Mutex::new(JoinSet::new()),
         rate: RateLimiter::direct(quota),
+        messages_per_minute,
         state: state.clone(),
     };
 
@@ -337,7 +352,7 @@ impl Connection {
     async fn create_message(&self, m: MessageCreate, event_id: &Option<String>) -> Result<(), WireError> {
         let chat = &self.state.chat;
         if self.rate.check().is_err() {
-            return Err(errors::rate_limited(self.state.config.limits.messages_per_minute));
+            return Err(errors::rate_limited(self.messages_per_minute));
         }
         let message = chat
             .validator()
