@@ -276,7 +276,17 @@ async fn shutdown_lets_replies_finish_and_sends_a_close_frame() {
         .await;
     client.until("response.revision").await;
     server.begin_stop();
+    // While the running reply finishes, the connection stays and refuses new messages.
+    client
+        .send(json!({"type": "message.create", "session_id": session, "content": "one more", "event_id": "late"}))
+        .await;
     let events = client.until("response.done").await;
+    let refused = events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .unwrap_or_else(|| panic!("the late message was refused: {events:?}"));
+    assert_eq!(refused["error"]["code"], "shutting_down", "{refused}");
+    assert_eq!(refused["error"]["event_id"], "late");
     assert_eq!(
         events.last().unwrap()["status"],
         "completed",

@@ -24,6 +24,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use super::auth::{authenticate, origin_allowed, widget, WidgetCheck};
 use super::forward::{forward, Source};
@@ -128,6 +129,8 @@ struct Connection {
     outbox: Outbox,
     /// The forwarders of this connection's replies; aborted when it closes.
     forwarders: Mutex<JoinSet<()>>,
+    /// The same forwarders, for waiting until they are done (on shutdown).
+    running: TaskTracker,
     rate: DefaultDirectRateLimiter,
     /// The rate `rate` enforces: `limits.messages_per_minute`, or its widget key's own.
     messages_per_minute: u32,
@@ -154,6 +157,7 @@ async fn serve(
         owner,
         outbox,
         forwarders: Mutex::new(JoinSet::new()),
+        running: TaskTracker::new(),
         rate: RateLimiter::direct(quota),
         messages_per_minute,
         state: state.clone(),
@@ -193,21 +197,22 @@ async fn serve(
                 }
                 conn.outbox.ping().await;
             }
-            _ = state.shutdown.cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            // On shutdown the connection stays open while its replies finish (the core gives
+            // them the grace period, then cancels them) and answers new messages with
+            // `shutting_down`; it closes once they are delivered, or shortly after the core
+            // has ended them all.
+            _ = async { conn.running.close(); conn.running.wait().await }, if state.shutdown.is_cancelled() => {
+                break Some((CLOSE_GOING_AWAY, "server shutting down"));
+            }
+            _ = async {
+                state.drained.cancelled().await;
+                tokio::time::sleep(FLUSH_AFTER_DRAIN).await;
+            }, if state.shutdown.is_cancelled() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = state.shutdown.cancelled(), if !state.shutdown.is_cancelled() => {}
         }
     };
 
     let mut forwarders = std::mem::take(&mut *conn.forwarders.lock().expect("forwarders poisoned"));
-    if state.shutdown.is_cancelled() {
-        // Running replies get the grace period (the core cancels them after it); their last
-        // events still reach this client before the close frame.
-        let delivered = async { while forwarders.join_next().await.is_some() {} };
-        let drained = async {
-            state.drained.cancelled().await;
-            tokio::time::sleep(FLUSH_AFTER_DRAIN).await;
-        };
-        tokio::select! { _ = delivered => {}, _ = drained => {} }
-    }
     forwarders.shutdown().await;
     if let Some((code, reason)) = close {
         conn.outbox.close(code, reason).await;
@@ -260,7 +265,10 @@ impl Connection {
         self.forwarders
             .lock()
             .expect("forwarders poisoned")
-            .spawn(forward(outbox, response_id, source, event_id));
+            .spawn(
+                self.running
+                    .track_future(forward(outbox, response_id, source, event_id)),
+            );
     }
 
     async fn create_session(&self, metadata: serde_json::Value, event_id: &Option<String>) -> Result<(), WireError> {
