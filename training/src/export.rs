@@ -242,7 +242,7 @@ mod tests {
     use llama_cpp_2::token::LlamaToken;
 
     use super::*;
-    use crate::corpus::{generate, test_config};
+    use crate::corpus::{generate, render_chatml, test_config};
     use crate::domain::northwind;
     use crate::model::{gguf_tokens, init_params, Batch, Transformer};
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
@@ -694,6 +694,143 @@ mod tests {
             Some("Bool(false)")
         );
         assert_eq!(candle_meta(&models.join("northwind-llama-q8_0.gguf"), key), None);
+    }
+
+    /// Inputs where two tokenizers are most likely to part ways.
+    fn odd_inputs() -> Vec<String> {
+        let mut inputs: Vec<String> = [
+            "",
+            " ",
+            "   ",
+            "\n",
+            "\n\n\n",
+            "\t\t x",
+            "a  b   c    d",
+            "trailing   ",
+            "   leading",
+            "line\r\nwindows\r\n",
+            " \n \n  \n",
+            "0123456789",
+            "NW-00000 and NW-99999",
+            "$14.95, 3.14159, 1,000,000 and 12:30pm",
+            "!!!???... ;-) :::",
+            "(hello) [world] {x} <y> \"quoted\" 'single'",
+            "a--b__c//d\\\\e",
+            "it's they're we've I'M you'll he'd DON'T",
+            "café naïve résumé Ångström Straße",
+            "e\u{301}te\u{301} (combining accents)",
+            "日本語のテキスト、中文测试。한국어",
+            "😀👍🏽🇨🇦 family: 👨‍👩‍👧 ❤️",
+            "zero\u{200b}width\u{feff}marks",
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+            "<|mdm_mask|><|mdm_mask|> <|endoftext|>",
+            "half a special: <|im_sta and <|im_end",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        inputs.push("x".repeat(5000));
+        inputs.push("supercalifragilistic".repeat(60));
+        inputs.push(format!("NW-{}", "1".repeat(1000)));
+        inputs.push("ab ".repeat(2000));
+        inputs
+    }
+
+    /// The texts where `tokenizer` (tokenizer.json) and llama.cpp (the exported vocabulary, tokenized
+    /// as the service does: no BOS, control tokens parsed when `parse_special`) give different ids.
+    fn mismatches(
+        tokenizer: &Tokenizer,
+        model: &LlamaModel,
+        texts: &[String],
+        parse_special: bool,
+    ) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+        texts
+            .iter()
+            .filter_map(|text| {
+                let ours = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+                let theirs: Vec<u32> = model
+                    .vocab()
+                    .tokenize(text.as_bytes(), false, parse_special)
+                    .into_iter()
+                    .map(|t| t.0 as u32)
+                    .collect();
+                (ours != theirs).then(|| (text.clone(), ours, theirs))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn llama_cpp_and_the_trained_tokenizer_give_the_same_ids() {
+        let domain = northwind();
+        let corpus = generate(
+            &domain,
+            &crate::corpus::CorpusConfig {
+                heldout_fraction: 0.2,
+                ..crate::corpus::CorpusConfig::new(5, 400)
+            },
+        )
+        .unwrap();
+        let system = &domain.assistant.system_prompt;
+        let tokenizer = train_on_dialogs(
+            system,
+            &corpus.train,
+            &TokenizerConfig {
+                vocab_size: 2048,
+                min_frequency: 2,
+            },
+        )
+        .unwrap();
+        let config = test_model_config(&tokenizer);
+        let tensors = tensors_of(&init_params(&config, 51, &Device::Cpu).unwrap());
+        let dir = std::env::temp_dir().join(format!("dllm-tok-test-{}", std::process::id()));
+        let q8 = dir.join("m-q8_0.gguf");
+        export(
+            &dir.join("m-f32.gguf"),
+            None,
+            Some(&q8),
+            &config,
+            Objective::Diffusion,
+            &tokenizer,
+            &tensors,
+            2,
+        )
+        .unwrap();
+        let model = LlamaModel::load_from_file(backend(), &q8, &LlamaModelParams::default()).unwrap();
+
+        let mut messages: Vec<String> = vec![system.clone()];
+        for dialog in corpus.train.iter().chain(&corpus.heldout) {
+            messages.extend(dialog.turns.iter().map(|t| t.content().to_owned()));
+            messages.push(render_chatml(system, &dialog.turns));
+        }
+        assert!(!corpus.heldout.is_empty());
+        let n_messages = messages.len();
+        let odd = odd_inputs();
+        messages.extend(odd.iter().cloned());
+        let bad = mismatches(&tokenizer, &model, &messages, true);
+        for (text, ours, theirs) in bad.iter().take(5) {
+            eprintln!("{text:?}\n  tokenizer.json: {ours:?}\n  llama.cpp:      {theirs:?}");
+        }
+        assert!(
+            bad.is_empty(),
+            "{} of {} texts tokenize differently (first: {:?})",
+            bad.len(),
+            messages.len(),
+            bad.first().map(|b| &b.0)
+        );
+        eprintln!(
+            "{} corpus texts ({} train + {} held-out dialogs) and {} odd inputs: identical ids",
+            n_messages,
+            corpus.train.len(),
+            corpus.heldout.len(),
+            odd.len()
+        );
+
+        // The comparison can fail: llama.cpp without control-token parsing spells the specials out
+        // of bytes, where tokenizer.json (and the service) read them as one token each.
+        let specials = mismatches(&tokenizer, &model, &odd, false);
+        let texts: Vec<&str> = specials.iter().map(|b| b.0.as_str()).collect();
+        assert!(texts.contains(&"<|mdm_mask|><|mdm_mask|> <|endoftext|>"), "{texts:?}");
+        assert!(!texts.contains(&"0123456789"), "{texts:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
