@@ -833,6 +833,48 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The same comparison on a real model: every message and rendered dialog of a corpus directory,
+    /// tokenized by its tokenizer.json and by a GGUF exported with it. Run with absolute paths (tests
+    /// run in `training/`): `DLLM_CORPUS=/abs/dir DLLM_TOKENIZER=/abs/dir/tokenizer.json
+    /// DLLM_GGUF=/abs/models/northwind-llada-q8_0.gguf cargo test -p dllm-train --lib trained_tokenizer
+    /// -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a corpus, its tokenizer.json and a GGUF exported with it (env DLLM_CORPUS, DLLM_TOKENIZER, DLLM_GGUF)"]
+    fn trained_tokenizer_and_llama_cpp_give_the_same_ids() {
+        let env = |k: &str| PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("set {k}")));
+        let (dir, tok_path, gguf) = (env("DLLM_CORPUS"), env("DLLM_TOKENIZER"), env("DLLM_GGUF"));
+        let tokenizer = crate::tokenizer::load(&tok_path).unwrap();
+        assert_eq!(
+            gguf_tokens(&gguf).unwrap(),
+            gguf_vocab(&tokenizer).unwrap().tokens,
+            "the GGUF was not exported with this tokenizer"
+        );
+        let system = crate::corpus::read_manifest(&dir).unwrap().system_prompt;
+        let mut texts = vec![system.clone()];
+        let mut dialogs = 0;
+        for file in [crate::corpus::TRAIN_FILE, crate::corpus::HELDOUT_FILE] {
+            for dialog in crate::corpus::read_jsonl(&dir.join(file)).unwrap() {
+                dialogs += 1;
+                texts.extend(dialog.turns.iter().map(|t| t.content().to_owned()));
+                texts.push(render_chatml(&system, &dialog.turns));
+            }
+        }
+        texts.sort();
+        texts.dedup();
+        texts.extend(odd_inputs());
+        let model = LlamaModel::load_from_file(backend(), &gguf, &LlamaModelParams::default()).unwrap();
+        let bad = mismatches(&tokenizer, &model, &texts, true);
+        for (text, ours, theirs) in bad.iter().take(5) {
+            eprintln!("{text:?}\n  tokenizer.json: {ours:?}\n  llama.cpp:      {theirs:?}");
+        }
+        eprintln!(
+            "{dialogs} dialogs, {} distinct texts: {} differ",
+            texts.len(),
+            bad.len()
+        );
+        assert!(bad.is_empty());
+    }
+
     #[test]
     fn vocabulary_marks_the_specials_as_control_tokens() {
         let tok = test_tokenizer();
