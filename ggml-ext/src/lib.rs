@@ -8,7 +8,8 @@
 //! - [`gguf`]: a safe writer for GGUF files (metadata and F32 tensors).
 //! - [`model`]: complete model files (hyper-parameters, BPE vocabulary, chat template, weights).
 //! - [`quantize`]: F16 / Q8_0 / Q4_0 re-encoding with llama.cpp's quantizer.
-//! - [`retarget`]: the same weights under another architecture name (LLaDA as `llama`).
+//! - [`retarget`]: the same weights under another architecture name (LLaDA as `llama`), or with one
+//!   metadata key added.
 //! - [`fixture`]: small random-weight `llada` models for tests and benchmarks.
 //! - [`runtime`]: our own diffusion forward pass on ggml (weights, per-conversation K/V caches,
 //!   batched segments, on-graph top-k), which the service's cached engine runs.
@@ -22,6 +23,6 @@ pub mod runtime;
 
 pub use fixture::{write_llada_fixture, FixtureSpec};
 pub use gguf::{GgufError, GgufWriter};
-pub use model::{write_model, Architecture, Hyperparams, Vocabulary};
+pub use model::{write_model, Architecture, Hyperparams, Vocabulary, SHIFT_LOGITS_KEY};
 pub use quantize::{quantize, QuantizeError, WeightType};
-pub use retarget::{retarget, RetargetError};
+pub use retarget::{retarget, set_bool_key, RetargetError};

@@ -25,7 +25,29 @@ pub enum Architecture {
     Dream,
 }
 
+/// The key llama.cpp's converter writes for diffusion models: whether the logits at position `i`
+/// predict token `i + 1` (Dream's convention, `true`) or token `i` itself (LLaDA's, `false`).
+/// llama.cpp's diffusion example assumes `true` when the key is missing.
+pub const SHIFT_LOGITS_KEY: &str = "diffusion.shift_logits";
+
 impl Architecture {
+    /// The value of [`SHIFT_LOGITS_KEY`] a file of this architecture carries; `None` for the
+    /// autoregressive `llama`, which is no diffusion model.
+    pub fn shift_logits(self) -> Option<bool> {
+        match self {
+            Architecture::Llada => Some(false),
+            Architecture::Dream => Some(true),
+            Architecture::Llama => None,
+        }
+    }
+
+    /// The architecture of a `general.architecture` name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Architecture::Llada, Architecture::Llama, Architecture::Dream]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llada => "llada",
@@ -144,6 +166,9 @@ pub fn write_model(
         .set_bool("tokenizer.ggml.add_bos_token", false)?
         .set_bool("tokenizer.ggml.add_eos_token", false)?
         .set_str("tokenizer.chat_template", chat_template)?;
+    if let Some(shift) = hp.architecture.shift_logits() {
+        w.set_bool(SHIFT_LOGITS_KEY, shift)?;
+    }
     for (name, shape, data) in tensors {
         w.add_f32(&name, &shape, data)?;
     }

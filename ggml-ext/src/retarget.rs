@@ -120,3 +120,42 @@ pub fn retarget(input: &Path, output: &Path, from: &str, to: &str) -> Result<(),
     }
     Ok(())
 }
+
+/// Writes `output`: the model `input` with the boolean `key` set to `value` (added after the other
+/// keys, or replaced where the file has it), every other key and every tensor (quantized ones
+/// byte for byte) copied unchanged. Adds metadata to a shipped file without re-exporting it.
+pub fn set_bool_key(input: &Path, output: &Path, key: &str, value: bool) -> Result<(), RetargetError> {
+    let (c_in, c_out) = (c_path(input)?, c_path(output)?);
+    let c_key = CString::new(key).map_err(|_| RetargetError::KeyType(key.to_owned()))?;
+    let mut tensors: *mut sys::ggml_context = std::ptr::null_mut();
+    let params = sys::gguf_init_params {
+        no_alloc: false,
+        ctx: &mut tensors,
+    };
+    // SAFETY: as in `retarget`: the path is NUL-terminated, and on success both contexts are owned
+    // by `Loaded`.
+    let gguf = unsafe { sys::gguf_init_from_file(c_in.as_ptr(), params) };
+    if gguf.is_null() {
+        return Err(RetargetError::Read(input.to_owned()));
+    }
+    let src = Loaded { gguf, tensors };
+    let dst = crate::gguf::OwnedGguf::new();
+    // SAFETY: `src` is live for the whole block; `gguf_set_kv` copies every key of `src.gguf`
+    // into `dst`, and `gguf_set_val_bool` copies the NUL-terminated key; the tensors added point
+    // into `src.tensors`, which outlives the write.
+    unsafe {
+        sys::gguf_set_kv(dst.0, src.gguf);
+        sys::gguf_set_val_bool(dst.0, c_key.as_ptr(), value);
+        for id in 0..sys::gguf_get_n_tensors(src.gguf) {
+            let t = sys::ggml_get_tensor(src.tensors, sys::gguf_get_tensor_name(src.gguf, id));
+            if t.is_null() {
+                return Err(RetargetError::Read(input.to_owned()));
+            }
+            sys::gguf_add_tensor(dst.0, t);
+        }
+        if !sys::gguf_write_to_file(dst.0, c_out.as_ptr(), false) {
+            return Err(RetargetError::Write(output.to_owned()));
+        }
+    }
+    Ok(())
+}

@@ -40,6 +40,8 @@ pub fn read_dialogs(path: &Path) -> Result<Vec<Dialog>, EvalError> {
 #[derive(Debug, Clone, Copy)]
 struct Expected<'a> {
     content: &'a str,
+    /// The turn's position among the dialog's user turns, from 1.
+    turn: usize,
     intent: &'a str,
     facts: &'a [String],
     slots: &'a BTreeMap<String, String>,
@@ -155,10 +157,48 @@ pub struct Sample {
     pub intent_correct: bool,
     /// `None` for a turn that expects no facts.
     pub facts_correct: Option<bool>,
+    /// `None` for a turn that names no order or product.
+    pub slot_correct: Option<bool>,
+    /// The turn's position among the dialog's user turns, from 1.
+    pub turn: usize,
+    /// Prompt tokens the reply was generated from (system prompt and history included).
+    pub prompt_tokens: usize,
+}
+
+/// Turn positions reported apart by [`Report::by_turn`], inclusive; later turns go to a last `13+` row.
+pub const TURN_BUCKETS: [(usize, usize); 4] = [(1, 2), (3, 5), (6, 8), (9, 12)];
+/// Lower bounds of the prompt length buckets of [`Report::by_prompt_length`], in tokens.
+pub const PROMPT_BUCKETS: [usize; 4] = [0, 128, 256, 512];
+
+/// The row of [`Report::by_turn`] a user turn at position `turn` (from 1) lands in.
+pub fn turn_bucket(turn: usize) -> String {
+    TURN_BUCKETS
+        .iter()
+        .find(|(lo, hi)| (*lo..=*hi).contains(&turn))
+        .map(|(lo, hi)| format!("{lo}-{hi}"))
+        .unwrap_or_else(|| format!("{}+", TURN_BUCKETS[TURN_BUCKETS.len() - 1].1 + 1))
+}
+
+/// The row of [`Report::by_prompt_length`] a prompt of `tokens` tokens lands in: `<128`, `128-255`,
+/// `256-511`, `512+`.
+pub fn prompt_bucket(tokens: usize) -> String {
+    let i = PROMPT_BUCKETS.iter().rposition(|&lo| tokens >= lo).unwrap_or(0);
+    match (i, PROMPT_BUCKETS.get(i + 1)) {
+        (0, Some(next)) => format!("<{next}"),
+        (_, Some(next)) => format!("{}-{}", PROMPT_BUCKETS[i], next - 1),
+        (_, None) => format!("{}+", PROMPT_BUCKETS[i]),
+    }
 }
 
 impl Report {
-    fn score(&mut self, classifier: &IntentClassifier, user: Expected<'_>, gold: &str, reply: &str) {
+    fn score(
+        &mut self,
+        classifier: &IntentClassifier,
+        user: Expected<'_>,
+        prompt_tokens: usize,
+        gold: &str,
+        reply: &str,
+    ) {
         self.replies += 1;
         let intent_correct = classifier.matches(reply, user.slots, user.intent);
         self.intent_correct += usize::from(intent_correct);
@@ -170,11 +210,10 @@ impl Report {
             self.facts_correct += usize::from(ok);
         }
         let slots: Vec<&String> = ["order", "product"].iter().filter_map(|k| user.slots.get(*k)).collect();
-        if !slots.is_empty() {
+        let slot_correct = (!slots.is_empty()).then(|| slots.iter().all(|s| reply.contains(s.as_str())));
+        if let Some(ok) = slot_correct {
             self.slot_turns += 1;
-            if slots.iter().all(|s| reply.contains(s.as_str())) {
-                self.slots_correct += 1;
-            }
+            self.slots_correct += usize::from(ok);
         }
         if reply.trim() == gold.trim() {
             self.exact += 1;
@@ -186,7 +225,69 @@ impl Report {
             reply: reply.to_owned(),
             intent_correct,
             facts_correct,
+            slot_correct,
+            turn: user.turn,
+            prompt_tokens,
         });
+    }
+
+    /// A markdown table of intent, fact and slot accuracy by user turn position ([`TURN_BUCKETS`]).
+    pub fn by_turn(&self) -> String {
+        let mut rows: Vec<String> = TURN_BUCKETS.iter().map(|(lo, _)| turn_bucket(*lo)).collect();
+        rows.push(turn_bucket(usize::MAX));
+        self.breakdown("turns", &rows, |s| turn_bucket(s.turn))
+    }
+
+    /// A markdown table of intent, fact and slot accuracy by prompt length in tokens ([`PROMPT_BUCKETS`]).
+    pub fn by_prompt_length(&self) -> String {
+        let rows: Vec<String> = PROMPT_BUCKETS.iter().map(|&lo| prompt_bucket(lo)).collect();
+        self.breakdown("prompt tokens", &rows, |s| prompt_bucket(s.prompt_tokens))
+    }
+
+    /// One row per bucket of `rows` (in that order; a bucket without replies only when it is one of
+    /// the first four, so the usual rows always show), each sample in the bucket `of` names.
+    fn breakdown(&self, title: &str, rows: &[String], of: impl Fn(&Sample) -> String) -> String {
+        #[derive(Default)]
+        struct Tally {
+            n: usize,
+            intent: usize,
+            fact_turns: usize,
+            facts: usize,
+            slot_turns: usize,
+            slots: usize,
+        }
+        let mut tally: HashMap<String, Tally> = HashMap::new();
+        for s in &self.samples {
+            let t = tally.entry(of(s)).or_default();
+            t.n += 1;
+            t.intent += usize::from(s.intent_correct);
+            t.fact_turns += usize::from(s.facts_correct.is_some());
+            t.facts += usize::from(s.facts_correct == Some(true));
+            t.slot_turns += usize::from(s.slot_correct.is_some());
+            t.slots += usize::from(s.slot_correct == Some(true));
+        }
+        let cell = |ok: usize, n: usize| {
+            if n == 0 {
+                "n/a".to_owned()
+            } else {
+                format!("{:.1}% ({n})", Self::pct(ok, n))
+            }
+        };
+        let mut table = format!("| {title} | replies | intent | fact | slot |\n| --- | --- | --- | --- | --- |\n");
+        for (i, row) in rows.iter().enumerate() {
+            let t = tally.remove(row).unwrap_or_default();
+            if t.n == 0 && i >= PROMPT_BUCKETS.len().min(TURN_BUCKETS.len()) {
+                continue;
+            }
+            table.push_str(&format!(
+                "| {row} | {} | {} | {} | {} |\n",
+                t.n,
+                cell(t.intent, t.n),
+                cell(t.facts, t.fact_turns),
+                cell(t.slots, t.slot_turns)
+            ));
+        }
+        table
     }
 
     /// A markdown table of intent and fact accuracy per expected intent, weakest first.
@@ -289,6 +390,7 @@ pub const TABLE_HEADER: &str = "| model | replies | intent | fact | slot | exact
 fn cases(dialogs: &[Dialog]) -> impl Iterator<Item = (Vec<ChatTurn>, Expected<'_>, &str)> {
     dialogs.iter().flat_map(|d| {
         d.turns.windows(2).enumerate().filter_map(move |(i, p)| {
+            let turn = d.turns[..=i].iter().filter(|t| matches!(t, Turn::User { .. })).count();
             let [Turn::User {
                 content,
                 intent,
@@ -307,6 +409,7 @@ fn cases(dialogs: &[Dialog]) -> impl Iterator<Item = (Vec<ChatTurn>, Expected<'_
                 .collect();
             let expected = Expected {
                 content,
+                turn,
                 intent,
                 facts,
                 slots,
@@ -336,7 +439,7 @@ pub async fn evaluate_engine(
         report.latencies.push(outcome.total);
         report.completion_tokens += completion.completion_tokens;
         report.steps += completion.steps;
-        report.score(classifier, user, gold, &completion.text);
+        report.score(classifier, user, outcome.prompt_tokens, gold, &completion.text);
     }
     Ok(report)
 }
@@ -427,7 +530,7 @@ pub fn evaluate_autoregressive(
         report.latencies.push(started.elapsed());
         report.completion_tokens += generated;
         report.steps += generated.max(1);
-        report.score(classifier, user, gold, &String::from_utf8_lossy(&reply));
+        report.score(classifier, user, prompt.len(), gold, &String::from_utf8_lossy(&reply));
     }
     Ok(report)
 }
@@ -554,13 +657,14 @@ mod tests {
         let slots = BTreeMap::from([("order".to_owned(), "NW-77777".to_owned())]);
         let user = Expected {
             content: "q",
+            turn: 1,
             intent: "track",
             facts: &facts,
             slots: &slots,
         };
         let mut r = Report::default();
-        r.score(&c, user, "Order NW-77777 ships.", "Order NW-77777 ships.");
-        r.score(&c, user, "Order NW-77777 ships.", "Order NW-11111 is late.");
+        r.score(&c, user, 0, "Order NW-77777 ships.", "Order NW-77777 ships.");
+        r.score(&c, user, 0, "Order NW-77777 ships.", "Order NW-11111 is late.");
         assert_eq!(
             (
                 r.replies,
@@ -608,24 +712,27 @@ mod tests {
         let slots = BTreeMap::new();
         let with = Expected {
             content: "return?",
+            turn: 1,
             intent: "returns",
             facts: &facts,
             slots: &slots,
         };
         let without = Expected { facts: &none, ..with };
         let mut r = Report::default();
-        r.score(&c, without, "Returns are accepted within 30 days.", "");
+        r.score(&c, without, 0, "Returns are accepted within 30 days.", "");
         assert_eq!((r.fact_turns, r.facts_correct), (0, 0), "no facts expected: not scored");
         assert_eq!(r.fact_accuracy(), 0.0, "nothing scored is not 100%");
         r.score(
             &c,
             with,
+            0,
             "Returns are accepted within 30 days.",
             "Returns take 14 days.",
         );
         r.score(
             &c,
             with,
+            0,
             "Returns are accepted within 30 days.",
             "Returns within 30 DAYS.",
         );
@@ -646,13 +753,114 @@ mod tests {
         let slots = BTreeMap::from([("order".to_owned(), "NW-55555".to_owned())]);
         let user = Expected {
             content: "where is NW-55555?",
+            turn: 1,
             intent: "track",
             facts: &[],
             slots: &slots,
         };
         let mut r = Report::default();
-        r.score(&c, user, "Order NW-55555 ships today.", "Order NW-12345 ships today.");
-        r.score(&c, user, "Order NW-55555 ships today.", "Order NW-55555 ships today.");
+        r.score(
+            &c,
+            user,
+            0,
+            "Order NW-55555 ships today.",
+            "Order NW-12345 ships today.",
+        );
+        r.score(
+            &c,
+            user,
+            0,
+            "Order NW-55555 ships today.",
+            "Order NW-55555 ships today.",
+        );
         assert_eq!((r.slot_turns, r.slots_correct, r.exact), (2, 1, 1));
+    }
+
+    #[test]
+    fn turn_positions_land_in_their_bucket() {
+        for (turn, bucket) in [
+            (1, "1-2"),
+            (2, "1-2"),
+            (3, "3-5"),
+            (5, "3-5"),
+            (6, "6-8"),
+            (8, "6-8"),
+            (9, "9-12"),
+            (12, "9-12"),
+            (13, "13+"),
+            (40, "13+"),
+        ] {
+            assert_eq!(turn_bucket(turn), bucket, "turn {turn}");
+        }
+    }
+
+    #[test]
+    fn prompt_lengths_land_in_their_bucket() {
+        for (tokens, bucket) in [
+            (0, "<128"),
+            (127, "<128"),
+            (128, "128-255"),
+            (255, "128-255"),
+            (256, "256-511"),
+            (511, "256-511"),
+            (512, "512+"),
+            (4096, "512+"),
+        ] {
+            assert_eq!(prompt_bucket(tokens), bucket, "{tokens} tokens");
+        }
+    }
+
+    #[test]
+    fn cases_number_user_turns_from_one() {
+        let d = dialog(&[("a", "1", "r1"), ("b", "2", "r2"), ("c", "3", "r3")]);
+        let turns: Vec<(usize, usize)> = cases(std::slice::from_ref(&d))
+            .map(|(history, expected, _)| (expected.turn, history.len()))
+            .collect();
+        // The history before turn n holds 2(n - 1) turns and the user turn itself.
+        assert_eq!(turns, vec![(1, 1), (2, 3), (3, 5)]);
+    }
+
+    #[test]
+    fn by_turn_and_by_prompt_length_split_the_scores() {
+        let c = track_classifier();
+        let facts = vec!["ships".to_owned()];
+        let slots = BTreeMap::from([("order".to_owned(), "NW-55555".to_owned())]);
+        let at = |turn| Expected {
+            content: "where is NW-55555?",
+            turn,
+            intent: "track",
+            facts: &facts,
+            slots: &slots,
+        };
+        let gold = "Order NW-55555 ships today.";
+        let mut r = Report::default();
+        // Turns 1 and 2: right, short prompts.
+        r.score(&c, at(1), 90, gold, gold);
+        r.score(&c, at(2), 130, gold, gold);
+        // Turn 7: wrong order number, still the track answer; a 300-token prompt.
+        r.score(&c, at(7), 300, gold, "Order NW-12345 ships today.");
+        // Turn 10: an unrelated reply, a 600-token prompt.
+        r.score(&c, at(10), 600, gold, "zebra quantum marmalade");
+        let by_turn = r.by_turn();
+        for row in [
+            "| 1-2 | 2 | 100.0% (2) | 100.0% (2) | 100.0% (2) |",
+            "| 3-5 | 0 | n/a | n/a | n/a |",
+            "| 6-8 | 1 | 100.0% (1) | 100.0% (1) | 0.0% (1) |",
+            "| 9-12 | 1 | 0.0% (1) | 0.0% (1) | 0.0% (1) |",
+        ] {
+            assert!(by_turn.contains(row), "{row} missing from\n{by_turn}");
+        }
+        assert!(!by_turn.contains("13+"), "an empty 13+ row is left out:\n{by_turn}");
+        let by_prompt = r.by_prompt_length();
+        for row in [
+            "| <128 | 1 | 100.0% (1) |",
+            "| 128-255 | 1 | 100.0% (1) |",
+            "| 256-511 | 1 | 100.0% (1) | 100.0% (1) | 0.0% (1) |",
+            "| 512+ | 1 | 0.0% (1) |",
+        ] {
+            assert!(by_prompt.contains(row), "{row} missing from\n{by_prompt}");
+        }
+        r.score(&c, at(13), 700, gold, gold);
+        assert!(r.by_turn().contains("| 13+ | 1 |"), "{}", r.by_turn());
     }
 }

@@ -81,6 +81,10 @@ struct EvalArgs {
     /// Also print the diffusion model's intent and fact accuracy per intent.
     #[arg(long)]
     by_intent: bool,
+    /// Also print intent, fact and slot accuracy by user turn position (1-2, 3-5, 6-8, 9-12, 13+)
+    /// and by prompt length (<128, 128-255, 256-511, 512+ tokens), for each model scored.
+    #[arg(long)]
+    by_turn: bool,
     #[command(flatten)]
     decode: DecodeArgs,
 }
@@ -222,6 +226,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         max_dialogs,
         show,
         by_intent,
+        by_turn,
         decode,
     } = args;
     let options = Validator::new(&config.decode, &config.limits)?.options(&decode.options())?;
@@ -245,6 +250,15 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     if by_intent {
         println!("{name}, by intent:\n{}", diffusion.by_intent());
     }
+    // Printed after the main table.
+    let mut breakdowns = Vec::new();
+    let mut breakdown = |name: &str, report: &eval::Report| {
+        if by_turn {
+            breakdowns.push(format!("{name}, by turn:\n{}", report.by_turn()));
+            breakdowns.push(format!("{name}, by prompt length:\n{}", report.by_prompt_length()));
+        }
+    };
+    breakdown(&name, &diffusion);
     if let Some(twin) = twin {
         let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);
         let report = tokio::task::spawn_blocking(move || {
@@ -255,11 +269,15 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         if show > 0 {
             println!("{}:\n{}", report.1, report.0.show(show));
         }
+        breakdown(&report.1, &report.0);
         rows.push(report.0.row(&report.1));
     }
     println!("{}", eval::TABLE_HEADER);
     for row in rows {
         println!("{row}");
+    }
+    for table in breakdowns {
+        println!("\n{table}");
     }
     Ok(())
 }

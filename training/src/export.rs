@@ -126,6 +126,107 @@ pub fn export(
     })
 }
 
+/// What [`add_shift_logits`] did to a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyUpdate {
+    /// The key was added with this value.
+    Added(bool),
+    /// The file already carried the key with the value its architecture needs; nothing written.
+    AlreadyThere(bool),
+    /// The architecture (named) is no diffusion model (the `llama` twin); nothing written.
+    NotDiffusion(String),
+}
+
+fn read_gguf(path: &Path) -> anyhow::Result<(Vec<u8>, candle_core::quantized::gguf_file::Content)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((bytes, content))
+}
+
+/// Checks that `new` is `old` with the boolean `key = value` added and nothing else changed: every
+/// other key with the same type and value, the same tensor table (names, types, shapes, offsets)
+/// and a byte-identical tensor data section. Read with candle's GGUF parser, not the ggml writer
+/// that produced `new`.
+pub fn check_only_key_added(old: &Path, new: &Path, key: &str, value: bool) -> anyhow::Result<()> {
+    let (old_bytes, old_c) = read_gguf(old)?;
+    let (new_bytes, new_c) = read_gguf(new)?;
+    if old_c.metadata.contains_key(key) {
+        bail!("{} already has {key}", old.display());
+    }
+    match new_c.metadata.get(key) {
+        Some(candle_core::quantized::gguf_file::Value::Bool(v)) if *v == value => {}
+        other => bail!("{} has {key} = {other:?}, expected Bool({value})", new.display()),
+    }
+    if new_c.metadata.len() != old_c.metadata.len() + 1 {
+        bail!(
+            "{} has {} keys, expected {} + 1",
+            new.display(),
+            new_c.metadata.len(),
+            old_c.metadata.len()
+        );
+    }
+    for (k, v) in &old_c.metadata {
+        let w = new_c
+            .metadata
+            .get(k)
+            .with_context(|| format!("{} lost key {k}", new.display()))?;
+        // `Value` has no `PartialEq`; its `Debug` form names the type and prints floats exactly.
+        if format!("{v:?}") != format!("{w:?}") {
+            bail!("key {k} changed from {v:?} to {w:?}");
+        }
+    }
+    let table = |c: &candle_core::quantized::gguf_file::Content| -> std::collections::BTreeMap<String, String> {
+        c.tensor_infos
+            .iter()
+            .map(|(k, t)| (k.clone(), format!("{t:?}")))
+            .collect()
+    };
+    if table(&old_c) != table(&new_c) {
+        bail!("the tensor table of {} differs from {}", new.display(), old.display());
+    }
+    let data =
+        |bytes: &[u8], c: &candle_core::quantized::gguf_file::Content| bytes[c.tensor_data_offset as usize..].to_vec();
+    if data(&old_bytes, &old_c) != data(&new_bytes, &new_c) {
+        bail!("the tensor data of {} differs from {}", new.display(), old.display());
+    }
+    Ok(())
+}
+
+/// Writes `output` (which may be `input`): the GGUF `input` with [`ggml_ext::SHIFT_LOGITS_KEY`] added
+/// as its architecture needs (`false` for `llada`, `true` for `dream`), tensors and every other key
+/// unchanged, checked by [`check_only_key_added`] before it replaces `output`. Files of other
+/// architectures, and files that carry the key already, are left alone.
+pub fn add_shift_logits(input: &Path, output: &Path) -> anyhow::Result<KeyUpdate> {
+    let key = ggml_ext::SHIFT_LOGITS_KEY;
+    let (_, content) = read_gguf(input)?;
+    let arch = match content.metadata.get("general.architecture") {
+        Some(v) => v
+            .to_string()
+            .map_err(|e| anyhow::anyhow!("general.architecture: {e}"))?
+            .clone(),
+        None => bail!("{} has no general.architecture", input.display()),
+    };
+    let Some(value) = ggml_ext::Architecture::from_name(&arch).and_then(|a| a.shift_logits()) else {
+        return Ok(KeyUpdate::NotDiffusion(arch));
+    };
+    if let Some(v) = content.metadata.get(key) {
+        let v = v.to_bool().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        if v != value {
+            bail!("{} ({arch}) has {key} = {v}, expected {value}", input.display());
+        }
+        return Ok(KeyUpdate::AlreadyThere(v));
+    }
+    let tmp = output.with_extension("gguf.tmp");
+    ggml_ext::set_bool_key(input, &tmp, key, value).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = check_only_key_added(input, &tmp, key, value) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, output).with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+    Ok(KeyUpdate::Added(value))
+}
+
 #[cfg(test)]
 mod tests {
     use std::num::NonZeroU32;
@@ -141,7 +242,7 @@ mod tests {
     use llama_cpp_2::token::LlamaToken;
 
     use super::*;
-    use crate::corpus::{generate, test_config};
+    use crate::corpus::{generate, render_chatml, test_config};
     use crate::domain::northwind;
     use crate::model::{gguf_tokens, init_params, Batch, Transformer};
     use crate::tokenizer::{train_on_dialogs, TokenizerConfig};
@@ -472,6 +573,306 @@ mod tests {
             }
         };
         eprintln!("reply: {:?}", tokenizer.decode(&reply, false).unwrap());
+    }
+
+    /// Exports random weights of the test shape under `objective`: (F32, Q8_0) paths in `dir`.
+    fn export_random(dir: &Path, objective: Objective, seed: u64) -> (PathBuf, PathBuf) {
+        let tokenizer = test_tokenizer();
+        let config = test_model_config(&tokenizer);
+        let tensors = tensors_of(&init_params(&config, seed, &Device::Cpu).unwrap());
+        let f32_path = dir.join(format!("{}-{seed}-f32.gguf", objective.name()));
+        let q8 = sibling(&f32_path, "q8_0");
+        export(&f32_path, None, Some(&q8), &config, objective, &tokenizer, &tensors, 2).unwrap();
+        (f32_path, q8)
+    }
+
+    /// `diffusion.shift_logits` as llama.cpp reads it (`meta_val_str` prints a bool as `true` / `false`).
+    fn llama_cpp_shift_logits(path: &Path) -> Option<String> {
+        let model = LlamaModel::load_from_file(backend(), path, &LlamaModelParams::default()).unwrap();
+        model.meta_val_str(ggml_ext::SHIFT_LOGITS_KEY).ok()
+    }
+
+    fn candle_meta(path: &Path, key: &str) -> Option<String> {
+        let (_, content) = read_gguf(path).unwrap();
+        content.metadata.get(key).map(|v| format!("{v:?}"))
+    }
+
+    #[test]
+    fn exports_carry_shift_logits_false_for_llada_and_none_for_the_twin() {
+        let dir = std::env::temp_dir().join(format!("dllm-shift-test-{}", std::process::id()));
+        let (llada_f32, llada_q8) = export_random(&dir, Objective::Diffusion, 31);
+        let (llama_f32, llama_q8) = export_random(&dir, Objective::Autoregressive, 32);
+        for path in [&llada_f32, &llada_q8] {
+            assert_eq!(
+                llama_cpp_shift_logits(path).as_deref(),
+                Some("false"),
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                candle_meta(path, ggml_ext::SHIFT_LOGITS_KEY).as_deref(),
+                Some("Bool(false)")
+            );
+        }
+        for path in [&llama_f32, &llama_q8] {
+            assert_eq!(llama_cpp_shift_logits(path), None, "{}", path.display());
+        }
+        // A Dream-layout file (the same writer, through the fixture) gets `true`.
+        let dream = dir.join("dream.gguf");
+        let mut spec = ggml_ext::FixtureSpec::default();
+        spec.hyperparams.architecture = ggml_ext::Architecture::Dream;
+        ggml_ext::write_llada_fixture(&dream, &spec).unwrap();
+        assert_eq!(
+            candle_meta(&dream, ggml_ext::SHIFT_LOGITS_KEY).as_deref(),
+            Some("Bool(true)")
+        );
+        assert_eq!(llama_cpp_shift_logits(&dream).as_deref(), Some("true"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn add_shift_logits_adds_only_the_key_to_a_file_without_it() {
+        let dir = std::env::temp_dir().join(format!("dllm-add-shift-test-{}", std::process::id()));
+        let (_, twin_q8) = export_random(&dir, Objective::Autoregressive, 41);
+        // A `llada` file as exported before the key existed: the twin's Q8_0 weights renamed.
+        let legacy = dir.join("legacy-llada-q8_0.gguf");
+        ggml_ext::retarget(&twin_q8, &legacy, "llama", "llada").unwrap();
+        assert_eq!(candle_meta(&legacy, ggml_ext::SHIFT_LOGITS_KEY), None);
+        assert_eq!(llama_cpp_shift_logits(&legacy), None);
+        let before = std::fs::read(&legacy).unwrap();
+
+        let updated = dir.join("updated-llada-q8_0.gguf");
+        assert_eq!(add_shift_logits(&legacy, &updated).unwrap(), KeyUpdate::Added(false));
+        assert_eq!(std::fs::read(&legacy).unwrap(), before, "the input is not touched");
+        check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap();
+        assert_eq!(llama_cpp_shift_logits(&updated).as_deref(), Some("false"));
+        // The same weights as llama.cpp loads them.
+        assert_eq!(
+            crate::model::load_gguf(&legacy, &Device::Cpu).unwrap().len(),
+            crate::model::load_gguf(&updated, &Device::Cpu).unwrap().len()
+        );
+
+        // A second run, and the twin, write nothing.
+        let again = std::fs::read(&updated).unwrap();
+        assert_eq!(
+            add_shift_logits(&updated, &updated).unwrap(),
+            KeyUpdate::AlreadyThere(false)
+        );
+        assert_eq!(std::fs::read(&updated).unwrap(), again);
+        let twin_before = std::fs::read(&twin_q8).unwrap();
+        assert_eq!(
+            add_shift_logits(&twin_q8, &twin_q8).unwrap(),
+            KeyUpdate::NotDiffusion("llama".into())
+        );
+        assert_eq!(std::fs::read(&twin_q8).unwrap(), twin_before);
+
+        // The check fails where something besides the key differs: other weights, or the key's value.
+        let (_, other_q8) = export_random(&dir, Objective::Autoregressive, 42);
+        let other_legacy = dir.join("other-legacy-llada-q8_0.gguf");
+        ggml_ext::retarget(&other_q8, &other_legacy, "llama", "llada").unwrap();
+        let other = dir.join("other-llada-q8_0.gguf");
+        assert_eq!(
+            add_shift_logits(&other_legacy, &other).unwrap(),
+            KeyUpdate::Added(false)
+        );
+        let err = check_only_key_added(&legacy, &other, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap_err();
+        assert!(format!("{err:#}").contains("tensor data"), "{err:#}");
+        let err = check_only_key_added(&legacy, &twin_q8, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap_err();
+        assert!(format!("{err:#}").contains("Bool(false)"), "{err:#}");
+        let err = check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, true).unwrap_err();
+        assert!(format!("{err:#}").contains("expected Bool(true)"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The shipped files: the diffusion model says `false`, the twin carries no key.
+    #[test]
+    fn bundled_models_carry_shift_logits() {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let key = ggml_ext::SHIFT_LOGITS_KEY;
+        assert_eq!(
+            candle_meta(&models.join("northwind-llada-q8_0.gguf"), key).as_deref(),
+            Some("Bool(false)")
+        );
+        assert_eq!(candle_meta(&models.join("northwind-llama-q8_0.gguf"), key), None);
+    }
+
+    /// Inputs where two tokenizers are most likely to part ways.
+    fn odd_inputs() -> Vec<String> {
+        let mut inputs: Vec<String> = [
+            "",
+            " ",
+            "   ",
+            "\n",
+            "\n\n\n",
+            "\t\t x",
+            "a  b   c    d",
+            "trailing   ",
+            "   leading",
+            "line\r\nwindows\r\n",
+            " \n \n  \n",
+            "0123456789",
+            "NW-00000 and NW-99999",
+            "$14.95, 3.14159, 1,000,000 and 12:30pm",
+            "!!!???... ;-) :::",
+            "(hello) [world] {x} <y> \"quoted\" 'single'",
+            "a--b__c//d\\\\e",
+            "it's they're we've I'M you'll he'd DON'T",
+            "café naïve résumé Ångström Straße",
+            "e\u{301}te\u{301} (combining accents)",
+            "日本語のテキスト、中文测试。한국어",
+            "😀👍🏽🇨🇦 family: 👨‍👩‍👧 ❤️",
+            "zero\u{200b}width\u{feff}marks",
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+            "<|mdm_mask|><|mdm_mask|> <|endoftext|>",
+            "half a special: <|im_sta and <|im_end",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        inputs.push("x".repeat(5000));
+        inputs.push("supercalifragilistic".repeat(60));
+        inputs.push(format!("NW-{}", "1".repeat(1000)));
+        inputs.push("ab ".repeat(2000));
+        inputs
+    }
+
+    /// The texts where `tokenizer` (tokenizer.json) and llama.cpp (the exported vocabulary, tokenized
+    /// as the service does: no BOS, control tokens parsed when `parse_special`) give different ids.
+    fn mismatches(
+        tokenizer: &Tokenizer,
+        model: &LlamaModel,
+        texts: &[String],
+        parse_special: bool,
+    ) -> Vec<(String, Vec<u32>, Vec<u32>)> {
+        texts
+            .iter()
+            .filter_map(|text| {
+                let ours = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+                let theirs: Vec<u32> = model
+                    .vocab()
+                    .tokenize(text.as_bytes(), false, parse_special)
+                    .into_iter()
+                    .map(|t| t.0 as u32)
+                    .collect();
+                (ours != theirs).then(|| (text.clone(), ours, theirs))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn llama_cpp_and_the_trained_tokenizer_give_the_same_ids() {
+        let domain = northwind();
+        let corpus = generate(
+            &domain,
+            &crate::corpus::CorpusConfig {
+                heldout_fraction: 0.2,
+                ..crate::corpus::CorpusConfig::new(5, 400)
+            },
+        )
+        .unwrap();
+        let system = &domain.assistant.system_prompt;
+        let tokenizer = train_on_dialogs(
+            system,
+            &corpus.train,
+            &TokenizerConfig {
+                vocab_size: 2048,
+                min_frequency: 2,
+            },
+        )
+        .unwrap();
+        let config = test_model_config(&tokenizer);
+        let tensors = tensors_of(&init_params(&config, 51, &Device::Cpu).unwrap());
+        let dir = std::env::temp_dir().join(format!("dllm-tok-test-{}", std::process::id()));
+        let q8 = dir.join("m-q8_0.gguf");
+        export(
+            &dir.join("m-f32.gguf"),
+            None,
+            Some(&q8),
+            &config,
+            Objective::Diffusion,
+            &tokenizer,
+            &tensors,
+            2,
+        )
+        .unwrap();
+        let model = LlamaModel::load_from_file(backend(), &q8, &LlamaModelParams::default()).unwrap();
+
+        let mut messages: Vec<String> = vec![system.clone()];
+        for dialog in corpus.train.iter().chain(&corpus.heldout) {
+            messages.extend(dialog.turns.iter().map(|t| t.content().to_owned()));
+            messages.push(render_chatml(system, &dialog.turns));
+        }
+        assert!(!corpus.heldout.is_empty());
+        let n_messages = messages.len();
+        let odd = odd_inputs();
+        messages.extend(odd.iter().cloned());
+        let bad = mismatches(&tokenizer, &model, &messages, true);
+        for (text, ours, theirs) in bad.iter().take(5) {
+            eprintln!("{text:?}\n  tokenizer.json: {ours:?}\n  llama.cpp:      {theirs:?}");
+        }
+        assert!(
+            bad.is_empty(),
+            "{} of {} texts tokenize differently (first: {:?})",
+            bad.len(),
+            messages.len(),
+            bad.first().map(|b| &b.0)
+        );
+        eprintln!(
+            "{} corpus texts ({} train + {} held-out dialogs) and {} odd inputs: identical ids",
+            n_messages,
+            corpus.train.len(),
+            corpus.heldout.len(),
+            odd.len()
+        );
+
+        // The comparison can fail: llama.cpp without control-token parsing spells the specials out
+        // of bytes, where tokenizer.json (and the service) read them as one token each.
+        let specials = mismatches(&tokenizer, &model, &odd, false);
+        let texts: Vec<&str> = specials.iter().map(|b| b.0.as_str()).collect();
+        assert!(texts.contains(&"<|mdm_mask|><|mdm_mask|> <|endoftext|>"), "{texts:?}");
+        assert!(!texts.contains(&"0123456789"), "{texts:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same comparison on a real model: every message and rendered dialog of a corpus directory,
+    /// tokenized by its tokenizer.json and by a GGUF exported with it. Run with absolute paths (tests
+    /// run in `training/`): `DLLM_CORPUS=/abs/dir DLLM_TOKENIZER=/abs/dir/tokenizer.json
+    /// DLLM_GGUF=/abs/models/northwind-llada-q8_0.gguf cargo test -p dllm-train --lib trained_tokenizer
+    /// -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs a corpus, its tokenizer.json and a GGUF exported with it (env DLLM_CORPUS, DLLM_TOKENIZER, DLLM_GGUF)"]
+    fn trained_tokenizer_and_llama_cpp_give_the_same_ids() {
+        let env = |k: &str| PathBuf::from(std::env::var(k).unwrap_or_else(|_| panic!("set {k}")));
+        let (dir, tok_path, gguf) = (env("DLLM_CORPUS"), env("DLLM_TOKENIZER"), env("DLLM_GGUF"));
+        let tokenizer = crate::tokenizer::load(&tok_path).unwrap();
+        assert_eq!(
+            gguf_tokens(&gguf).unwrap(),
+            gguf_vocab(&tokenizer).unwrap().tokens,
+            "the GGUF was not exported with this tokenizer"
+        );
+        let system = crate::corpus::read_manifest(&dir).unwrap().system_prompt;
+        let mut texts = vec![system.clone()];
+        let mut dialogs = 0;
+        for file in [crate::corpus::TRAIN_FILE, crate::corpus::HELDOUT_FILE] {
+            for dialog in crate::corpus::read_jsonl(&dir.join(file)).unwrap() {
+                dialogs += 1;
+                texts.extend(dialog.turns.iter().map(|t| t.content().to_owned()));
+                texts.push(render_chatml(&system, &dialog.turns));
+            }
+        }
+        texts.sort();
+        texts.dedup();
+        texts.extend(odd_inputs());
+        let model = LlamaModel::load_from_file(backend(), &gguf, &LlamaModelParams::default()).unwrap();
+        let bad = mismatches(&tokenizer, &model, &texts, true);
+        for (text, ours, theirs) in bad.iter().take(5) {
+            eprintln!("{text:?}\n  tokenizer.json: {ours:?}\n  llama.cpp:      {theirs:?}");
+        }
+        eprintln!(
+            "{dialogs} dialogs, {} distinct texts: {} differ",
+            texts.len(),
+            bad.len()
+        );
+        assert!(bad.is_empty());
     }
 
     #[test]

@@ -150,6 +150,14 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Add `diffusion.shift_logits` (false for `llada`, true for `dream`) to GGUF files in place,
+    /// tensors and every other key unchanged (checked); `llama` files and files that have the key
+    /// are left alone.
+    AddShiftLogits {
+        /// GGUF files to update.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// corpus -> tokenizer -> train the autoregressive twin -> export -> train the diffusion model,
     /// starting from the twin's weights -> export.
     Pipeline {
@@ -290,6 +298,12 @@ fn main() -> anyhow::Result<()> {
             let q8 = q8.unwrap_or_else(|| export::sibling(&out, "q8_0"));
             let f16 = f16.unwrap_or_else(|| export::sibling(&out, "f16"));
             run_export(&ckpt, &tokenizer_path, &out, &f16, &q8, objective, threads)?;
+        }
+        Command::AddShiftLogits { files } => {
+            for file in files {
+                let update = export::add_shift_logits(&file, &file)?;
+                println!("{}: {update:?}", file.display());
+            }
         }
         Command::Pipeline {
             domain,
