@@ -232,6 +232,7 @@ mod tests {
         AuthConfig {
             keys,
             allow_query_key: false,
+            widget_keys: Vec::new(),
         }
     }
 
