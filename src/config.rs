@@ -195,6 +195,9 @@ pub struct ApiKey {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// May read the live timing feed (`GET /v1/stats`) behind the dashboard.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl ApiKey {
@@ -204,6 +207,7 @@ impl ApiKey {
             name: name.into(),
             digest: Some(digest.to_string()),
             key: None,
+            admin: false,
         }
     }
 
@@ -213,6 +217,7 @@ impl ApiKey {
             name: name.into(),
             digest: None,
             key: Some(key.into()),
+            admin: false,
         }
     }
 }
@@ -224,6 +229,7 @@ impl std::fmt::Debug for ApiKey {
             .field("name", &self.name)
             .field("digest", &self.digest)
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("admin", &self.admin)
             .finish()
     }
 }

@@ -4,8 +4,13 @@
 //! latency, queue time, running/waiting requests) with "revision" in place of "token", since a
 //! diffusion reply is streamed as whole revisions. Histograms get explicit buckets so Prometheus
 //! can aggregate them across replicas. Every failure counts once in `dllm_errors_total{code}`.
+//!
+//! Beside the recorder, cheap process-wide atomics keep the live figures the timing feed's
+//! once-a-second summary reads ([`live`]): connections, running and waiting replies, errors.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -65,25 +70,60 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+static LIVE_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
+static LIVE_RUNNING: AtomicI64 = AtomicI64::new(0);
+static LIVE_WAITING: AtomicI64 = AtomicI64::new(0);
+/// Errors by code since the process started.
+static LIVE_ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// The live figures of this process, as the gauges and the error counter show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Live {
+    pub connections: i64,
+    pub running: i64,
+    pub waiting: i64,
+    /// Errors by code since the process started.
+    pub errors: BTreeMap<&'static str, u64>,
+}
+
+/// The live figures now.
+pub fn live() -> Live {
+    Live {
+        connections: LIVE_CONNECTIONS.load(Ordering::Relaxed),
+        running: LIVE_RUNNING.load(Ordering::Relaxed),
+        waiting: LIVE_WAITING.load(Ordering::Relaxed),
+        errors: LIVE_ERRORS.lock().expect("error counts poisoned").clone(),
+    }
+}
+
 pub fn error(code: &'static str) {
     counter!(ERRORS_TOTAL, "code" => code).increment(1);
+    *LIVE_ERRORS
+        .lock()
+        .expect("error counts poisoned")
+        .entry(code)
+        .or_default() += 1;
 }
 
 pub fn connection_opened() {
     gauge!(ACTIVE_CONNECTIONS).increment(1.0);
+    LIVE_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn connection_closed() {
     gauge!(ACTIVE_CONNECTIONS).decrement(1.0);
+    LIVE_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Engine gauges; `None` leaves a figure unchanged.
 pub fn engine_load(running: Option<usize>, waiting: Option<usize>) {
     if let Some(r) = running {
         gauge!(REPLIES_RUNNING).set(r as f64);
+        LIVE_RUNNING.store(r as i64, Ordering::Relaxed);
     }
     if let Some(w) = waiting {
         gauge!(REPLIES_WAITING).set(w as f64);
+        LIVE_WAITING.store(w as i64, Ordering::Relaxed);
     }
 }
 
