@@ -172,3 +172,99 @@ pub fn reply_done(status: &'static str, total: Duration, steps: usize, tokens: u
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric this module defines.
+    const ALL: &[&str] = &[
+        TIME_TO_FIRST_REVISION,
+        REPLY_LATENCY,
+        QUEUE_TIME,
+        STEPS_PER_REPLY,
+        TOKENS_PER_STEP,
+        REPLY_TOKENS_PER_SECOND,
+        ACTIVE_CONNECTIONS,
+        REPLIES_RUNNING,
+        REPLIES_WAITING,
+        REPLIES_TOTAL,
+        ERRORS_TOTAL,
+        REVISIONS_SKIPPED,
+        REPLIES_RECOVERED,
+        PROMPT_TOKENS,
+        ENGINE_STEP,
+        ENGINE_BATCH,
+    ];
+    const HISTOGRAMS: &[&str] = &[
+        TIME_TO_FIRST_REVISION,
+        REPLY_LATENCY,
+        QUEUE_TIME,
+        STEPS_PER_REPLY,
+        TOKENS_PER_STEP,
+        REPLY_TOKENS_PER_SECOND,
+        ENGINE_STEP,
+        ENGINE_BATCH,
+    ];
+
+    /// The `dllm_*` names in a text.
+    fn names(text: &str) -> Vec<&str> {
+        let mut found = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("dllm_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            found.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        found
+    }
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_queries_is_one_we_define() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../deploy/grafana/dllm-chat.json")).expect("the dashboard is JSON");
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("an expr");
+                for name in names(expr) {
+                    queried += 1;
+                    let known = if let Some(h) = name.strip_suffix("_bucket") {
+                        HISTOGRAMS.contains(&h)
+                    } else {
+                        ALL.contains(&name) && !HISTOGRAMS.contains(&name)
+                    };
+                    assert!(
+                        known,
+                        "panel {:?} queries {name}, which src/metrics.rs does not define",
+                        panel["title"]
+                    );
+                    if expr.contains("histogram_quantile") {
+                        assert!(
+                            name.ends_with("_bucket"),
+                            "a quantile of {name} needs its _bucket series"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= HISTOGRAMS.len(), "the dashboard queries hardly anything");
+        for h in HISTOGRAMS {
+            assert!(
+                names(&dashboard.to_string()).contains(&format!("{h}_bucket").as_str()),
+                "no panel charts {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_name_scanner_finds_suffixed_names() {
+        assert_eq!(
+            names("rate(dllm_errors_total{a=\"b\"}[1m]) / dllm_x_bucket"),
+            vec!["dllm_errors_total", "dllm_x_bucket"]
+        );
+    }
+}
