@@ -212,6 +212,9 @@ pub struct ApiKey {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// May read the live timing feed (`GET /v1/stats`) behind the dashboard.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl ApiKey {
@@ -221,6 +224,7 @@ impl ApiKey {
             name: name.into(),
             digest: Some(digest.to_string()),
             key: None,
+            admin: false,
         }
     }
 
@@ -230,6 +234,7 @@ impl ApiKey {
             name: name.into(),
             digest: None,
             key: Some(key.into()),
+            admin: false,
         }
     }
 }
@@ -241,6 +246,7 @@ impl std::fmt::Debug for ApiKey {
             .field("name", &self.name)
             .field("digest", &self.digest)
             .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("admin", &self.admin)
             .finish()
     }
 }

@@ -105,7 +105,8 @@ pub fn config_snippet(name: &str, key: &str) -> String {
 /// The configured keys as digests, and the check of a presented key.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRing {
-    entries: Vec<(String, KeyDigest)>,
+    /// Name, digest, admin.
+    entries: Vec<(String, KeyDigest, bool)>,
 }
 
 /// A `[[auth.keys]]` entry that does not make a key (the config was not validated).
@@ -128,7 +129,7 @@ impl KeyRing {
                     (None, Some(key)) => KeyDigest::of(key),
                     _ => return Err(BadKeyEntry { index }),
                 };
-                Ok((k.name.clone(), digest))
+                Ok((k.name.clone(), digest, k.admin))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { entries })
@@ -143,16 +144,24 @@ impl KeyRing {
     /// in constant time and the loop never stops early, so how long this takes says nothing
     /// about which entry (if any) matched.
     pub fn owner(&self, presented: &str) -> Option<&str> {
+        self.lookup(presented).map(|(name, _)| name)
+    }
+
+    /// As [`KeyRing::owner`], with whether the key is an admin key (`admin = true`).
+    pub fn lookup(&self, presented: &str) -> Option<(&str, bool)> {
         let digest = KeyDigest::of(presented);
         let mut found = Choice::from(0);
         let mut index = 0u64;
-        for (i, (_, candidate)) in self.entries.iter().enumerate() {
+        for (i, (_, candidate, _)) in self.entries.iter().enumerate() {
             let equal = candidate.0.ct_eq(&digest.0);
             // The first match wins (validation rejects the same key twice anyway).
             index.conditional_assign(&(i as u64), equal & !found);
             found |= equal;
         }
-        bool::from(found).then(|| self.entries[index as usize].0.as_str())
+        bool::from(found).then(|| {
+            let (name, _, admin) = &self.entries[index as usize];
+            (name.as_str(), *admin)
+        })
     }
 }
 
@@ -265,6 +274,7 @@ mod tests {
             name: "z".into(),
             key: None,
             digest: Some("sha256:nope".into()),
+            admin: false,
         };
         for (entry, index) in [(both, 1), (neither, 1), (bad, 1)] {
             let keys = vec![ApiKey::plain("ok", "legacy-key-0123456789"), entry];

@@ -4,8 +4,13 @@
 //! latency, queue time, running/waiting requests) with "revision" in place of "token", since a
 //! diffusion reply is streamed as whole revisions. Histograms get explicit buckets so Prometheus
 //! can aggregate them across replicas. Every failure counts once in `dllm_errors_total{code}`.
+//!
+//! Beside the recorder, cheap process-wide atomics keep the live figures the timing feed's
+//! once-a-second summary reads ([`live`]): connections, running and waiting replies, errors.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -65,25 +70,60 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+static LIVE_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
+static LIVE_RUNNING: AtomicI64 = AtomicI64::new(0);
+static LIVE_WAITING: AtomicI64 = AtomicI64::new(0);
+/// Errors by code since the process started.
+static LIVE_ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// The live figures of this process, as the gauges and the error counter show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Live {
+    pub connections: i64,
+    pub running: i64,
+    pub waiting: i64,
+    /// Errors by code since the process started.
+    pub errors: BTreeMap<&'static str, u64>,
+}
+
+/// The live figures now.
+pub fn live() -> Live {
+    Live {
+        connections: LIVE_CONNECTIONS.load(Ordering::Relaxed),
+        running: LIVE_RUNNING.load(Ordering::Relaxed),
+        waiting: LIVE_WAITING.load(Ordering::Relaxed),
+        errors: LIVE_ERRORS.lock().expect("error counts poisoned").clone(),
+    }
+}
+
 pub fn error(code: &'static str) {
     counter!(ERRORS_TOTAL, "code" => code).increment(1);
+    *LIVE_ERRORS
+        .lock()
+        .expect("error counts poisoned")
+        .entry(code)
+        .or_default() += 1;
 }
 
 pub fn connection_opened() {
     gauge!(ACTIVE_CONNECTIONS).increment(1.0);
+    LIVE_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
 }
 
 pub fn connection_closed() {
     gauge!(ACTIVE_CONNECTIONS).decrement(1.0);
+    LIVE_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Engine gauges; `None` leaves a figure unchanged.
 pub fn engine_load(running: Option<usize>, waiting: Option<usize>) {
     if let Some(r) = running {
         gauge!(REPLIES_RUNNING).set(r as f64);
+        LIVE_RUNNING.store(r as i64, Ordering::Relaxed);
     }
     if let Some(w) = waiting {
         gauge!(REPLIES_WAITING).set(w as f64);
+        LIVE_WAITING.store(w as i64, Ordering::Relaxed);
     }
 }
 
@@ -130,5 +170,101 @@ pub fn reply_done(status: &'static str, total: Duration, steps: usize, tokens: u
         if total > Duration::ZERO {
             histogram!(REPLY_TOKENS_PER_SECOND).record(tokens as f64 / total.as_secs_f64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric this module defines.
+    const ALL: &[&str] = &[
+        TIME_TO_FIRST_REVISION,
+        REPLY_LATENCY,
+        QUEUE_TIME,
+        STEPS_PER_REPLY,
+        TOKENS_PER_STEP,
+        REPLY_TOKENS_PER_SECOND,
+        ACTIVE_CONNECTIONS,
+        REPLIES_RUNNING,
+        REPLIES_WAITING,
+        REPLIES_TOTAL,
+        ERRORS_TOTAL,
+        REVISIONS_SKIPPED,
+        REPLIES_RECOVERED,
+        PROMPT_TOKENS,
+        ENGINE_STEP,
+        ENGINE_BATCH,
+    ];
+    const HISTOGRAMS: &[&str] = &[
+        TIME_TO_FIRST_REVISION,
+        REPLY_LATENCY,
+        QUEUE_TIME,
+        STEPS_PER_REPLY,
+        TOKENS_PER_STEP,
+        REPLY_TOKENS_PER_SECOND,
+        ENGINE_STEP,
+        ENGINE_BATCH,
+    ];
+
+    /// The `dllm_*` names in a text.
+    fn names(text: &str) -> Vec<&str> {
+        let mut found = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("dllm_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            found.push(&tail[..end]);
+            rest = &tail[end..];
+        }
+        found
+    }
+
+    #[test]
+    fn every_metric_the_grafana_dashboard_queries_is_one_we_define() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../deploy/grafana/dllm-chat.json")).expect("the dashboard is JSON");
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("an expr");
+                for name in names(expr) {
+                    queried += 1;
+                    let known = if let Some(h) = name.strip_suffix("_bucket") {
+                        HISTOGRAMS.contains(&h)
+                    } else {
+                        ALL.contains(&name) && !HISTOGRAMS.contains(&name)
+                    };
+                    assert!(
+                        known,
+                        "panel {:?} queries {name}, which src/metrics.rs does not define",
+                        panel["title"]
+                    );
+                    if expr.contains("histogram_quantile") {
+                        assert!(
+                            name.ends_with("_bucket"),
+                            "a quantile of {name} needs its _bucket series"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(queried >= HISTOGRAMS.len(), "the dashboard queries hardly anything");
+        for h in HISTOGRAMS {
+            assert!(
+                names(&dashboard.to_string()).contains(&format!("{h}_bucket").as_str()),
+                "no panel charts {h}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_name_scanner_finds_suffixed_names() {
+        assert_eq!(
+            names("rate(dllm_errors_total{a=\"b\"}[1m]) / dllm_x_bucket"),
+            vec!["dllm_errors_total", "dllm_x_bucket"]
+        );
     }
 }

@@ -21,6 +21,7 @@ fn digest_key(name: &str, digest: &str) -> ApiKey {
         name: name.into(),
         digest: Some(digest.into()),
         key: None,
+        admin: false,
     }
 }
 
@@ -91,6 +92,7 @@ async fn deprecated_plain_keys_still_work() {
             name: "legacy".into(),
             digest: None,
             key: Some("legacy-plain-key-0001".into()),
+            admin: false,
         },
         digest_key("widget", WIDGET_DIGEST),
     ];

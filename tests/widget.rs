@@ -1,5 +1,5 @@
 //! The support widget in a real browser: builds `web/` (`npm run build`) and runs
-//! `web/tests/widget.spec.mjs` (playwright-core driving Debian's `/usr/bin/chromium`, no browser
+//! `web/tests/widget.spec.mjs`, then `web/tests/dashboard.spec.mjs` (playwright-core driving Debian's `/usr/bin/chromium`, no browser
 //! download) against this crate's `dllm-chat` binary. What it checks is listed at the top of the
 //! spec. Without chromium, node or `web/node_modules` it fails when `CI` is set and otherwise
 //! prints how to install them (`scripts/deps` does) and passes.
@@ -108,5 +108,21 @@ fn the_widget_streams_resumes_and_reconnects_in_a_real_browser() {
         "the browser test failed\n{stdout}\n{stderr}"
     );
     // The checks that passed and where the screenshots are, for `cargo test -- --nocapture`.
+    println!("{stdout}");
+
+    // The latency dashboard on the same build (web/tests/dashboard.spec.mjs).
+    let run = Command::new("node")
+        .arg(web.join("tests/dashboard.spec.mjs"))
+        .current_dir(root)
+        .env("DLLM_BIN", env!("CARGO_BIN_EXE_dllm-chat"))
+        .env("CHROMIUM", &chromium)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success() && stdout.contains("all dashboard checks passed"),
+        "the dashboard browser test failed\n{stdout}\n{stderr}"
+    );
     println!("{stdout}");
 }

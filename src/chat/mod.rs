@@ -12,6 +12,8 @@
 //!   in replies generated elsewhere).
 //! - `reply`: one reply generated here, written under the lease.
 //! - `recovery`: ends the replies of dead or stalled replicas as `generator_lost`.
+//! - [`stats`]: the timing feed (a record per finished reply, a summary per replica each
+//!   second) across replicas, behind the live latency dashboard.
 //! - [`error`]: [`ChatError`].
 
 pub mod error;
@@ -19,6 +21,7 @@ pub mod events;
 mod hub;
 mod recovery;
 mod reply;
+pub mod stats;
 pub mod validate;
 
 use std::collections::{HashMap, VecDeque};
@@ -54,6 +57,7 @@ pub(crate) struct Core {
     engine: Arc<dyn Engine>,
     system_prompt: String,
     hub: Arc<hub::Hub>,
+    stats: Arc<stats::StatsBus>,
     /// This process's name in the store's running-reply records.
     replica: String,
     /// Replies generated here: response id -> (session id, cancel token).
@@ -133,9 +137,11 @@ impl Chat {
             engine,
             system_prompt,
         } = parts;
+        let replica = format!("replica_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let core = Arc::new(Core {
             hub: Arc::new(hub::Hub::new(config.watch_buffer)),
-            replica: format!("replica_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            stats: Arc::new(stats::StatsBus::new(replica.clone(), store.clone())),
+            replica,
             config,
             store,
             engine,
@@ -151,6 +157,7 @@ impl Chat {
             core.shutdown.clone(),
         ));
         tokio::spawn(recovery::run(core.clone()));
+        core.stats.start(core.shutdown.clone());
         Self {
             core,
             validator: Arc::new(validator),
@@ -159,6 +166,16 @@ impl Chat {
 
     pub fn validator(&self) -> &Validator {
         &self.validator
+    }
+
+    /// The timing feed of every replica on the store, as JSON records ([`stats::StatsRecord`]).
+    pub fn stats_feed(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.core.stats.subscribe()
+    }
+
+    /// This replica's name in the timing feed and the store's running-reply records.
+    pub fn replica(&self) -> &str {
+        &self.core.replica
     }
 
     pub fn engine(&self) -> &dyn Engine {

@@ -295,6 +295,7 @@ impl Reply {
             .lock()
             .expect("local replies poisoned")
             .remove(&response_id);
+        core.stats.reply_done(&done);
         core.hub.publish(&response_id, ReplyEvent::Done(done));
     }
 }
@@ -313,6 +314,7 @@ pub(super) async fn run_unstored(core: Arc<Core>, response_id: String, stream: R
                     .lock()
                     .expect("local replies poisoned")
                     .remove(&response_id);
+                core.stats.reply_done(&done);
                 core.hub.publish(&response_id, ReplyEvent::Done(done));
                 return;
             }

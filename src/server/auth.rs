@@ -13,6 +13,8 @@ pub(super) enum Refused {
     UnknownKey,
     /// A key in the URL while `auth.allow_query_key` is off.
     QueryKey,
+    /// A known key without `admin = true`, where an admin key is needed.
+    NotAdmin,
 }
 
 impl Refused {
@@ -22,6 +24,7 @@ impl Refused {
             Refused::QueryKey => {
                 "API keys in the URL are not accepted (auth.allow_query_key is off); send Authorization: Bearer <key>"
             }
+            Refused::NotAdmin => "this needs an admin key (an [[auth.keys]] entry with admin = true)",
         }
     }
 }
@@ -29,8 +32,26 @@ impl Refused {
 /// The owner name for the key in `Authorization: Bearer` (or `query_key`, `?api_key=` on a
 /// WebSocket upgrade, when `auth.allow_query_key` is on); `"anonymous"` with auth off.
 pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Result<String, Refused> {
+    caller(state, headers, query_key).map(|(owner, _)| owner)
+}
+
+/// As [`authenticate`], but only for an admin key (`admin = true`); anyone with auth off.
+pub(super) fn authenticate_admin(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_key: Option<&str>,
+) -> Result<String, Refused> {
+    match caller(state, headers, query_key)? {
+        (owner, true) => Ok(owner),
+        (_, false) => Err(Refused::NotAdmin),
+    }
+}
+
+/// The owner name of the presented key and whether it is an admin key; with auth off
+/// `"anonymous"`, an admin.
+fn caller(state: &AppState, headers: &HeaderMap, query_key: Option<&str>) -> Result<(String, bool), Refused> {
     if state.keys.is_empty() {
-        return Ok("anonymous".into());
+        return Ok(("anonymous".into(), true));
     }
     if query_key.is_some() && !state.config.auth.allow_query_key {
         return Err(Refused::QueryKey);
@@ -42,8 +63,8 @@ pub(super) fn authenticate(state: &AppState, headers: &HeaderMap, query_key: Opt
     let presented = bearer.or(query_key).ok_or(Refused::UnknownKey)?;
     state
         .keys
-        .owner(presented)
-        .map(str::to_owned)
+        .lookup(presented)
+        .map(|(owner, admin)| (owner.to_owned(), admin))
         .ok_or(Refused::UnknownKey)
 }
 

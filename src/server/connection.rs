@@ -35,10 +35,10 @@ use crate::protocol::{self, ClientEvent, MessageCreate, ServerEvent, WireError, 
 use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
-const CLOSE_GOING_AWAY: u16 = 1001;
-const CLOSE_POLICY: u16 = 1008;
+pub(super) const CLOSE_GOING_AWAY: u16 = 1001;
+pub(super) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
-const CLOSE_TRY_AGAIN: u16 = 1013;
+pub(super) const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// How long, after the core has ended every reply on shutdown, forwarders get to deliver the
 /// last events before the socket closes.
@@ -47,6 +47,12 @@ const FLUSH_AFTER_DRAIN: Duration = Duration::from_millis(500);
 #[derive(Deserialize)]
 pub(super) struct ConnectParams {
     api_key: Option<String>,
+}
+
+impl ConnectParams {
+    pub(super) fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
 }
 
 /// `GET /v1/chat`: checks the `Origin` (a browser page not in `server.allowed_origins` gets
@@ -109,7 +115,7 @@ pub(super) async fn upgrade(
         })
 }
 
-async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'static str) {
+pub(super) async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'static str) {
     crate::metrics::error(error.code.as_str());
     if let Ok(text) = serde_json::to_string(&ServerEvent::Error { error }) {
         let _ = socket.send(Message::Text(text.into())).await;

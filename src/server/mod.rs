@@ -8,7 +8,9 @@
 //! - [`openai`]: the OpenAI-compatible `/v1/chat/completions` and `/v1/models`.
 //! - [`chatwoot`]: the Chatwoot agent bot's webhook.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
-//! - [`web`]: the support widget (`/widget.js`) and its demo page (`/`).
+//! - [`stats`]: the timing feed `/v1/stats` behind the dashboard (admin keys only).
+//! - [`web`]: the support widget (`/widget.js`), its demo page (`/`) and the latency dashboard
+//!   (`/dashboard`).
 //! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
@@ -23,6 +25,7 @@ mod forward;
 mod http;
 mod openai;
 mod outbox;
+mod stats;
 mod web;
 
 use std::future::Future;
@@ -150,6 +153,7 @@ pub async fn run(
         .layer(cors(&state.config.server.allowed_origins));
     let app = Router::new()
         .route("/v1/chat", get(connection::upgrade))
+        .route("/v1/stats", get(stats::upgrade))
         .merge(api)
         .route("/integrations/chatwoot", post(chatwoot::webhook))
         .route("/health", get(http::health))
@@ -157,6 +161,8 @@ pub async fn run(
         .route("/metrics", get(http::metrics))
         .route("/", get(web::demo))
         .route("/widget.js", get(web::widget))
+        .route("/dashboard", get(web::dashboard))
+        .route("/dashboard.js", get(web::dashboard_script))
         .layer(DefaultBodyLimit::max(state.config.limits.hard_frame_bytes))
         .with_state(state.clone());
     let engine = state.chat.engine().info().engine;

@@ -1,4 +1,5 @@
-//! The support widget and its demo page: `GET /widget.js` and `GET /`, read from
+//! The support widget and its demo page: `GET /widget.js` and `GET /` (and the latency
+//! dashboard, `GET /dashboard` with `/dashboard.js`), read from
 //! `server.web_dir` (the Vite build output, `web/dist`) at request time, so a rebuilt widget is
 //! served without a restart. Missing files answer 503 with how to build them; the build output
 //! is never committed.
@@ -24,6 +25,28 @@ pub(super) async fn widget(State(state): State<Arc<AppState>>) -> Response {
         "widget.js",
         "text/javascript; charset=utf-8",
         WIDGET_CACHE,
+    )
+    .await
+}
+
+/// The live latency dashboard (it reads `/v1/stats`).
+pub(super) async fn dashboard(State(state): State<Arc<AppState>>) -> Response {
+    serve(
+        &state.config.server.web_dir,
+        "dashboard.html",
+        "text/html; charset=utf-8",
+        PAGE_CACHE,
+    )
+    .await
+}
+
+/// The dashboard's script (uPlot bundled in).
+pub(super) async fn dashboard_script(State(state): State<Arc<AppState>>) -> Response {
+    serve(
+        &state.config.server.web_dir,
+        "dashboard.js",
+        "text/javascript; charset=utf-8",
+        PAGE_CACHE,
     )
     .await
 }

@@ -186,6 +186,24 @@ pub trait SessionStore: Send + Sync {
         message: StoredMessage,
         event: &LoggedEvent,
     ) -> Result<bool, StoreError>;
+
+    /// Shares one timing-feed record (JSON) with every replica on this store. `Ok(false)`: the
+    /// store is not shared (the memory store), so the caller delivers it in-process.
+    async fn publish_stats(&self, _record: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Waits up to `block` for timing-feed records published after `cursor` (`None`: after
+    /// now); returns them with the cursor to pass next. `Ok(None)`: the store is not shared.
+    async fn read_stats(&self, _cursor: Option<&str>, _block: Duration) -> Result<Option<StatsBatch>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Timing-feed records read from a shared store, and where the next read starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsBatch {
+    pub records: Vec<String>,
+    pub cursor: String,
 }
 
 /// How long things live in a store.

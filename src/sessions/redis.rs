@@ -15,6 +15,7 @@
 //! | `{p}:response:<response_id>` | string | the session of a response, as long as its log |
 //! | `{p}:leases` | sorted set | sessions with a running reply, scored by lease deadline (ms since the epoch) |
 //! | `{p}:alias:<alias>` | string | the session an outside conversation id names (the Chatwoot bot's), with the session TTL |
+//! | `{p}:stats` | stream | the timing feed's records of every replica (`r` = JSON), about the newest [`STATS_KEPT`], expiring an hour after the last |
 //!
 //! The session keys carry the session TTL, refreshed on every read and append. Every write that
 //! must be atomic is one Lua script: an append (existence, idempotency, write), the start of a
@@ -23,7 +24,8 @@
 //! `{p}:response:*` beside one session's keys, so they need a single Redis (not a cluster).
 //!
 //! Blocking reads of reply logs (`XREAD BLOCK`) use a connection of their own: on the shared
-//! multiplexed connection they would stall every other command.
+//! multiplexed connection they would stall every other command; the timing feed's blocking
+//! reads have a third connection, so a quiet feed never delays a reply's tail.
 
 use std::time::Duration;
 
@@ -35,8 +37,11 @@ use redis::{AsyncCommands, AsyncConnectionConfig, Script};
 
 use super::{
     Appended, Begin, Lease, LeaseState, LoggedEvent, ReplyLog, ReplyStart, Retention, RunningReply, SessionInfo,
-    SessionStore, StoreError, StoredMessage, TailBatch, TailCursor,
+    SessionStore, StatsBatch, StoreError, StoredMessage, TailBatch, TailCursor,
 };
+
+/// Timing-feed records kept in `{p}:stats` (approximately: `XADD MAXLEN ~`).
+pub const STATS_KEPT: usize = 1000;
 
 const APPEND_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
@@ -142,6 +147,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     /// For blocking log reads only; reopened after an error.
     tail_conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// For the timing feed's blocking reads only; reopened after an error.
+    stats_conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     client: redis::Client,
     connect_timeout: Duration,
     command_timeout: Duration,
@@ -187,6 +194,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             tail_conn: tokio::sync::Mutex::new(None),
+            stats_conn: tokio::sync::Mutex::new(None),
             client,
             connect_timeout,
             command_timeout,
@@ -225,6 +233,10 @@ impl RedisStore {
 
     fn leases_key(&self) -> String {
         format!("{}:leases", self.prefix)
+    }
+
+    fn stats_key(&self) -> String {
+        format!("{}:stats", self.prefix)
     }
 
     fn log_ttl_ms(&self) -> u64 {
@@ -289,7 +301,15 @@ impl RedisStore {
 
     /// The connection for blocking reads, opened on first use.
     async fn tail_connection(&self, block: Duration) -> Result<MultiplexedConnection, StoreError> {
-        let mut slot = self.tail_conn.lock().await;
+        self.blocking_connection(&self.tail_conn, block).await
+    }
+
+    async fn blocking_connection(
+        &self,
+        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
+        block: Duration,
+    ) -> Result<MultiplexedConnection, StoreError> {
+        let mut slot = slot.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
@@ -754,5 +774,57 @@ impl SessionStore for RedisStore {
             Some(event),
         )
         .await
+    }
+
+    async fn publish_stats(&self, record: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.stats_key();
+        let _: () = self
+            .within(
+                redis::pipe()
+                    .cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STATS_KEPT)
+                    .arg("*")
+                    .arg("r")
+                    .arg(record)
+                    .ignore()
+                    .expire(&key, 3600)
+                    .ignore()
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    async fn read_stats(&self, cursor: Option<&str>, block: Duration) -> Result<Option<StatsBatch>, StoreError> {
+        let key = self.stats_key();
+        let cursor = match cursor {
+            Some(c) => c.to_owned(),
+            None => {
+                // The newest entry's id: `$` in every call would miss what arrives in between.
+                let mut conn = self.conn.clone();
+                let newest: StreamRangeReply = self.within(conn.xrevrange_count(&key, "+", "-", 1)).await?;
+                newest.ids.first().map_or_else(|| "0-0".to_owned(), |e| e.id.clone())
+            }
+        };
+        let options = StreamReadOptions::default()
+            .block(block.as_millis() as usize)
+            .count(256);
+        let mut conn = self.blocking_connection(&self.stats_conn, block).await?;
+        let read: Result<Option<StreamReadReply>, _> = conn.xread_options(&[&key], &[&cursor], &options).await;
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                *self.stats_conn.lock().await = None;
+                return Err(e.into());
+            }
+        };
+        let ids: Vec<StreamId> = read.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect();
+        let cursor = ids.last().map_or(cursor, |e| e.id.clone());
+        let records = ids.iter().filter_map(|e| e.get::<String>("r")).collect();
+        Ok(Some(StatsBatch { records, cursor }))
     }
 }
