@@ -233,3 +233,14 @@ proptest! {
         let _ = load_and_run(&path);
     }
 }
+
+#[test]
+fn retarget_refuses_an_architecture_that_is_not_a_string() {
+    let dir = tempfile::tempdir_in(&fixture().scratch).unwrap();
+    let (input, output) = (dir.path().join("in.gguf"), dir.path().join("out.gguf"));
+    let mut w = GgufWriter::new();
+    w.set_u32("general.architecture", 7).unwrap();
+    w.add_f32("token_embd.weight", &[4, 2], vec![0.0; 8]).unwrap();
+    w.write(&input).unwrap();
+    assert!(ggml_ext::retarget(&input, &output, "llada", "llama").is_err());
+}
