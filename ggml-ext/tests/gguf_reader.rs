@@ -72,6 +72,10 @@ fn the_unmodified_fixture_loads_and_runs() {
     let f = fixture();
     assert!(f.bytes.len() < 100 * 1024, "{} bytes", f.bytes.len());
     load_bytes(&f.bytes).unwrap();
+    // `DLLM_FUZZ_SEED_DIR=fuzz/corpus/gguf` writes this fixture as the gguf fuzz target's seed.
+    if let Some(dir) = std::env::var_os("DLLM_FUZZ_SEED_DIR") {
+        std::fs::write(Path::new(&dir).join("seed-fixture.gguf"), &f.bytes).unwrap();
+    }
 }
 
 #[test]
