@@ -79,6 +79,10 @@ pub fn retarget(input: &Path, output: &Path, from: &str, to: &str) -> Result<(),
                 .to_string_lossy()
                 .into_owned();
             if key == "general.architecture" {
+                // `gguf_get_val_str` asserts (aborts) on a value of another type.
+                if sys::gguf_get_kv_type(src.gguf, id) != sys::GGUF_TYPE_STRING {
+                    return Err(RetargetError::KeyType(key));
+                }
                 let found = CStr::from_ptr(sys::gguf_get_val_str(src.gguf, id))
                     .to_string_lossy()
                     .into_owned();

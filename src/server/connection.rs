@@ -36,6 +36,7 @@ use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
 pub(super) const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_INVALID_DATA: u16 = 1007;
 pub(super) const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 pub(super) const CLOSE_TRY_AGAIN: u16 = 1013;
@@ -187,12 +188,15 @@ async fn serve(
                     Some(Ok(Message::Close(_))) | None => break None,
                     Some(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "connection error");
-                        // Only a frame over the hard limit leaves a socket worth a close frame.
-                        let too_big = matches!(
-                            e.into_inner().downcast_ref::<tungstenite::Error>(),
-                            Some(tungstenite::Error::Capacity(_))
-                        );
-                        break too_big.then_some((CLOSE_TOO_BIG, "frame exceeds limits.hard_frame_bytes"));
+                        // Only a frame over the hard limit or a text frame that is not UTF-8
+                        // leaves a socket worth a close frame (RFC 6455: 1009, 1007).
+                        break match e.into_inner().downcast_ref::<tungstenite::Error>() {
+                            Some(tungstenite::Error::Capacity(_)) => {
+                                Some((CLOSE_TOO_BIG, "frame exceeds limits.hard_frame_bytes"))
+                            }
+                            Some(tungstenite::Error::Utf8(_)) => Some((CLOSE_INVALID_DATA, "text frame is not valid UTF-8")),
+                            _ => None,
+                        };
                     }
                 }
             }

@@ -220,7 +220,8 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
     };
     let required = |name: &str| tensor(name).ok_or_else(|| fail(format!("missing tensor {name}")));
     let k = |key: &str| format!("{arch}.{key}");
-    let int = |key: &str| gguf.int(&k(key)).map(|v| v as usize);
+    // A negative count or one past `usize` is as good as missing (never a wrapped, huge size).
+    let int = |key: &str| gguf.int(&k(key)).and_then(|v| usize::try_from(v).ok());
 
     let build = || -> Result<(ModelShape, Vec<Layer>, [*mut sys::ggml_tensor; 3]), RuntimeError> {
         let token_embd = required("token_embd.weight")?;
@@ -237,7 +238,19 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
             )));
         }
         // SAFETY: `token_embd` is a tensor descriptor of `meta`.
-        let n_vocab = unsafe { (*token_embd).ne[1] } as usize;
+        let n_vocab = usize::try_from(unsafe { (*token_embd).ne[1] }).unwrap_or(0);
+        if n_vocab == 0 {
+            return Err(fail("token_embd.weight has no rows".into()));
+        }
+        let mask_token = match gguf.int("tokenizer.ggml.mask_token_id") {
+            None => None,
+            Some(m) if (0..n_vocab as i64).contains(&m) => Some(m as i32),
+            Some(m) => {
+                return Err(fail(format!(
+                    "tokenizer.ggml.mask_token_id {m} is not a token (the vocabulary has {n_vocab})"
+                )))
+            }
+        };
         let shape = ModelShape {
             family,
             n_vocab,
@@ -248,9 +261,11 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
             context_length: int("context_length").unwrap_or(4096),
             rope_freq_base: gguf.float(&k("rope.freq_base")).unwrap_or(10_000.0),
             rms_eps: gguf.float(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-            mask_token: gguf.int("tokenizer.ggml.mask_token_id").map(|v| v as i32),
+            mask_token,
         };
-        let mut layers = Vec::with_capacity(n_layer);
+        // Not `with_capacity(n_layer)`: the count comes from the file, and a missing layer's
+        // tensors end the loop with an error long before a huge count matters.
+        let mut layers = Vec::new();
         for l in 0..n_layer {
             let w = |n: &str| required(&format!("blk.{l}.{n}.weight"));
             let b = |n: &str| tensor(&format!("blk.{l}.{n}.bias"));
@@ -269,6 +284,8 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
                 ffn_down: w("ffn_down")?,
             });
         }
+        check_shapes(&shape, token_embd, output_norm, output, &layers).map_err(fail)?;
+        check_data_fits(path, &gguf).map_err(fail)?;
         Ok((shape, layers, [token_embd, output_norm, output]))
     };
     let (shape, layers, [token_embd, output_norm, output]) = build().map_err(free_meta)?;
@@ -291,6 +308,97 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
         bytes: 0,
     };
     read_tensor_data(path, &gguf, weights)
+}
+
+/// The dimensions of `t` (ggml order, innermost first), trailing 1s dropped.
+fn dims(t: *mut sys::ggml_tensor) -> Vec<i64> {
+    // SAFETY: `t` is a live tensor descriptor.
+    let mut ne = unsafe { (*t).ne }.to_vec();
+    while ne.len() > 1 && ne[ne.len() - 1] == 1 {
+        ne.pop();
+    }
+    ne
+}
+
+/// Every tensor the graph uses has the shape the hyper-parameters imply, so a file whose
+/// metadata and tensors disagree is refused here instead of failing a ggml assertion (an abort)
+/// when the first graph is built.
+fn check_shapes(
+    shape: &ModelShape,
+    token_embd: *mut sys::ggml_tensor,
+    output_norm: *mut sys::ggml_tensor,
+    output: *mut sys::ggml_tensor,
+    layers: &[Layer],
+) -> Result<(), String> {
+    let as_i64 = |v: usize| i64::try_from(v).map_err(|_| format!("dimension {v} is too large"));
+    let (e, kv, vocab) = (
+        as_i64(shape.n_embd)?,
+        as_i64(shape.n_embd_kv())?,
+        as_i64(shape.n_vocab)?,
+    );
+    let expect = |name: &str, t: *mut sys::ggml_tensor, want: &[i64]| {
+        let got = dims(t);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "tensor {name} has shape {got:?}, the metadata implies {want:?}"
+            ))
+        }
+    };
+    expect("token_embd.weight", token_embd, &[e, vocab])?;
+    expect("output_norm.weight", output_norm, &[e])?;
+    expect("output.weight", output, &[e, vocab])?;
+    for (l, layer) in layers.iter().enumerate() {
+        let name = |n: &str| format!("blk.{l}.{n}");
+        // The feed-forward width is not needed elsewhere; take it from the gate and hold the
+        // other two to it.
+        let ff = dims(layer.ffn_gate).get(1).copied().unwrap_or(0);
+        if ff <= 0 {
+            return Err(format!("tensor {} has no rows", name("ffn_gate.weight")));
+        }
+        expect(&name("attn_norm.weight"), layer.attn_norm, &[e])?;
+        expect(&name("attn_q.weight"), layer.wq, &[e, e])?;
+        expect(&name("attn_k.weight"), layer.wk, &[e, kv])?;
+        expect(&name("attn_v.weight"), layer.wv, &[e, kv])?;
+        expect(&name("attn_output.weight"), layer.wo, &[e, e])?;
+        expect(&name("ffn_norm.weight"), layer.ffn_norm, &[e])?;
+        expect(&name("ffn_gate.weight"), layer.ffn_gate, &[e, ff])?;
+        expect(&name("ffn_up.weight"), layer.ffn_up, &[e, ff])?;
+        expect(&name("ffn_down.weight"), layer.ffn_down, &[ff, e])?;
+        for (n, bias, width) in [
+            ("attn_q", layer.bq, e),
+            ("attn_k", layer.bk, kv),
+            ("attn_v", layer.bv, kv),
+        ] {
+            if let Some(b) = bias {
+                expect(&name(&format!("{n}.bias")), b, &[width])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor's data lies inside the file, so the backend buffer (allocated from the sizes the
+/// file claims) is never larger than the file itself.
+fn check_data_fits(path: &Path, gguf: &Gguf) -> Result<(), String> {
+    let file_len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+    // SAFETY: `gguf.0` is live; every index is below `gguf_get_n_tensors`.
+    unsafe {
+        let data_offset = sys::gguf_get_data_offset(gguf.0) as u64;
+        for i in 0..sys::gguf_get_n_tensors(gguf.0) {
+            let offset = sys::gguf_get_tensor_offset(gguf.0, i) as u64;
+            let size = sys::gguf_get_tensor_size(gguf.0, i) as u64;
+            let end = data_offset.checked_add(offset).and_then(|s| s.checked_add(size));
+            if end.is_none_or(|end| end > file_len) {
+                let name = CStr::from_ptr(sys::gguf_get_tensor_name(gguf.0, i)).to_string_lossy();
+                return Err(format!(
+                    "tensor {name:?} claims {size} bytes at offset {offset}, past the end of the file ({file_len} bytes)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copies every tensor's bytes from the file into its backend memory.
@@ -319,7 +427,10 @@ fn read_tensor_data(path: &Path, gguf: &Gguf, mut weights: Weights) -> Result<We
         // SAFETY: `t` is a live descriptor.
         let size = unsafe { sys::ggml_nbytes(t) };
         bytes.resize(size, 0);
-        file.seek(SeekFrom::Start((data_offset + offset) as u64))
+        let start = (data_offset as u64)
+            .checked_add(offset as u64)
+            .ok_or_else(|| fail(format!("tensor offset {offset} overflows")))?;
+        file.seek(SeekFrom::Start(start))
             .and_then(|_| file.read_exact(&mut bytes))
             .map_err(|e| fail(format!("reading tensor data: {e}")))?;
         // SAFETY: `t` is allocated in the weights buffer with exactly `size` bytes.
