@@ -183,6 +183,7 @@ pub struct AuthConfig {
     /// Accept `?api_key=` on WebSocket upgrades (URLs end up in proxy and access logs).
     pub allow_query_key: bool,
     /// Publishable keys for the support widget, each bound to the origins of its pages.
+    #[serde(default)]
     pub widget_keys: Vec<WidgetKey>,
 }
 
