@@ -132,15 +132,7 @@ async fn keys_in_the_url_are_refused_unless_allowed() {
 
 /// The HTTP status of a refused upgrade, or `None` when it upgraded (and a session works).
 async fn upgrade_status(server: &TestServer, headers: &[(&str, &str)]) -> Option<u16> {
-    let url = format!("ws://{}/v1/chat", server.addr);
-    match Client::try_connect_with(&url, headers).await {
-        Ok(mut c) => {
-            expect_in(&mut c).await;
-            None
-        }
-        Err(tungstenite::Error::Http(response)) => Some(response.status().as_u16()),
-        Err(e) => panic!("upgrade failed otherwise: {e}"),
-    }
+    upgrade_status_at(&format!("ws://{}/v1/chat", server.addr), headers).await
 }
 
 #[tokio::test]
@@ -308,7 +300,7 @@ async fn another_keys_sessions_and_replies_read_exactly_like_unknown_ones() {
     server.stop().await;
 }
 
-/// Like `upgrade_status`, for a URL with a query string.
+/// The HTTP status of a refused upgrade of `url`, or `None` when it upgraded (and a session works).
 async fn upgrade_status_at(url: &str, headers: &[(&str, &str)]) -> Option<u16> {
     match Client::try_connect_with(url, headers).await {
         Ok(mut c) => {

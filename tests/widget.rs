@@ -94,35 +94,25 @@ fn the_widget_streams_resumes_and_reconnects_in_a_real_browser() {
         String::from_utf8_lossy(&build.stderr)
     );
 
-    let run = Command::new("node")
-        .arg(web.join("tests/widget.spec.mjs"))
-        .current_dir(root)
-        .env("DLLM_BIN", env!("CARGO_BIN_EXE_dllm-chat"))
-        .env("CHROMIUM", &chromium)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success() && stdout.contains("all widget checks passed"),
-        "the browser test failed\n{stdout}\n{stderr}"
-    );
-    // The checks that passed and where the screenshots are, for `cargo test -- --nocapture`.
-    println!("{stdout}");
-
-    // The latency dashboard on the same build (web/tests/dashboard.spec.mjs).
-    let run = Command::new("node")
-        .arg(web.join("tests/dashboard.spec.mjs"))
-        .current_dir(root)
-        .env("DLLM_BIN", env!("CARGO_BIN_EXE_dllm-chat"))
-        .env("CHROMIUM", &chromium)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success() && stdout.contains("all dashboard checks passed"),
-        "the dashboard browser test failed\n{stdout}\n{stderr}"
-    );
-    println!("{stdout}");
+    // The widget, then the latency dashboard, on the same build.
+    for (spec, passed) in [
+        ("tests/widget.spec.mjs", "all widget checks passed"),
+        ("tests/dashboard.spec.mjs", "all dashboard checks passed"),
+    ] {
+        let run = Command::new("node")
+            .arg(web.join(spec))
+            .current_dir(root)
+            .env("DLLM_BIN", env!("CARGO_BIN_EXE_dllm-chat"))
+            .env("CHROMIUM", &chromium)
+            .output()
+            .expect("node runs");
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            run.status.success() && stdout.contains(passed),
+            "the browser test {spec} failed\n{stdout}\n{stderr}"
+        );
+        // The checks that passed and where the screenshots are, for `cargo test -- --nocapture`.
+        println!("{stdout}");
+    }
 }
