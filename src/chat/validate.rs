@@ -25,6 +25,29 @@ pub struct MessageOptions {
     pub seed: Option<u64>,
 }
 
+impl From<&DecodeOptions> for MessageOptions {
+    /// Every option spelled out, the policy too, so a client that sends them gets exactly
+    /// `options` whatever the server's defaults are (the bench and eval clients).
+    fn from(o: &DecodeOptions) -> Self {
+        let (policy, threshold, factor) = match o.schedule {
+            Schedule::Fixed => (PolicyKind::Fixed, None, None),
+            Schedule::Threshold { tau } => (PolicyKind::Threshold, Some(tau), None),
+            Schedule::Factor { factor } => (PolicyKind::Factor, None, Some(factor)),
+        };
+        Self {
+            max_tokens: Some(o.max_tokens),
+            steps: Some(o.steps),
+            block_length: Some(o.block_length),
+            policy: Some(policy),
+            threshold,
+            factor,
+            selection: Some(o.selection),
+            temperature: Some(o.temperature),
+            seed: Some(o.seed),
+        }
+    }
+}
+
 /// A user message as a front end received it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
@@ -271,6 +294,34 @@ mod tests {
                 tau: c.decode.threshold
             }
         );
+    }
+
+    #[test]
+    fn options_spelled_out_from_decode_options_resolve_to_the_same_options() {
+        for schedule in [
+            Schedule::Fixed,
+            Schedule::Threshold { tau: 0.7 },
+            Schedule::Factor { factor: 2.5 },
+        ] {
+            let wanted = DecodeOptions {
+                max_tokens: 48,
+                steps: 12,
+                block_length: 16,
+                schedule,
+                selection: Selection::Margin,
+                temperature: 0.5,
+                seed: 7,
+            };
+            assert_ne!(
+                resolve(MessageOptions::default()).unwrap(),
+                wanted,
+                "the defaults alone would pass this test"
+            );
+            // Through the wire form the bench and eval clients send.
+            let wire = serde_json::to_string(&MessageOptions::from(&wanted)).unwrap();
+            let sent: MessageOptions = serde_json::from_str(&wire).unwrap();
+            assert_eq!(resolve(sent).unwrap(), wanted, "{wire}");
+        }
     }
 
     #[test]

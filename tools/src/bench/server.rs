@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{summarize, ConcurrencyResult, Conversation};
+use dllm_chat::chat::MessageOptions;
 use dllm_chat::config::Config;
-use dllm_chat::engine::{DecodeOptions, Engine, Schedule};
+use dllm_chat::engine::{DecodeOptions, Engine};
 
 /// Errors of a server run.
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +64,8 @@ pub async fn run_concurrent(
         let _ = stopped.await;
     }));
 
-    let mut wire_options = json!({"max_tokens": options.max_tokens, "block_length": options.block_length});
-    if let Schedule::Threshold { tau } = options.schedule {
-        wire_options["threshold"] = json!(tau);
-    }
+    // Every option, so a fixed or factor case runs that schedule and not the server's default.
+    let wire_options = serde_json::to_value(MessageOptions::from(options)).expect("options serialize");
     let started = Instant::now();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let clients = (0..level.max(1)).map(|_| async {
