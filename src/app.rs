@@ -3,7 +3,7 @@
 //! and the logging both binaries set up.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::chat::{Chat, ChatParts, ValidationError, Validator};
 use crate::config::{Config, ConfigError};
@@ -11,6 +11,7 @@ use crate::engine::{self, Engine, EngineError};
 use crate::models::ModelError;
 use crate::server::Services;
 use crate::sessions::{self, SessionStore, StoreError};
+use crate::tickets::Tickets;
 
 /// Logs to stderr, at `RUST_LOG`'s levels (llama.cpp's own chatter off by default).
 pub fn init_tracing() {
@@ -69,6 +70,7 @@ pub async fn build(config: Config) -> Result<Services, StartError> {
 /// engine between cases). Call inside a tokio runtime.
 pub fn assemble(config: Config, engine: Arc<dyn Engine>, store: Arc<dyn SessionStore>) -> Result<Services, StartError> {
     config.validate()?;
+    let tickets = Tickets::new(store.clone(), Duration::from_secs(config.auth.ticket_ttl_secs));
     let chat = Chat::start(ChatParts {
         validator: Validator::new(&config.decode, &config.limits)?,
         system_prompt: config.system_prompt()?,
@@ -76,5 +78,5 @@ pub fn assemble(config: Config, engine: Arc<dyn Engine>, store: Arc<dyn SessionS
         store,
         engine,
     });
-    Ok(Services { config, chat })
+    Ok(Services { config, chat, tickets })
 }

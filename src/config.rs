@@ -185,6 +185,8 @@ pub struct AuthConfig {
     /// Publishable keys for the support widget, each bound to the origins of its pages.
     #[serde(default)]
     pub widget_keys: Vec<WidgetKey>,
+    /// A one-time ticket from `POST /v1/tickets` admits one WebSocket upgrade within this long.
+    pub ticket_ttl_secs: u64,
 }
 
 /// A publishable key for the support widget: public (it sits in a page), so it is bound to the
@@ -491,6 +493,7 @@ impl Config {
                 return Err(invalid("messages_per_minute", "must be at least 1".into()));
             }
         }
+        positive("auth.ticket_ttl_secs", self.auth.ticket_ttl_secs as usize)?;
         self.validate_keys()
     }
 

@@ -88,11 +88,16 @@ fn hex(bytes: &[u8]) -> String {
 /// A fresh key: [`KEY_PREFIX`] and [`KEY_BYTES`] bytes from the operating system's random
 /// source, in hex (URL- and header-safe).
 pub fn generate() -> String {
+    random_token(KEY_PREFIX)
+}
+
+/// `prefix` and [`KEY_BYTES`] random bytes in hex: a secret nobody can guess.
+pub(crate) fn random_token(prefix: &str) -> String {
     let mut bytes = [0u8; KEY_BYTES];
     rand::rngs::OsRng
         .try_fill_bytes(&mut bytes)
         .expect("the operating system's random source works");
-    format!("{KEY_PREFIX}{}", hex(&bytes))
+    format!("{prefix}{}", hex(&bytes))
 }
 
 /// The `[[auth.keys]]` table that admits `key` under `name`, holding only its digest.
@@ -221,15 +226,12 @@ mod tests {
         let key = generate();
         let snippet = config_snippet("widget \"eu\"", &key);
         assert!(!snippet.contains(&key));
-        #[derive(serde::Deserialize)]
-        struct File {
-            auth: AuthConfig,
-        }
-        let toml = format!("[auth]\nallow_query_key = false\n\n{snippet}");
-        use figment::providers::Format;
-        let file: File = figment::Figment::from(figment::providers::Toml::string(&toml))
-            .extract()
-            .unwrap();
+        // As a user would: the snippet pasted into a configuration file.
+        let path = std::env::temp_dir().join(format!("dllm-keys-{}.toml", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, &snippet).unwrap();
+        let file = crate::config::Config::load(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        let file = file.unwrap();
         let entry = &file.auth.keys[0];
         assert_eq!(entry.name, "widget \"eu\"");
         assert_eq!(entry.digest.as_deref(), Some(KeyDigest::of(&key).to_string().as_str()));
@@ -240,8 +242,7 @@ mod tests {
     fn auth(keys: Vec<ApiKey>) -> AuthConfig {
         AuthConfig {
             keys,
-            allow_query_key: false,
-            widget_keys: Vec::new(),
+            ..crate::config::Config::defaults().auth
         }
     }
 

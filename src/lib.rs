@@ -17,6 +17,7 @@
 //! - [`models`]: where model files come from, including the built-in random fixture.
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`keys`]: API keys: generation, digests, the constant-time check.
+//! - [`tickets`]: one-time tickets that let a browser page open an authenticated WebSocket.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
 //! - [`app`]: the composition root that builds all of the above from a [`config::Config`].
 //!
@@ -33,5 +34,6 @@ pub mod models;
 pub mod protocol;
 pub mod server;
 pub mod sessions;
+pub mod tickets;
 
 pub use server::{bind, run, Services};

@@ -1,6 +1,6 @@
 //! Keys and isolation, black-box: digest and (deprecated) plain keys on the WebSocket and the
-//! OpenAI endpoint, keys in the URL off by default, the `Origin` allow-list, and another key's
-//! sessions and replies answered exactly like unknown ones.
+//! OpenAI endpoint, keys in the URL off by default, one-time tickets, the `Origin` allow-list,
+//! and another key's sessions and replies answered exactly like unknown ones.
 
 mod common;
 
@@ -128,6 +128,86 @@ async fn keys_in_the_url_are_refused_unless_allowed() {
     // Headers still work alongside.
     expect_in(&mut with_key(&server, DASHBOARD_KEY).await).await;
     server.stop().await;
+}
+
+/// `POST /v1/tickets` with an optional bearer key; (status, JSON body).
+async fn post_ticket(server: &TestServer, key: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(server.http_url("/v1/tickets"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = tokio::time::timeout(common::WAIT, request.send())
+        .await
+        .expect("answered in time")
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, serde_json::from_str(&response.text().await.unwrap()).unwrap())
+}
+
+/// A browser page gets a one-time ticket from its backend: it admits one upgrade, as the key
+/// that asked for it; a second use, a racing use, an expired or a made-up ticket is refused.
+#[tokio::test]
+async fn a_ticket_admits_one_upgrade_as_the_key_that_asked_for_it() {
+    for store in ["memory", "redis"] {
+        let mut config = two_keys();
+        config.auth.ticket_ttl_secs = 1;
+        if store == "redis" {
+            config.store.url = common::redis_url();
+        }
+        let server = TestServer::start(config).await;
+        let url = format!("ws://{}/v1/chat", server.addr);
+        let ticket = |body: &Value| body["ticket"].as_str().unwrap().to_owned();
+
+        for wrong in [None, Some("dk_not-a-key-000000000")] {
+            let (status, body) = post_ticket(&server, wrong).await;
+            assert_eq!(status, 401, "{store}: {body}");
+            assert_eq!(body["error"]["code"], "unauthorized", "{store}: {body}");
+        }
+        let (status, body) = post_ticket(&server, Some(WIDGET_KEY)).await;
+        assert_eq!(status, 201, "{store}: {body}");
+        assert_eq!(body["expires_in"], 1, "{store}: {body}");
+        let first = ticket(&body);
+        assert!(first.starts_with("tk_"), "{first}");
+
+        // In as `widget`: its session is widget's, not dashboard's.
+        let mut page = Client::connect(&format!("{url}?ticket={first}")).await;
+        let session = page.create_session().await;
+        let mut owner = with_key(&server, WIDGET_KEY).await;
+        owner
+            .send(json!({"type": "session.resume", "session_id": session}))
+            .await;
+        assert_eq!(owner.recv().await["type"], "session.resumed", "{store}");
+        let mut other = with_key(&server, DASHBOARD_KEY).await;
+        other
+            .send(json!({"type": "session.resume", "session_id": session}))
+            .await;
+        assert_eq!(other.recv().await["error"]["code"], "session_not_found", "{store}");
+
+        // Used once; a made-up one never.
+        let message = expect_unauthorized(&mut Client::connect(&format!("{url}?ticket={first}")).await).await;
+        assert!(message.contains("ticket"), "{message}");
+        expect_unauthorized(&mut Client::connect(&format!("{url}?ticket=tk_{}", "0".repeat(64))).await).await;
+
+        // Two upgrades racing with one ticket: exactly one gets in.
+        let (_, body) = post_ticket(&server, Some(DASHBOARD_KEY)).await;
+        let raced = format!("{url}?ticket={}", ticket(&body));
+        let (mut a, mut b) = tokio::join!(Client::connect(&raced), Client::connect(&raced));
+        a.send(json!({"type": "session.create"})).await;
+        b.send(json!({"type": "session.create"})).await;
+        let (a, b) = tokio::join!(a.recv(), b.recv());
+        let mut kinds = [
+            a["type"].as_str().unwrap().to_owned(),
+            b["type"].as_str().unwrap().to_owned(),
+        ];
+        kinds.sort();
+        assert_eq!(kinds, ["error", "session.created"], "{store}: {a} {b}");
+
+        // Expired after auth.ticket_ttl_secs.
+        let (_, body) = post_ticket(&server, Some(WIDGET_KEY)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+        expect_unauthorized(&mut Client::connect(&format!("{url}?ticket={}", ticket(&body))).await).await;
+        server.stop().await;
+    }
 }
 
 /// The HTTP status of a refused upgrade, or `None` when it upgraded (and a session works).

@@ -81,6 +81,21 @@ async fn create_get_and_ordered_history() {
         assert_eq!(got, info, "{name}");
         assert_eq!(got.metadata["page"], "/help", "{name}");
         assert!(store.messages(&info.id).await.unwrap().is_empty(), "{name}");
+        store
+            .set_metadata(&info.id, json!({"page": "/help", "user": {"id": "u1"}}))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&info.id).await.unwrap().metadata["user"]["id"],
+            "u1",
+            "{name}"
+        );
+        let unknown = store.set_metadata("sess_nope", json!({})).await;
+        assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{name}: {unknown:?}");
+        assert!(
+            matches!(store.get("sess_nope").await, Err(StoreError::NotFound(_))),
+            "{name}: not created by it"
+        );
 
         let first = store.append(&info.id, user("one", None)).await.unwrap();
         let reply = StoredMessage::new(Role::Assistant, "two".into(), Some(MessageStatus::Completed), None);
@@ -429,5 +444,32 @@ async fn an_alias_names_one_session_until_it_expires() {
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let fresh = store.aliased("chatwoot:1:42", "bot", json!({})).await.unwrap();
         assert_ne!(fresh.id, a.id, "{name}: an expired session is replaced");
+    }
+}
+
+#[tokio::test]
+async fn a_ticket_is_taken_once_and_not_after_it_expires() {
+    for (name, store) in stores(60).await {
+        store
+            .put_ticket("sha256:aa", "alice", Duration::from_secs(60))
+            .await
+            .unwrap();
+        store
+            .put_ticket("sha256:bb", "bob", Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.take_ticket("sha256:aa").await.unwrap().as_deref(),
+            Some("alice"),
+            "{name}"
+        );
+        assert_eq!(
+            store.take_ticket("sha256:aa").await.unwrap(),
+            None,
+            "{name}: taken once"
+        );
+        assert_eq!(store.take_ticket("sha256:cc").await.unwrap(), None, "{name}: unknown");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(store.take_ticket("sha256:bb").await.unwrap(), None, "{name}: expired");
     }
 }

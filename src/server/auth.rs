@@ -15,6 +15,8 @@ pub(super) enum Refused {
     QueryKey,
     /// A known key without `admin = true`, where an admin key is needed.
     NotAdmin,
+    /// A ticket that is unknown, already used or expired.
+    Ticket,
 }
 
 impl Refused {
@@ -25,6 +27,9 @@ impl Refused {
                 "API keys in the URL are not accepted (auth.allow_query_key is off); send Authorization: Bearer <key>"
             }
             Refused::NotAdmin => "this needs an admin key (an [[auth.keys]] entry with admin = true)",
+            Refused::Ticket => {
+                "unknown, used or expired ticket; ask POST /v1/tickets for a new one (each admits one connection)"
+            }
         }
     }
 }

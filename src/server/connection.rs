@@ -26,7 +26,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{authenticate, origin_allowed, widget, WidgetCheck};
+use super::auth::{authenticate, origin_allowed, widget, Refused, WidgetCheck};
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
@@ -48,6 +48,8 @@ const FLUSH_AFTER_DRAIN: Duration = Duration::from_millis(500);
 #[derive(Deserialize)]
 pub(super) struct ConnectParams {
     api_key: Option<String>,
+    /// A one-time ticket from `POST /v1/tickets`.
+    ticket: Option<String>,
 }
 
 impl ConnectParams {
@@ -72,6 +74,7 @@ pub(super) async fn upgrade(
         tracing::debug!(%peer, "upgrade from an origin not allowed refused");
         (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
     };
+    let permit = state.connections.clone().try_acquire_owned().ok();
     // A widget key carries its own origins; everything else the server-wide allow-list.
     let (owner, messages_per_minute) = match widget(&state, params.api_key.as_deref(), &headers) {
         WidgetCheck::WrongOrigin => return forbidden(),
@@ -80,11 +83,20 @@ pub(super) async fn upgrade(
             if !origin_allowed(&state.config.server.allowed_origins, &headers) {
                 return forbidden();
             }
-            (authenticate(&state, &headers, params.api_key.as_deref()), None)
+            let owner = match params.ticket.as_deref() {
+                // Refused anyway: the ticket stays good for another try.
+                Some(_) if permit.is_none() => Err(Denied::Full),
+                Some(ticket) => match state.tickets.redeem(ticket).await {
+                    Ok(Some(owner)) => Ok(owner),
+                    Ok(None) => Err(Denied::Refused(Refused::Ticket)),
+                    Err(e) => Err(Denied::Store(errors::from_ticket_store(&e))),
+                },
+                None => authenticate(&state, &headers, params.api_key.as_deref()).map_err(Denied::Refused),
+            };
+            (owner, None)
         }
     };
     let messages_per_minute = messages_per_minute.unwrap_or(state.config.limits.messages_per_minute);
-    let permit = state.connections.clone().try_acquire_owned().ok();
     let hard = state.config.limits.hard_frame_bytes;
     let server = &state.config.server;
     ws.max_message_size(hard)
@@ -98,10 +110,13 @@ pub(super) async fn upgrade(
             let tasks = state.tasks.clone();
             tasks.track_future(async move {
                 match (owner, permit) {
-                    (Err(refused), _) => {
+                    (Err(Denied::Refused(refused)), _) => {
                         refuse(socket, errors::from_refused(refused), CLOSE_POLICY, "unauthorized").await;
                     }
-                    (_, None) => {
+                    (Err(Denied::Store(error)), _) => {
+                        refuse(socket, error, CLOSE_TRY_AGAIN, "store unavailable").await;
+                    }
+                    (_, None) | (Err(Denied::Full), _) => {
                         refuse(
                             socket,
                             errors::too_many_connections(),
@@ -114,6 +129,15 @@ pub(super) async fn upgrade(
                 }
             })
         })
+}
+
+/// Why an upgrade is answered with an error and a close.
+enum Denied {
+    Refused(Refused),
+    /// The ticket could not be checked.
+    Store(WireError),
+    /// No connection slot (checked before a ticket is spent).
+    Full,
 }
 
 pub(super) async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'static str) {

@@ -73,6 +73,14 @@ pub(super) fn from_validation(e: &ValidationError) -> WireError {
     WireError::new(code, e.to_string())
 }
 
+/// A store failure while issuing or redeeming a ticket (no session is involved).
+pub(super) fn from_ticket_store(e: &StoreError) -> WireError {
+    match e {
+        StoreError::Unavailable(_) => from_store(e),
+        other => WireError::new(ErrorCode::Internal, format!("ticket not stored: {other}")),
+    }
+}
+
 fn from_store(e: &StoreError) -> WireError {
     match e {
         StoreError::NotFound(id) => WireError::new(

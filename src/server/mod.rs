@@ -9,6 +9,7 @@
 //! - [`chatwoot`]: the Chatwoot agent bot's webhook.
 //! - [`http`]: `/health`, `/ready`, `/metrics`.
 //! - [`stats`]: the timing feed `/v1/stats` behind the dashboard (admin keys only).
+//! - [`tickets`]: `POST /v1/tickets`, one-time tickets for browser upgrades.
 //! - [`web`]: the support widget (`/widget.js`), its demo page (`/`) and the latency dashboard
 //!   (`/dashboard`).
 //! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
@@ -26,6 +27,7 @@ mod http;
 mod openai;
 mod outbox;
 mod stats;
+mod tickets;
 mod web;
 
 use std::future::Future;
@@ -46,17 +48,20 @@ use tokio_util::task::TaskTracker;
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::keys::{BadKeyEntry, KeyRing};
+use crate::tickets::Tickets;
 
 /// What the server is built from.
 pub struct Services {
     pub config: Config,
     pub chat: Chat,
+    pub tickets: Tickets,
 }
 
 /// State shared by every connection.
 pub(crate) struct AppState {
     pub config: Config,
     pub chat: Chat,
+    pub tickets: Tickets,
     pub metrics: PrometheusHandle,
     /// The digests of `config.auth.keys`, computed once at start.
     pub keys: KeyRing,
@@ -119,7 +124,7 @@ pub async fn run(
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Services { config, chat } = services;
+    let Services { config, chat, tickets } = services;
     let keys = KeyRing::new(&config.auth)?;
     warn_about_auth(&config);
     let chatwoot = match config.chatwoot.enabled {
@@ -132,6 +137,7 @@ pub async fn run(
         connections: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
         chat,
+        tickets,
         metrics: crate::metrics::install(),
         shutdown: CancellationToken::new(),
         drained: CancellationToken::new(),
@@ -154,6 +160,7 @@ pub async fn run(
     let app = Router::new()
         .route("/v1/chat", get(connection::upgrade))
         .route("/v1/stats", get(stats::upgrade))
+        .route("/v1/tickets", post(tickets::issue))
         .merge(api)
         .route("/integrations/chatwoot", post(chatwoot::webhook))
         .route("/health", get(http::health))

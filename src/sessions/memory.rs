@@ -80,6 +80,8 @@ struct State {
     logs: HashMap<String, Log>,
     /// Alias -> session id.
     aliases: HashMap<String, String>,
+    /// Ticket digest -> (owner, expiry).
+    tickets: HashMap<String, (String, Instant)>,
 }
 
 impl State {
@@ -216,6 +218,26 @@ impl SessionStore for MemoryStore {
 
     async fn messages(&self, id: &str) -> Result<Vec<StoredMessage>, StoreError> {
         Ok(self.lock().live(id, self.ttl())?.messages.clone())
+    }
+
+    async fn put_ticket(&self, digest: &str, owner: &str, ttl: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        state.tickets.retain(|_, (_, expires)| *expires > now);
+        state.tickets.insert(digest.to_owned(), (owner.to_owned(), now + ttl));
+        Ok(())
+    }
+
+    async fn take_ticket(&self, digest: &str) -> Result<Option<String>, StoreError> {
+        let taken = self.lock().tickets.remove(digest);
+        Ok(taken
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(owner, _)| owner))
+    }
+
+    async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError> {
+        self.lock().live(id, self.ttl())?.info.metadata = metadata;
+        Ok(())
     }
 
     async fn append(&self, id: &str, message: StoredMessage) -> Result<Appended, StoreError> {

@@ -137,6 +137,12 @@ pub trait SessionStore: Send + Sync {
     async fn get(&self, id: &str) -> Result<SessionInfo, StoreError>;
     /// All messages, oldest first.
     async fn messages(&self, id: &str) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Keeps a one-time ticket (by its digest) for `owner` for `ttl`.
+    async fn put_ticket(&self, digest: &str, owner: &str, ttl: Duration) -> Result<(), StoreError>;
+    /// Takes a ticket: its owner the first time, `None` afterwards, after expiry or when unknown.
+    async fn take_ticket(&self, digest: &str) -> Result<Option<String>, StoreError>;
+    /// Replaces the session's metadata; `NotFound` when the session is gone.
+    async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError>;
     /// Appends `message` unless one with the same `client_message_id` exists; refreshes expiry.
     async fn append(&self, id: &str, message: StoredMessage) -> Result<Appended, StoreError>;
     /// Checks the store answers (for `/ready`).

@@ -59,6 +59,15 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
 return {'ok'}
 "#;
 
+/// KEYS: info. ARGV: metadata (JSON), session ttl (s). Only an existing session is written, so
+/// an update racing the session's expiry cannot bring back a header without its messages.
+const SET_METADATA_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'metadata', ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"#;
+
 /// KEYS: info, messages, client_ids, lease, fence, running, response, leases.
 /// ARGV: message, client_message_id, session ttl (s), lease (ms), response_id, replica,
 /// started_at, message_id, now (ms), session_id.
@@ -162,6 +171,7 @@ pub struct RedisStore {
     finish: Script,
     recover: Script,
     cancel: Script,
+    set_metadata: Script,
 }
 
 impl RedisStore {
@@ -208,6 +218,7 @@ impl RedisStore {
             finish: Script::new(&format!("{FINISH_CHECK}\n{END_REPLY}")),
             recover: Script::new(&format!("{RECOVER_CHECK}\n{END_REPLY}")),
             cancel: Script::new(CANCEL_SCRIPT),
+            set_metadata: Script::new(SET_METADATA_SCRIPT),
         })
     }
 
@@ -450,6 +461,37 @@ impl SessionStore for RedisStore {
         }
         self.touch(id).await?;
         raw.iter().map(|m| parse_message(m)).collect()
+    }
+
+    async fn put_ticket(&self, digest: &str, owner: &str, ttl: Duration) -> Result<(), StoreError> {
+        let key = format!("{}:ticket:{digest}", self.prefix);
+        let options = redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl.as_millis().max(1) as u64));
+        self.within(self.conn.clone().set_options::<_, _, ()>(&key, owner, options))
+            .await?;
+        Ok(())
+    }
+
+    async fn take_ticket(&self, digest: &str) -> Result<Option<String>, StoreError> {
+        let key = format!("{}:ticket:{digest}", self.prefix);
+        // GETDEL: of two upgrades with one ticket, exactly one gets the owner.
+        Ok(self.within(self.conn.clone().get_del(&key)).await?)
+    }
+
+    async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError> {
+        let [info_key, ..] = self.keys(id);
+        let written: i64 = self
+            .within(
+                self.set_metadata
+                    .key(&info_key)
+                    .arg(metadata.to_string())
+                    .arg(self.ttl_secs)
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
+        if written == 0 {
+            return Err(StoreError::NotFound(id.to_owned()));
+        }
+        self.touch(id).await
     }
 
     async fn append(&self, id: &str, message: StoredMessage) -> Result<Appended, StoreError> {
