@@ -32,9 +32,14 @@ pub const REPLIES_RECOVERED: &str = "dllm_replies_recovered_total";
 pub const PROMPT_TOKENS: &str = "dllm_prompt_tokens_total";
 pub const ENGINE_STEP: &str = "dllm_engine_step_seconds";
 pub const ENGINE_BATCH: &str = "dllm_engine_batch_replies";
+pub const REPLY_PHASE: &str = "dllm_reply_phase_seconds";
 
 const SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Phases of a reply last from well under a millisecond (a cached prompt) to seconds.
+const PHASE_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 const RATES: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
@@ -54,6 +59,7 @@ pub fn install() -> PrometheusHandle {
                 (REPLY_TOKENS_PER_SECOND, RATES),
                 (ENGINE_STEP, SECONDS),
                 (ENGINE_BATCH, COUNTS),
+                (REPLY_PHASE, PHASE_SECONDS),
             ]
             .into_iter()
             .fold(PrometheusBuilder::new(), |b, (name, buckets)| {
@@ -151,6 +157,21 @@ pub fn engine_step(duration: Duration, replies: usize) {
     histogram!(ENGINE_BATCH).record(replies as f64);
 }
 
+/// Where a finished reply's time went in the engine, one observation per phase.
+pub fn reply_phases(p: &crate::engine::Phases) {
+    for (phase, d) in [
+        ("queue", p.queue),
+        ("prompt", p.prompt),
+        ("prefill", p.prefill),
+        ("denoise", p.denoise),
+        ("compute", p.compute),
+        ("revision", p.revision),
+        ("between_steps", p.between_steps),
+    ] {
+        histogram!(REPLY_PHASE, "phase" => phase).record(d.as_secs_f64());
+    }
+}
+
 /// `n` revisions a slow reader did not get (each revision carries the whole reply).
 pub fn revisions_skipped(n: u64) {
     counter!(REVISIONS_SKIPPED).increment(n);
@@ -195,6 +216,7 @@ mod tests {
         PROMPT_TOKENS,
         ENGINE_STEP,
         ENGINE_BATCH,
+        REPLY_PHASE,
     ];
     const HISTOGRAMS: &[&str] = &[
         TIME_TO_FIRST_REVISION,
@@ -205,6 +227,7 @@ mod tests {
         REPLY_TOKENS_PER_SECOND,
         ENGINE_STEP,
         ENGINE_BATCH,
+        REPLY_PHASE,
     ];
 
     /// The `dllm_*` names in a text.
@@ -232,7 +255,10 @@ mod tests {
                 let expr = target["expr"].as_str().expect("an expr");
                 for name in names(expr) {
                     queried += 1;
-                    let known = if let Some(h) = name.strip_suffix("_bucket") {
+                    let series = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| name.strip_suffix(suffix));
+                    let known = if let Some(h) = series.filter(|h| HISTOGRAMS.contains(h)) {
                         HISTOGRAMS.contains(&h)
                     } else {
                         ALL.contains(&name) && !HISTOGRAMS.contains(&name)
@@ -252,11 +278,12 @@ mod tests {
             }
         }
         assert!(queried >= HISTOGRAMS.len(), "the dashboard queries hardly anything");
+        let everything = dashboard.to_string();
         for h in HISTOGRAMS {
-            assert!(
-                names(&dashboard.to_string()).contains(&format!("{h}_bucket").as_str()),
-                "no panel charts {h}"
-            );
+            let charted = names(&everything)
+                .iter()
+                .any(|n| *n == format!("{h}_bucket") || *n == format!("{h}_sum"));
+            assert!(charted, "no panel charts {h}");
         }
     }
 

@@ -100,6 +100,51 @@ async fn reply_streams_revisions_and_history_survives_reconnect() {
     server.stop().await;
 }
 
+/// Revisions reach the client as the engine makes them, not bunched up at the end, and
+/// `timings` splits the reply into phases that add up to its total.
+#[tokio::test]
+async fn revisions_arrive_as_they_are_made_and_the_timings_add_up() {
+    let server = TestServer::start(test_config()).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    let sent = std::time::Instant::now();
+    send_long(&mut client, &session).await;
+    let mut first_revision = None;
+    let (done, done_at) = loop {
+        let e = client.recv().await;
+        if e["type"] == "response.revision" && first_revision.is_none() {
+            first_revision = Some(sent.elapsed());
+        }
+        if e["type"] == "response.done" {
+            break (e, sent.elapsed());
+        }
+    };
+    let first_revision = first_revision.expect("revisions came");
+    assert!(
+        first_revision * 2 < done_at,
+        "the first revision came at {first_revision:?}, the end at {done_at:?}"
+    );
+
+    let t = &done["timings"];
+    let f = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("timings.{k} in {t}"));
+    assert_eq!(t["steps"], 256, "{t}");
+    let parts = [
+        "queue_ms",
+        "prompt_ms",
+        "prefill_ms",
+        "denoise_ms",
+        "revision_ms",
+        "between_steps_ms",
+        "handoff_ms",
+    ];
+    let sum: f64 = parts.iter().map(|k| f(k)).sum();
+    assert!((sum - f("total_ms")).abs() < 0.5, "the parts add up to {sum}: {t}");
+    assert!(parts.iter().all(|k| f(k) >= 0.0), "{t}");
+    assert!(f("compute_ms") > 0.0 && f("compute_ms") <= f("denoise_ms"), "{t}");
+    assert!(f("denoise_ms") > f("prefill_ms"), "256 steps outweigh one prefill: {t}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn reference_engine_streams_whole_revisions_too() {
     let mut config = test_config();

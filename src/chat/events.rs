@@ -88,9 +88,28 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
+/// A reply's timings. `total_ms` runs from the message reaching the engine to the reply's end and
+/// splits into `queue_ms + prompt_ms + prefill_ms + denoise_ms + revision_ms + between_steps_ms +
+/// handoff_ms` (a failed reply has only the first few).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Timings {
+    /// Waiting for the prompt thread and for a running slot.
     pub queue_ms: f64,
+    /// Rendering the template, tokenizing and fitting the history.
+    pub prompt_ms: f64,
+    /// Computing the prompt's K/V not cached from earlier turns.
+    pub prefill_ms: f64,
+    /// The denoising steps (each step's whole batch).
+    pub denoise_ms: f64,
+    /// Of `denoise_ms`, the model's evaluation; the rest is host work.
+    pub compute_ms: f64,
+    /// Building revisions (detokenizing the canvas).
+    pub revision_ms: f64,
+    /// In the engine between this reply's steps (other replies' prefills, scheduling).
+    pub between_steps_ms: f64,
+    /// Handing the request to the engine and its events back to the conversation core.
+    pub handoff_ms: f64,
     pub first_revision_ms: f64,
     pub total_ms: f64,
     pub steps: usize,

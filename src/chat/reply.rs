@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{DoneEvent, FailureKind, ReplyEvent, ReplyFailure, ReplyStatus, RevisionEvent, Timings, Usage};
 use super::Core;
-use crate::engine::{EngineError, EngineEvent, ReplyStream, StopReason};
+use crate::engine::{EngineError, EngineEvent, Phases, ReplyStream, StopReason};
 use crate::sessions::{Lease, LeaseState, LoggedEvent, MessageStatus, Role, SessionStore, StoredMessage};
 
 /// A running reply and what it needs.
@@ -104,6 +104,21 @@ async fn keep_lease(
     }
 }
 
+impl Timings {
+    /// Fills in the engine's phases; what the engine does not account for is hand-off.
+    fn split(&mut self, p: &Phases) {
+        self.queue_ms = ms(p.queue);
+        self.prompt_ms = ms(p.prompt);
+        self.prefill_ms = ms(p.prefill);
+        self.denoise_ms = ms(p.denoise);
+        self.compute_ms = ms(p.compute);
+        self.revision_ms = ms(p.revision);
+        self.between_steps_ms = ms(p.between_steps);
+        let engine = p.queue + p.prompt + p.prefill + p.denoise + p.revision + p.between_steps;
+        self.handoff_ms = (self.total_ms - ms(engine)).max(0.0);
+    }
+}
+
 /// A reply's engine events turned into reply events, with its usage, timings and metrics.
 pub(super) struct Progress {
     submitted: Instant,
@@ -170,6 +185,7 @@ impl Progress {
                 self.usage.completion_tokens = c.completion_tokens;
                 self.timings.steps = c.steps;
                 self.timings.total_ms = ms(self.submitted.elapsed());
+                self.timings.split(&c.phases);
                 let (status, stored, label) = match c.reason {
                     StopReason::Completed => (ReplyStatus::Completed, MessageStatus::Completed, "completed"),
                     StopReason::Cancelled => (ReplyStatus::Cancelled, MessageStatus::Cancelled, "cancelled"),

@@ -222,6 +222,7 @@ mod tests {
                 first_revision_ms: 9.0,
                 total_ms: 40.0,
                 steps: 4,
+                ..Timings::default()
             },
             error: None,
         };

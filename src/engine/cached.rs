@@ -28,7 +28,7 @@ use std::time::Instant;
 use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
 use super::jobs::{self, Job, Loaded};
-use super::scheduler::{self, Backend, Running, Step};
+use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::ChatModel;
 use super::{Capacity, Engine, EngineError, EngineInfo};
@@ -170,7 +170,9 @@ impl Backend for Worker {
                 commit: false,
             })
             .collect();
+        let evaluating = Instant::now();
         let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
+        let compute = evaluating.elapsed();
         drop(segments);
         crate::metrics::engine_step(started.elapsed(), replies.len());
         let predictions = match evaluated {
@@ -188,7 +190,7 @@ impl Backend for Worker {
                 unreachable!("the top-k head returns top-k predictions")
             };
             let unmasked = r.canvas.step_top_k(&plan.active, &tops);
-            stepped(r, Ok(unmasked));
+            stepped(r, Ok(Stepped { unmasked, compute }));
         }
     }
 

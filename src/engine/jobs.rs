@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,8 +29,8 @@ use super::canvas::Canvas;
 use super::prompt::{self, Prompt};
 use super::vocab::ChatModel;
 use super::{
-    Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, ReplyStream,
-    Revision, StopReason,
+    Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, Phases,
+    ReplyStream, Revision, StopReason,
 };
 
 /// A reply on its way to (or inside) an engine thread, its prompt prepared.
@@ -40,6 +40,10 @@ pub(crate) struct Job {
     pub events: mpsc::UnboundedSender<EngineEvent>,
     pub cancel: CancellationToken,
     pub queued_at: Instant,
+    /// When the engine began admitting it.
+    pub admitted_at: Option<Instant>,
+    /// Where its time went so far; `prompt` is filled in by the prompt thread.
+    pub phases: Phases,
 }
 
 impl Job {
@@ -73,11 +77,17 @@ impl Job {
 
     /// Ends the reply with what `canvas` holds.
     pub fn finish(&self, canvas: &Canvas, chat: &ChatModel, reason: StopReason) {
+        let text = chat.render(canvas.tokens(), canvas.reply_len(), "");
+        let mut phases = self.phases;
+        let inside = self.admitted_at.map_or(Duration::ZERO, |at| at.elapsed());
+        phases.between_steps = inside.saturating_sub(phases.prefill + phases.denoise + phases.revision);
+        crate::metrics::reply_phases(&phases);
         let _ = self.events.send(EngineEvent::Finished(Completion {
             reason,
-            text: chat.render(canvas.tokens(), canvas.reply_len(), ""),
+            text,
             completion_tokens: canvas.reply_len(),
             steps: canvas.steps(),
+            phases,
         }));
     }
 }
@@ -172,6 +182,7 @@ fn prepare_prompts(
     waiting: &AtomicUsize,
 ) {
     for p in pending {
+        let preparing = Instant::now();
         match prompt::prepare(chat, &p.request, context, boundaries) {
             Ok(prompt) => {
                 let job = Job {
@@ -180,6 +191,11 @@ fn prepare_prompts(
                     events: p.events,
                     cancel: p.cancel,
                     queued_at: p.queued_at,
+                    admitted_at: None,
+                    phases: Phases {
+                        prompt: preparing.elapsed(),
+                        ..Phases::default()
+                    },
                 };
                 if jobs.send(job).is_err() {
                     return;

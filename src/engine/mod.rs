@@ -81,6 +81,7 @@ pub enum EngineEvent {
         cached_tokens: usize,
         /// Oldest turns left out to fit the context window.
         dropped_turns: usize,
+        /// Waiting for the prompt thread and a running slot (not preparing the prompt itself).
         queue_wait: Duration,
     },
     Revision(Revision),
@@ -115,6 +116,30 @@ pub struct Completion {
     pub text: String,
     pub completion_tokens: usize,
     pub steps: usize,
+    pub phases: Phases,
+}
+
+/// Where a reply's time went inside the engine. From submission to the end, the phases add up:
+/// `queue + prompt + prefill + denoise + revision + between_steps`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// Waiting for the prompt thread and then for a running slot.
+    pub queue: Duration,
+    /// Rendering the chat template, tokenizing and fitting the history (the prompt thread).
+    pub prompt: Duration,
+    /// Computing the prompt's K/V into the conversation cache (what it did not hold already).
+    pub prefill: Duration,
+    /// The reply's denoising steps, from the start of each step to the moment its result was
+    /// ready; with several replies in one batch, each waits for the whole batch.
+    pub denoise: Duration,
+    /// Of `denoise`, the time in the model's evaluation (the rest is host work: planning the
+    /// step, choosing what to unmask, waiting for other replies' evaluations).
+    pub compute: Duration,
+    /// Building revisions: detokenizing the canvas and handing the event over.
+    pub revision: Duration,
+    /// Inside the engine but in none of the above: other replies' prefills and the scheduler's
+    /// bookkeeping between steps.
+    pub between_steps: Duration,
 }
 
 /// Errors from engines, grouped by what the caller can do about them: start-up failures (the

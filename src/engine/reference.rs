@@ -12,6 +12,7 @@
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -19,7 +20,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
 use super::jobs::{self, Job, Loaded};
-use super::scheduler::{self, Backend, Running, Step};
+use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::EngineSettings;
 use super::vocab::{backend, ChatModel};
 use super::{Engine, EngineError, EngineInfo};
@@ -75,13 +76,16 @@ impl Backend for Worker<'_> {
             let active = r.canvas.active_positions();
             self.batch.clear();
             let first_row = self.add_to_batch(r, &active);
+            let decoding = Instant::now();
             let step = match self.ctx.decode(&mut self.batch) {
                 Ok(()) => {
+                    let compute = decoding.elapsed();
                     let rows: Vec<&[f32]> = active
                         .iter()
                         .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
                         .collect();
-                    Ok(r.canvas.step(&active, &rows))
+                    let unmasked = r.canvas.step(&active, &rows);
+                    Ok(Stepped { unmasked, compute })
                 }
                 Err(e) => Err(EngineError::Decode(e.to_string())),
             };

@@ -7,6 +7,8 @@
 //! graph evaluation, the reference engine one decode after another; either way each reply's
 //! revision goes out as soon as its step is done.
 
+use std::time::{Duration, Instant};
+
 use super::canvas::Canvas;
 use super::jobs::{Intake, Job};
 use super::vocab::ChatModel;
@@ -31,8 +33,17 @@ pub(crate) trait Backend {
     fn release(&mut self, state: Self::State);
 }
 
-/// The outcome of one reply's step: positions unmasked, or why the reply failed.
-pub(crate) type Step = Result<usize, EngineError>;
+/// The outcome of one reply's step, or why the reply failed.
+pub(crate) type Step = Result<Stepped, EngineError>;
+
+/// One reply's step as the backend computed it.
+pub(crate) struct Stepped {
+    /// Positions the step unmasked.
+    pub unmasked: usize,
+    /// Time the reply's step spent in the model's evaluation (a batched evaluation counts whole
+    /// for every reply in it).
+    pub compute: Duration,
+}
 
 /// A reply in progress.
 pub(crate) struct Running<S> {
@@ -71,9 +82,17 @@ pub(crate) fn run<B: Backend>(
         if replies.is_empty() {
             continue;
         }
+        let step_started = Instant::now();
         backend.step(&mut replies, &mut |r, step| {
+            r.job.phases.denoise += step_started.elapsed();
             r.live = match step {
-                Ok(unmasked) => r.job.report_step(&r.canvas, chat, placeholder, unmasked),
+                Ok(stepped) => {
+                    r.job.phases.compute += stepped.compute;
+                    let building = Instant::now();
+                    let live = r.job.report_step(&r.canvas, chat, placeholder, stepped.unmasked);
+                    r.job.phases.revision += building.elapsed();
+                    live
+                }
                 Err(e) => {
                     r.job.fail(e);
                     false
@@ -89,8 +108,12 @@ pub(crate) fn run<B: Backend>(
 }
 
 /// Starts `job` and announces it; `None` when it failed or nobody listens any more.
-fn admit<B: Backend>(backend: &mut B, job: Job, chat: &ChatModel) -> Option<Running<B::State>> {
-    let queue_wait = job.queued_at.elapsed();
+fn admit<B: Backend>(backend: &mut B, mut job: Job, chat: &ChatModel) -> Option<Running<B::State>> {
+    let admitting = Instant::now();
+    job.phases.queue = admitting
+        .duration_since(job.queued_at)
+        .saturating_sub(job.phases.prompt);
+    job.admitted_at = Some(admitting);
     let (state, cached_tokens) = match backend.admit(&job) {
         Ok(admitted) => admitted,
         Err(e) => {
@@ -98,11 +121,12 @@ fn admit<B: Backend>(backend: &mut B, job: Job, chat: &ChatModel) -> Option<Runn
             return None;
         }
     };
+    job.phases.prefill = admitting.elapsed();
     let started = EngineEvent::Started {
         prompt_tokens: job.prompt.tokens.len(),
         cached_tokens,
         dropped_turns: job.prompt.dropped_turns,
-        queue_wait,
+        queue_wait: job.phases.queue,
     };
     if job.events.send(started).is_err() {
         backend.release(state);

@@ -359,6 +359,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         });
         let results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
         println!("{}", bench::cases_table(&results));
+        println!(
+            "Where the time goes (mean ms per reply):\n\n{}",
+            bench::phases_table(&results)
+        );
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
     for engine in [&reference, &prefix] {

@@ -15,7 +15,7 @@ pub mod server;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use dllm_chat::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
+use dllm_chat::engine::{self, ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest, Phases};
 use dllm_train::corpus::{Dialog, Turn};
 
 use crate::eval::IntentClassifier;
@@ -41,6 +41,9 @@ pub struct CaseResult {
     pub prompt_tokens: f64,
     /// Share of replies of the expected intent, when a classifier was given.
     pub intent_accuracy: Option<f64>,
+    /// Where a reply's time went, on average.
+    pub mean_phases: Phases,
+    pub mean_latency: Duration,
 }
 
 /// Figures for one concurrency level.
@@ -111,6 +114,7 @@ struct Measured {
     tokens: usize,
     steps: usize,
     prompt_tokens: usize,
+    phases: Phases,
 }
 
 async fn measure(
@@ -133,6 +137,7 @@ async fn measure(
         tokens: options.max_tokens.max(outcome.completion.completion_tokens),
         steps: outcome.completion.steps,
         prompt_tokens: outcome.prompt_tokens,
+        phases: outcome.completion.phases,
     })
 }
 
@@ -183,6 +188,8 @@ pub async fn run_cases(
             steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
             prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
             intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
+            mean_phases: mean_phases(measured.iter().map(|m| &m.phases)),
+            mean_latency: Duration::from_secs_f64(total_time / n),
         });
     }
     Ok(results)
@@ -280,6 +287,62 @@ pub fn cases_table(results: &[CaseResult]) -> String {
             r.steps_per_reply,
             r.intent_accuracy.map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
             base / r.median_latency.as_secs_f64().max(1e-9)
+        ));
+    }
+    out
+}
+
+fn mean_phases<'a>(phases: impl Iterator<Item = &'a Phases>) -> Phases {
+    let mut sum = Phases::default();
+    let mut n = 0u32;
+    for p in phases {
+        sum.queue += p.queue;
+        sum.prompt += p.prompt;
+        sum.prefill += p.prefill;
+        sum.denoise += p.denoise;
+        sum.compute += p.compute;
+        sum.revision += p.revision;
+        sum.between_steps += p.between_steps;
+        n += 1;
+    }
+    let n = n.max(1);
+    Phases {
+        queue: sum.queue / n,
+        prompt: sum.prompt / n,
+        prefill: sum.prefill / n,
+        denoise: sum.denoise / n,
+        compute: sum.compute / n,
+        revision: sum.revision / n,
+        between_steps: sum.between_steps / n,
+    }
+}
+
+/// Markdown table of where each case's reply time goes (means per reply, ms): the engine's
+/// phases, and what is left of the reply's latency outside them (hand-off to and from the
+/// engine's threads).
+pub fn phases_table(results: &[CaseResult]) -> String {
+    let mut out = String::from(
+        "| case | mean latency | queue | prompt | prefill | denoise | of which compute | host per step | revisions | between steps | hand-off |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for r in results {
+        let p = &r.mean_phases;
+        let engine = p.queue + p.prompt + p.prefill + p.denoise + p.revision + p.between_steps;
+        let host_per_step = ms(p.denoise.saturating_sub(p.compute)) / r.steps_per_reply.max(1.0);
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} |\n",
+            r.name,
+            ms(r.mean_latency),
+            ms(p.queue),
+            ms(p.prompt),
+            ms(p.prefill),
+            ms(p.denoise),
+            ms(p.compute),
+            host_per_step,
+            ms(p.revision),
+            ms(p.between_steps),
+            ms(r.mean_latency.saturating_sub(engine)),
         ));
     }
     out
