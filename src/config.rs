@@ -174,6 +174,10 @@ pub struct ChatConfig {
     pub finish_orphaned_replies: bool,
     /// Events buffered per watched reply before a slow watcher skips revisions.
     pub watch_buffer: usize,
+    /// A completed reply containing one of these (case-insensitive) hands the conversation to a
+    /// person: it is marked `handover` (the widget shows it, the Chatwoot bot opens the
+    /// conversation for an agent).
+    pub handover_phrases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -266,9 +270,6 @@ pub struct ChatwootConfig {
     pub bot_token: String,
     /// The webhook URL carries it as `?secret=`; other requests are refused.
     pub webhook_secret: String,
-    /// A reply containing one of these (case-insensitive) hands the conversation to a human:
-    /// the bot sets it `open`.
-    pub handover_phrases: Vec<String>,
     /// The longest one call to Chatwoot may take.
     pub request_timeout_ms: u64,
 }

@@ -312,7 +312,7 @@ async fn refusal(client: &mut Client, event: Value, id: &str) -> (String, String
     )
 }
 
-/// Each of the four calls naming a session or a reply: the answer for one of another key's
+/// Each of the calls naming a session or a reply: the answer for one of another key's
 /// ids, and for an id that never existed.
 async fn compare(client: &mut Client, foreign: &str, unknown: &str, event: impl Fn(&str) -> Value) -> (String, String) {
     let theirs = refusal(client, event(foreign), foreign).await;
@@ -347,11 +347,15 @@ async fn another_keys_sessions_and_replies_read_exactly_like_unknown_ones() {
     let cancel = |id: &str| json!({"type": "response.cancel", "response_id": id, "event_id": "c"});
     let resume_response =
         |id: &str| json!({"type": "response.resume", "response_id": id, "after_revision": 0, "event_id": "rr"});
+    let update =
+        |id: &str| json!({"type": "session.update", "session_id": id, "metadata": {"user": "x"}, "event_id": "u"});
 
     let d = &mut dashboard;
     let (code, _) = compare(d, &session, &no_session, resume).await;
     assert_eq!(code, "session_not_found");
     let (code, _) = compare(d, &session, &no_session, message).await;
+    assert_eq!(code, "session_not_found");
+    let (code, _) = compare(d, &session, &no_session, update).await;
     assert_eq!(code, "session_not_found");
     for response in [&running, &finished] {
         let (code, _) = compare(d, response, &no_response, cancel).await;
@@ -373,7 +377,9 @@ async fn another_keys_sessions_and_replies_read_exactly_like_unknown_ones() {
         .await;
     events.extend(widget.until("session.resumed").await);
     assert!(!events.iter().any(|e| e["type"] == "error"), "{events:?}");
-    let messages = events.last().unwrap()["messages"].as_array().unwrap();
+    let resumed = events.last().unwrap();
+    assert!(resumed["metadata"].get("user").is_none(), "{resumed}");
+    let messages = resumed["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 4, "{messages:?}");
     assert_eq!(messages[1]["status"], "completed");
     assert_eq!(messages[3]["status"], "cancelled");

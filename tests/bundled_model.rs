@@ -67,12 +67,14 @@ async fn ask(client: &mut common::Client, session: &str, question: &str) -> Stri
 
 /// Questions phrased as in training get their policy back, over a WebSocket, with the default
 /// engine and decoding settings. The model routes most training phrasings right, not all (98% of the
-/// replies of 300 training dialogs, `models/README.md`), so the test needs five of six.
+/// replies of 300 training dialogs, `models/README.md`), so the test needs five of six. A reply
+/// that hands over to a person is marked so, in `response.done` and in the history.
 #[tokio::test]
 async fn the_service_answers_support_questions_with_the_bundled_model() {
     let server = bundled_server().await;
     let mut client = server.connect().await;
     let session = client.create_session().await;
+    let mut marked = Vec::new();
     let questions = [
         ("Do gift cards expire?", "never expire"),
         ("Can I talk to a human?", "human agent"),
@@ -83,12 +85,38 @@ async fn the_service_answers_support_questions_with_the_bundled_model() {
     ];
     let mut answered = 0;
     for (question, expected) in questions {
-        let text = ask(&mut client, &session, question).await;
+        let events = client.exchange(&session, question, json!({})).await;
+        let done = events.last().unwrap();
+        assert_eq!(done["status"], "completed", "{done}");
+        let text = done["text"].as_str().unwrap();
         eprintln!("{question:?}: {text}");
         answered += usize::from(text.contains(expected));
+        let handover = done.get("handover") == Some(&json!(true));
+        assert_eq!(
+            handover,
+            text.to_lowercase().contains("handing you over to a human"),
+            "{done}"
+        );
+        marked.push(handover);
     }
     let n = questions.len();
     assert!(answered + 1 >= n, "{answered} of {n} questions got their policy");
+    assert!(
+        marked.iter().filter(|m| **m).count() >= 2,
+        "hand-overs marked: {marked:?}"
+    );
+
+    client
+        .send(json!({"type": "session.resume", "session_id": session}))
+        .await;
+    let resumed = client.until("session.resumed").await;
+    let history = resumed.last().unwrap()["messages"].as_array().unwrap().clone();
+    let stored: Vec<bool> = history
+        .iter()
+        .filter(|m| m["role"] == "assistant")
+        .map(|m| m.get("handover") == Some(&json!(true)))
+        .collect();
+    assert_eq!(stored, marked, "the history marks the same replies");
     server.stop().await;
 }
 

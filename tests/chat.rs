@@ -100,6 +100,55 @@ async fn reply_streams_revisions_and_history_survives_reconnect() {
     server.stop().await;
 }
 
+/// `session.update` sets and removes metadata keys; the stored metadata comes back on resume from
+/// another connection; bad metadata gets `invalid_field` and the connection goes on.
+#[tokio::test]
+async fn session_metadata_is_updated_by_key_and_read_back_on_resume() {
+    for store in ["memory", "redis"] {
+        let mut config = test_config();
+        if store == "redis" {
+            config.store.url = common::redis_url();
+        }
+        let server = TestServer::start(config).await;
+        let mut client = server.connect().await;
+        client
+            .send(json!({"type": "session.create", "metadata": {"page": "/boots", "locale": "en"}}))
+            .await;
+        let created = client.recv().await;
+        let session = created["session_id"].as_str().unwrap().to_owned();
+
+        client
+            .send(
+                json!({"type": "session.update", "session_id": session, "event_id": "u1",
+                         "metadata": {"user": {"id": "u-42", "name": "Ada"}, "locale": null}}),
+            )
+            .await;
+        let updated = client.recv().await;
+        assert_eq!(updated["type"], "session.updated", "{store}: {updated}");
+        assert_eq!(updated["event_id"], "u1");
+        let expected = json!({"page": "/boots", "user": {"id": "u-42", "name": "Ada"}});
+        assert_eq!(updated["metadata"], expected, "{store}");
+
+        client
+            .send(json!({"type": "session.update", "session_id": session, "metadata": "Ada", "event_id": "u2"}))
+            .await;
+        let refused = client.recv().await;
+        assert_eq!(refused["error"]["code"], "invalid_field", "{store}: {refused}");
+        assert_eq!(refused["error"]["event_id"], "u2");
+
+        let mut other = server.connect().await;
+        other
+            .send(json!({"type": "session.resume", "session_id": session}))
+            .await;
+        let resumed = other.recv().await;
+        assert_eq!(resumed["metadata"], expected, "{store}: {resumed}");
+        // The first connection still works after the refusal.
+        let events = client.exchange(&session, "hello", json!({})).await;
+        assert_eq!(events.last().unwrap()["status"], "completed", "{store}");
+        server.stop().await;
+    }
+}
+
 /// Revisions reach the client as the engine makes them, not bunched up at the end, and
 /// `timings` splits the reply into phases that add up to its total.
 #[tokio::test]

@@ -55,6 +55,9 @@ pub struct DoneEvent {
     pub revisions: usize,
     pub usage: Usage,
     pub timings: Timings,
+    /// A completed reply that hands the conversation to a person (`chat.handover_phrases`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
     /// Why it failed; or, beside `completed`, why the reply was not saved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ReplyFailure>,
@@ -133,6 +136,7 @@ mod tests {
             revisions: 3,
             usage: Usage::default(),
             timings: Timings::default(),
+            handover: false,
             error: Some(ReplyFailure {
                 kind: FailureKind::GeneratorLost,
                 message: "gone".into(),

@@ -8,6 +8,7 @@
 //!
 //! - [`validate`]: raw input -> [`ValidMessage`], the one place limits are checked.
 //! - [`events`]: the reply events every watcher sees, logged in the store.
+//! - `handover`: recognises the reply that hands the conversation to a person.
 //! - `hub`: fan-out of reply events to the watchers on this replica (and the tail that brings
 //!   in replies generated elsewhere).
 //! - `reply`: one reply generated here, written under the lease.
@@ -18,6 +19,7 @@
 
 pub mod error;
 pub mod events;
+mod handover;
 mod hub;
 mod recovery;
 mod reply;
@@ -56,6 +58,7 @@ pub(crate) struct Core {
     store: Arc<dyn SessionStore>,
     engine: Arc<dyn Engine>,
     system_prompt: String,
+    handover: Arc<handover::Handover>,
     hub: Arc<hub::Hub>,
     stats: Arc<stats::StatsBus>,
     /// This process's name in the store's running-reply records.
@@ -85,6 +88,7 @@ pub struct RunningSnapshot {
 
 /// A session as `resume_session` finds it.
 pub struct Resumed {
+    pub metadata: serde_json::Value,
     pub messages: Vec<StoredMessage>,
     /// The reply still running, with a watch that delivers the rest of it.
     pub running: Option<(RunningSnapshot, ReplyWatch)>,
@@ -140,6 +144,7 @@ impl Chat {
         let replica = format!("replica_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let core = Arc::new(Core {
             hub: Arc::new(hub::Hub::new(config.watch_buffer)),
+            handover: Arc::new(handover::Handover::new(&config.handover_phrases)),
             stats: Arc::new(stats::StatsBus::new(replica.clone(), store.clone())),
             replica,
             config,
@@ -191,6 +196,33 @@ impl Chat {
         Ok(self.core.store.create(owner, metadata).await?)
     }
 
+    /// Sets top-level metadata keys of the session (a `null` value removes the key) and returns
+    /// the whole metadata after it. Concurrent updates of different keys can overwrite each
+    /// other (the last one wins): metadata is the page's description of its visitor, written by
+    /// one page at a time.
+    pub async fn update_session(
+        &self,
+        owner: &str,
+        session_id: &str,
+        patch: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, ChatError> {
+        let info = self.owned(owner, session_id).await?;
+        let mut metadata = match info.metadata {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        for (key, value) in patch {
+            if value.is_null() {
+                metadata.remove(&key);
+            } else {
+                metadata.insert(key, value);
+            }
+        }
+        let metadata = serde_json::Value::Object(metadata);
+        self.core.store.set_metadata(session_id, metadata.clone()).await?;
+        Ok(metadata)
+    }
+
     /// The session an outside conversation id names (a live-chat platform's), made on first use.
     pub async fn session_by_alias(
         &self,
@@ -213,7 +245,7 @@ impl Chat {
         session_id: &str,
         after: Option<&str>,
     ) -> Result<Resumed, ChatError> {
-        self.owned(owner, session_id).await?;
+        let info = self.owned(owner, session_id).await?;
         let store = &self.core.store;
         // Running first: a reply that ends in between then still reaches the client through
         // the watch, instead of falling between the two reads.
@@ -242,7 +274,11 @@ impl Chat {
                 }),
             None => None,
         };
-        Ok(Resumed { messages, running })
+        Ok(Resumed {
+            metadata: info.metadata,
+            messages,
+            running,
+        })
     }
 
     /// The rest of one response after revision `after_revision`: its newest revision (if newer)
@@ -441,18 +477,18 @@ impl Chat {
     async fn owned_response(&self, owner: &str, session_id: &str, response_id: &str) -> Result<(), ChatError> {
         match self.owned(owner, session_id).await {
             Err(ChatError::SessionNotFound(_)) => Err(ChatError::ResponseNotFound(response_id.to_owned())),
-            other => other,
+            other => other.map(|_| ()),
         }
     }
 
     /// Checks that `session_id` exists and belongs to `owner`. Another owner's session reads as
     /// not found, so ids cannot be probed.
-    async fn owned(&self, owner: &str, session_id: &str) -> Result<(), ChatError> {
+    async fn owned(&self, owner: &str, session_id: &str) -> Result<SessionInfo, ChatError> {
         let info = self.core.store.get(session_id).await?;
         if info.owner != owner {
             return Err(ChatError::SessionNotFound(session_id.to_owned()));
         }
-        Ok(())
+        Ok(info)
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{DoneEvent, FailureKind, ReplyEvent, ReplyFailure, ReplyStatus, RevisionEvent, Timings, Usage};
+use super::handover::Handover;
 use super::Core;
 use crate::engine::{EngineError, EngineEvent, Phases, ReplyStream, StopReason};
 use crate::sessions::{Lease, LeaseState, LoggedEvent, MessageStatus, Role, SessionStore, StoredMessage};
@@ -64,6 +65,7 @@ pub(super) fn lost(revisions: usize, message: &str) -> DoneEvent {
         revisions,
         usage: Usage::default(),
         timings: Timings::default(),
+        handover: false,
         error: Some(failure(FailureKind::GeneratorLost, message)),
     }
 }
@@ -122,6 +124,7 @@ impl Timings {
 /// A reply's engine events turned into reply events, with its usage, timings and metrics.
 pub(super) struct Progress {
     submitted: Instant,
+    handover: Arc<Handover>,
     usage: Usage,
     timings: Timings,
     revisions: usize,
@@ -137,9 +140,10 @@ pub(super) enum Step {
 }
 
 impl Progress {
-    pub fn new(submitted: Instant) -> Self {
+    pub fn new(submitted: Instant, handover: Arc<Handover>) -> Self {
         Self {
             submitted,
+            handover,
             usage: Usage::default(),
             timings: Timings::default(),
             revisions: 0,
@@ -191,13 +195,16 @@ impl Progress {
                     StopReason::Cancelled => (ReplyStatus::Cancelled, MessageStatus::Cancelled, "cancelled"),
                 };
                 crate::metrics::reply_done(label, self.submitted.elapsed(), c.steps, c.completion_tokens);
-                let message = StoredMessage::new(Role::Assistant, c.text.clone(), Some(stored), None);
+                let handover = status == ReplyStatus::Completed && self.handover.is_handover(&c.text);
+                let mut message = StoredMessage::new(Role::Assistant, c.text.clone(), Some(stored), None);
+                message.handover = handover;
                 let done = DoneEvent {
                     status,
                     text: c.text,
                     revisions: self.revisions,
                     usage: self.usage,
                     timings: self.timings,
+                    handover,
                     error: None,
                 };
                 Step::Done(done, Some(message))
@@ -215,6 +222,7 @@ impl Progress {
             revisions: self.revisions,
             usage: self.usage,
             timings: self.timings,
+            handover: false,
             error: Some(error),
         };
         Step::Done(done, None)
@@ -251,7 +259,7 @@ impl Reply {
         ));
         let _stop_keeper = stop_keeper.drop_guard();
 
-        let mut progress = Progress::new(submitted);
+        let mut progress = Progress::new(submitted, core.handover.clone());
         let end = loop {
             let event = tokio::select! {
                 event = events.recv() => event,
@@ -320,7 +328,7 @@ impl Reply {
 /// become reply events for its watchers here, and nothing is written.
 pub(super) async fn run_unstored(core: Arc<Core>, response_id: String, stream: ReplyStream, submitted: Instant) {
     let ReplyStream { mut events, cancel: _ } = stream;
-    let mut progress = Progress::new(submitted);
+    let mut progress = Progress::new(submitted, core.handover.clone());
     loop {
         match progress.step(events.recv().await) {
             Step::Quiet => {}

@@ -224,6 +224,7 @@ mod tests {
                 steps: 4,
                 ..Timings::default()
             },
+            handover: false,
             error: None,
         };
         let json = serde_json::to_value(StatsRecord::Reply(ReplyRecord::of("replica_a", &done))).unwrap();

@@ -99,6 +99,11 @@ pub enum ClientEvent {
         session_id: String,
         after: Option<String>,
     },
+    /// Top-level metadata keys to set (a `null` value removes the key).
+    SessionUpdate {
+        session_id: String,
+        metadata: serde_json::Map<String, Value>,
+    },
     MessageCreate(MessageCreate),
     ResponseCancel {
         response_id: String,
@@ -130,6 +135,12 @@ struct SessionResumeWire {
     session_id: String,
     #[serde(default)]
     after: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SessionUpdateWire {
+    session_id: String,
+    metadata: serde_json::Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +186,10 @@ pub fn parse(text: &str) -> Result<Envelope, WireError> {
             let w: SessionResumeWire = fields(&kind, value).map_err(invalid)?;
             ClientEvent::SessionResume { session_id: w.session_id, after: w.after }
         }
+        "session.update" => {
+            let w: SessionUpdateWire = fields(&kind, value).map_err(invalid)?;
+            ClientEvent::SessionUpdate { session_id: w.session_id, metadata: w.metadata }
+        }
         "message.create" => ClientEvent::MessageCreate(fields(&kind, value).map_err(invalid)?),
         "response.cancel" => {
             let w: ResponseCancelWire = fields(&kind, value).map_err(invalid)?;
@@ -188,7 +203,7 @@ pub fn parse(text: &str) -> Result<Envelope, WireError> {
             return Err(fail(
                 ErrorCode::UnknownType,
                 format!(
-                    "unknown event type {other:?}; expected session.create, session.resume, message.create, response.cancel or response.resume"
+                    "unknown event type {other:?}; expected session.create, session.resume, session.update, message.create, response.cancel or response.resume"
                 ),
             ))
         }
@@ -205,6 +220,9 @@ pub struct WireMessage {
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
+    /// An assistant reply that handed the conversation to a person.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
 }
 
 /// The reply still running when a session is resumed.
@@ -233,10 +251,20 @@ pub enum ServerEvent {
     #[serde(rename = "session.resumed")]
     SessionResumed {
         session_id: String,
+        /// What `session.create` and `session.update` stored.
+        metadata: Value,
         messages: Vec<WireMessage>,
         /// The reply still running; its remaining events follow on this connection.
         #[serde(skip_serializing_if = "Option::is_none")]
         running: Option<WireRunning>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event_id: Option<String>,
+    },
+    #[serde(rename = "session.updated")]
+    SessionUpdated {
+        session_id: String,
+        /// The session's whole metadata after the update.
+        metadata: Value,
         #[serde(skip_serializing_if = "Option::is_none")]
         event_id: Option<String>,
     },
@@ -279,6 +307,9 @@ pub enum ServerEvent {
         text: String,
         usage: Usage,
         timings: Timings,
+        /// The reply hands the conversation to a person.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        handover: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<WireError>,
     },
@@ -323,6 +354,14 @@ mod tests {
                 after: Some("m1".into())
             }
         );
+        let e =
+            parse(r#"{"type":"session.update","session_id":"s","metadata":{"user":{"id":"u1"},"page":null}}"#).unwrap();
+        let ClientEvent::SessionUpdate { session_id, metadata } = e.event else {
+            panic!()
+        };
+        assert_eq!(session_id, "s");
+        assert_eq!(metadata["user"]["id"], "u1");
+        assert!(metadata["page"].is_null());
     }
 
     #[test]
@@ -339,6 +378,8 @@ mod tests {
         let e = parse(r#"{"type":"message.create","session_id":"s","content":"a","options":{"bogus":1}}"#);
         assert_eq!(e.unwrap_err().code, ErrorCode::InvalidField);
         assert_eq!(parse(r#"{"event_id":"z"}"#).unwrap_err().code, ErrorCode::InvalidField);
+        let e = parse(r#"{"type":"session.update","session_id":"s","metadata":[1]}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidField);
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! twice is answered once), and the final text goes back through Chatwoot's messages API.
 //!
 //! Chatwoot has no streaming: the bot sets typing on, waits for the reply's end, posts the text
-//! once and sets typing off. A reply that hands over to a human (one of
-//! `chatwoot.handover_phrases`) sets the conversation `open`, so an agent picks it up.
+//! once and sets typing off. A reply the core marks as a hand-over (`chat.handover_phrases`)
+//! sets the conversation `open`, so an agent picks it up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,11 +179,11 @@ async fn answer(state: &AppState, client: &ChatwootClient, conversation: u64, me
         Err(e) => return tracing::warn!(conversation, error = %e, "Chatwoot message refused"),
     };
     client.typing(conversation, true).await;
-    let text = match chat.send(OWNER, message).await {
+    let reply = match chat.send(OWNER, message).await {
         Ok(mut events) => loop {
             match events.next().await {
                 Some(ChatEvent::Reply(ReplyEvent::Done(done))) if done.status == ReplyStatus::Completed => {
-                    break Some(done.text)
+                    break Some((done.text, done.handover))
                 }
                 Some(ChatEvent::Refused(e)) => {
                     tracing::warn!(conversation, error = %e, "no reply for the Chatwoot message");
@@ -199,7 +199,7 @@ async fn answer(state: &AppState, client: &ChatwootClient, conversation: u64, me
             None
         }
     };
-    if let Some(text) = text.filter(|t| !t.trim().is_empty()) {
+    if let Some((text, handover)) = reply.filter(|(t, _)| !t.trim().is_empty()) {
         let posted = client
             .post(
                 conversation,
@@ -210,13 +210,6 @@ async fn answer(state: &AppState, client: &ChatwootClient, conversation: u64, me
         if let Err(e) = posted {
             tracing::warn!(conversation, error = %e, "reply not posted to Chatwoot");
         }
-        let lower = text.to_lowercase();
-        let handover = state
-            .config
-            .chatwoot
-            .handover_phrases
-            .iter()
-            .any(|p| !p.is_empty() && lower.contains(&p.to_lowercase()));
         if handover {
             if let Err(e) = client
                 .post(conversation, "toggle_status", json!({"status": "open"}))

@@ -274,6 +274,9 @@ impl Connection {
             ClientEvent::SessionResume { session_id, after } => {
                 self.resume_session(&session_id, after.as_deref(), &event_id).await
             }
+            ClientEvent::SessionUpdate { session_id, metadata } => {
+                self.update_session(&session_id, metadata, &event_id).await
+            }
             ClientEvent::MessageCreate(m) => self.create_message(m, &event_id).await,
             ClientEvent::ResponseCancel { response_id } => self
                 .state
@@ -321,6 +324,28 @@ impl Connection {
         Ok(())
     }
 
+    async fn update_session(
+        &self,
+        session_id: &str,
+        patch: serde_json::Map<String, serde_json::Value>,
+        event_id: &Option<String>,
+    ) -> Result<(), WireError> {
+        let metadata = self
+            .state
+            .chat
+            .update_session(&self.owner, session_id, patch)
+            .await
+            .map_err(|e| errors::from_chat(&e))?;
+        self.outbox
+            .send(ServerEvent::SessionUpdated {
+                session_id: session_id.to_owned(),
+                metadata,
+                event_id: event_id.clone(),
+            })
+            .await;
+        Ok(())
+    }
+
     async fn resume_session(
         &self,
         session_id: &str,
@@ -350,6 +375,7 @@ impl Connection {
         self.outbox
             .send(ServerEvent::SessionResumed {
                 session_id: session_id.to_owned(),
+                metadata: resumed.metadata,
                 messages: resumed.messages.iter().map(to_wire).collect(),
                 running,
                 event_id: event_id.clone(),
@@ -454,5 +480,6 @@ fn to_wire(m: &StoredMessage) -> WireMessage {
         content: m.content.clone(),
         created_at: m.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         status: m.status.map(|s| s.as_str().to_owned()),
+        handover: m.handover,
     }
 }

@@ -69,6 +69,7 @@ pub(super) async fn forward(outbox: Outbox, response_id: String, mut source: Sou
                         text: done.text,
                         usage: done.usage,
                         timings: done.timings,
+                        handover: done.handover,
                         error: error.filter(|_| failed),
                     })
                     .await;

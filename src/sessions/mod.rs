@@ -77,6 +77,9 @@ pub struct StoredMessage {
     pub status: Option<MessageStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<String>,
+    /// An assistant reply that handed the conversation to a person.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
 }
 
 impl StoredMessage {
@@ -89,6 +92,7 @@ impl StoredMessage {
             created_at: Utc::now(),
             status,
             client_message_id,
+            handover: false,
         }
     }
 }

@@ -350,6 +350,15 @@ async function mechanics() {
   await page.evaluate(() => window.dllmChat.close());
   await page.locator(`${W} .panel`).waitFor({ state: "hidden" });
   check(true, "dllmChat.open() and close() work");
+  // setUser on a session that already exists: stored as its metadata.user (session.update).
+  await page.evaluate(() => window.dllmChat.setUser({ id: "u-42", name: "Ada", email: "ada@example.com" }));
+  let metadata = {};
+  for (let i = 0; i < 50 && metadata.user?.id !== "u-42"; i++) {
+    await page.waitForTimeout(100);
+    metadata = (await storedSession(page, base)).metadata ?? {};
+  }
+  check(metadata.user?.id === "u-42" && metadata.user?.name === "Ada" && metadata.user?.email === "ada@example.com" && metadata.page === "/",
+    "dllmChat.setUser() stores the user in the session's metadata", metadata);
   check(errors.length === 0, "no page errors", errors);
   await context.close();
 
@@ -428,6 +437,19 @@ async function strictCsp(base) {
   }
 }
 
+/** What the server stored for the page's session (`session.resumed`), asked on a socket of our own. */
+async function storedSession(page, base) {
+  return page.evaluate(async (base) => {
+    const sid = JSON.parse(Object.entries(localStorage).find(([k]) => k.endsWith(":session"))[1]);
+    const ws = new WebSocket(base.replace("http", "ws") + "/v1/chat");
+    await new Promise((ok) => (ws.onopen = ok));
+    ws.send(JSON.stringify({ type: "session.resume", session_id: sid }));
+    const e = await new Promise((ok) => (ws.onmessage = (m) => ok(JSON.parse(m.data))));
+    ws.close();
+    return e;
+  }, base);
+}
+
 async function duplicateResend(base) {
   const context = await newContext();
   const page = await context.newPage();
@@ -457,16 +479,7 @@ async function duplicateResend(base) {
   const accepted = fromServer.filter((e) => e.type === "message.accepted");
   check(cut && accepted.length === 2 && accepted[1].duplicate === true && accepted[0].message_id === accepted[1].message_id,
     "the resend after the cut carried the same client_message_id (the server said duplicate: true)", accepted);
-  // What the server stored, asked on a socket of our own.
-  const stored = await page.evaluate(async (base) => {
-    const sid = JSON.parse(Object.entries(localStorage).find(([k]) => k.endsWith(":session"))[1]);
-    const ws = new WebSocket(base.replace("http", "ws") + "/v1/chat");
-    await new Promise((ok) => (ws.onopen = ok));
-    ws.send(JSON.stringify({ type: "session.resume", session_id: sid }));
-    const e = await new Promise((ok) => (ws.onmessage = (m) => ok(JSON.parse(m.data))));
-    ws.close();
-    return e.messages.map((m) => ({ role: m.role, status: m.status }));
-  }, base);
+  const stored = (await storedSession(page, base)).messages.map((m) => ({ role: m.role, status: m.status }));
   check(stored.length === 2 && stored[0].role === "user" && stored[1].status === "completed",
     "the server stored the message and its reply once", stored);
   assertNoDuplicates(await conversation(page), 1, 1, "after the lost message.accepted");
@@ -504,6 +517,27 @@ async function rateLimited() {
   check(conv.queue.length === 0, "the retried message left the outbox", conv);
   await context.close();
   stop(child);
+}
+
+/** A reply that hands over to a person is drawn as one, live and after a reload. */
+async function handover(base) {
+  const context = await newContext();
+  const page = await context.newPage();
+  await page.goto(base);
+  await page.locator(`${W} .launcher`).click();
+  await waitReady(page);
+  await ask(page, "Can I talk to a human?");
+  await waitAnswers(page, 1);
+  const note = `${W} [role="log"] .msg.bot.handover .handover-note`;
+  const shown = await page.locator(note).textContent({ timeout: 1000 }).catch(() => null);
+  check(/a person will reply/.test(shown ?? ""), "a hand-over reply is shown as a hand-over", { shown, conv: await conversation(page) });
+  await save(page, "widget-handover.png");
+  await page.reload();
+  await page.locator(`${W} .launcher`).click();
+  await waitReady(page);
+  await waitAnswers(page, 1);
+  check((await page.locator(note).count()) === 1, "the restored history shows the hand-over too");
+  await context.close();
 }
 
 async function screenshots() {
@@ -581,6 +615,7 @@ async function screenshots() {
     }
     await context.close();
   }
+  await handover(base);
   stop(child);
 }
 

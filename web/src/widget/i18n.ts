@@ -15,6 +15,7 @@ export interface Strings {
   reconnecting: string;
   retry: string;
   stopped: string;
+  handover: string;
   unread: (n: number) => string;
   errors: Record<string, string>;
 }
@@ -33,6 +34,7 @@ const en: Strings = {
   reconnecting: "Connection lost. Reconnecting…",
   retry: "Try again",
   stopped: "Stopped",
+  handover: "Handed over to our team: a person will reply here.",
   unread: (n) => (n === 1 ? "1 unread message" : `${n} unread messages`),
   errors: {
     rate_limited: "You are sending messages too quickly. Please wait a moment and try again.",
@@ -64,6 +66,7 @@ const de: Strings = {
   reconnecting: "Verbindung unterbrochen. Verbinde neu…",
   retry: "Erneut versuchen",
   stopped: "Abgebrochen",
+  handover: "An unser Team übergeben: Eine Person antwortet Ihnen hier.",
   unread: (n) => (n === 1 ? "1 ungelesene Nachricht" : `${n} ungelesene Nachrichten`),
   errors: {
     ...en.errors,
@@ -91,6 +94,7 @@ const fr: Strings = {
   reconnecting: "Connexion perdue. Reconnexion…",
   retry: "Réessayer",
   stopped: "Arrêté",
+  handover: "Transmis à notre équipe : une personne vous répondra ici.",
   unread: (n) => (n === 1 ? "1 message non lu" : `${n} messages non lus`),
   errors: {
     ...en.errors,

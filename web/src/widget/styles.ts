@@ -100,6 +100,11 @@ header {
 .msg.streaming .body { white-space: pre-wrap; }
 .meta { font-size: 12px; color: var(--muted); margin-top: 4px; }
 .msg.user .meta { color: inherit; opacity: .8; }
+.msg.handover { border-left: 3px solid var(--accent); }
+.handover-note { display: flex; gap: 6px; align-items: center; font-weight: 600; color: var(--fg); }
+.handover-note::before {
+  content: ""; flex: none; width: 8px; height: 8px; border-radius: 50%; background: var(--accent);
+}
 .greeting { margin-bottom: 10px; }
 
 .masked { display: inline; }

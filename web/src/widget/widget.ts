@@ -119,6 +119,8 @@ export class Widget {
 
   private sessionId: string | null;
   private user: User | null = null;
+  /** Whether the session's metadata holds `user`: set on create, by session.update, or found so on resume. */
+  private userState: "unsent" | "sent" | "stored" = "stored";
   /** The session is created or resumed on the current connection. */
   private ready = false;
   private announcedReady = false;
@@ -292,6 +294,21 @@ export class Widget {
 
   setUser(user: User): void {
     this.user = { id: user?.id, name: user?.name, email: user?.email };
+    this.userState = "unsent";
+    this.syncUser();
+  }
+
+  /** Stores the page's user in the session's metadata once there is a session to hold it. */
+  private syncUser(): void {
+    if (!this.user || this.userState !== "unsent" || !this.ready || !this.sessionId) return;
+    this.userState = "sent";
+    this.conn.send({ type: "session.update", session_id: this.sessionId, metadata: { user: this.user }, event_id: "user" });
+  }
+
+  private holdsUser(metadata: Record<string, any> | undefined): boolean {
+    const stored = metadata?.user ?? {};
+    const user = this.user ?? {};
+    return (["id", "name", "email"] as const).every((k) => (stored[k] ?? null) === (user[k] ?? null));
   }
 
   on(name: string, fn: Listener): () => void {
@@ -328,7 +345,10 @@ export class Widget {
       this.conn.send({ type: "session.resume", session_id: this.sessionId, event_id: "resume" });
     } else {
       const metadata: Record<string, unknown> = { page: location.pathname };
-      if (this.user) metadata.user = this.user;
+      if (this.user) {
+        metadata.user = this.user;
+        this.userState = "sent";
+      }
       this.conn.send({ type: "session.create", metadata, event_id: "create" });
     }
   }
@@ -336,6 +356,7 @@ export class Widget {
   private onClose(): void {
     this.ready = false;
     this.inflight.clear();
+    if (this.userState === "sent") this.userState = "unsent";
     if (this.everConnected) this.banner.hidden = false;
     this.updateControls();
   }
@@ -349,6 +370,7 @@ export class Widget {
       this.emit("ready", { sessionId: this.sessionId });
     }
     this.updateControls();
+    this.syncUser();
     this.flush();
   }
 
@@ -357,11 +379,16 @@ export class Widget {
       case "session.created":
         this.sessionId = e.session_id;
         this.store.sessionId = e.session_id;
+        if (this.userState === "sent") this.userState = "stored";
         this.becomeReady();
         break;
       case "session.resumed":
+        if (this.user && this.userState !== "stored") this.userState = this.holdsUser(e.metadata) ? "stored" : "unsent";
         this.reconcile(e.messages ?? [], e.running ?? null);
         this.becomeReady();
+        break;
+      case "session.updated":
+        if (this.holdsUser(e.metadata)) this.userState = "stored";
         break;
       case "message.accepted":
         this.accepted(e.event_id, e.message_id, !!e.duplicate);
@@ -378,7 +405,7 @@ export class Widget {
         break;
       }
       case "response.done":
-        this.finish(e.response_id, e.text ?? "", e.status, e.error);
+        this.finish(e.response_id, e.text ?? "", e.status, e.error, e.handover === true);
         break;
       case "error":
         this.failed(e.error ?? {});
@@ -459,6 +486,10 @@ export class Widget {
       this.startSession();
       return;
     }
+    if (eventId === "user") {
+      if (this.userState === "sent") this.userState = "unsent";
+      return; // tried again on the next connection
+    }
     if (eventId === "resume" || eventId === "create") {
       window.setTimeout(() => this.conn.isOpen && !this.ready && this.startSession(), 1000 + Math.random() * 1000);
       return;
@@ -528,24 +559,37 @@ export class Widget {
     this.scrollToEnd();
   }
 
-  private finish(responseId: string, text: string, status: string, error?: { code?: string }): void {
+  private finish(
+    responseId: string,
+    text: string,
+    status: string,
+    error?: { code?: string },
+    handover = false,
+  ): void {
     const reply = this.ensureReply(responseId, null);
     const el = reply.el;
     if (!el.classList.contains("streaming")) return; // already finished (a replayed done)
     el.classList.remove("streaming", "thinking");
     el.removeAttribute("aria-busy");
     el.dataset.status = status;
-    this.fillFinal(el, reply.body, text, status, error?.code);
+    this.fillFinal(el, reply.body, text, status, error?.code, handover);
     this.log.append(el); // the same element; announced once, now that it is final
     if (this.running === responseId) this.running = null;
     if (!this.isOpen && status !== "failed") this.setUnread(this.unread + 1);
-    this.emit("message", { role: "assistant", responseId, id: el.dataset.id, text, status });
+    this.emit("message", { role: "assistant", responseId, id: el.dataset.id, text, status, handover });
     this.updateControls();
     this.scrollToEnd();
     this.flush();
   }
 
-  private fillFinal(el: HTMLElement, body: HTMLElement, text: string, status: string, code?: string): void {
+  private fillFinal(
+    el: HTMLElement,
+    body: HTMLElement,
+    text: string,
+    status: string,
+    code?: string,
+    handover = false,
+  ): void {
     if (status === "failed") {
       el.classList.add("failed");
       body.replaceChildren();
@@ -556,6 +600,11 @@ export class Widget {
     }
     renderMarkdown(body, text);
     if (status === "cancelled") el.append(h("div", { class: "meta" }, this.t.stopped));
+    if (handover) {
+      // The service marked this reply as handing the conversation to a person.
+      el.classList.add("handover");
+      el.append(h("div", { class: "meta handover-note" }, this.t.handover));
+    }
   }
 
   /** Sends again the user message a failed reply answered, with its client_message_id. */
@@ -573,7 +622,7 @@ export class Widget {
 
   /** Merges the stored history into what is shown; `running` is the reply still in progress. */
   private reconcile(
-    messages: { id: string; role: string; content: string; status?: string }[],
+    messages: { id: string; role: string; content: string; status?: string; handover?: boolean }[],
     running: { response_id: string; message_id: string; revision: number; text: string } | null,
   ): void {
     let lastUser: string | null = null;
@@ -593,7 +642,9 @@ export class Widget {
       ) as HTMLElement | undefined;
       if (local) {
         local.dataset.id = m.id;
-        if (local.classList.contains("streaming")) this.finish(local.dataset.responseId!, m.content, status);
+        if (local.classList.contains("streaming")) {
+          this.finish(local.dataset.responseId!, m.content, status, undefined, m.handover === true);
+        }
         return;
       }
       // A failed reply that a later message superseded is of no use to show.
@@ -601,7 +652,7 @@ export class Widget {
       const body = h("div", { class: "body" });
       const el = h("div", { class: "msg bot", "data-id": m.id, "data-status": status }, body);
       if (lastUser) el.dataset.answers = lastUser;
-      this.fillFinal(el, body, m.content, status);
+      this.fillFinal(el, body, m.content, status, undefined, m.handover === true);
       this.log.append(el);
     });
     // A reply watched streaming that neither finished in the history nor still runs stored
