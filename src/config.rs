@@ -132,6 +132,8 @@ pub struct ModelConfig {
     pub top_k: usize,
     pub threads: usize,
     pub context_length: usize,
+    /// The autoregressive engine sends a revision every this many tokens.
+    pub tokens_per_revision: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -495,6 +497,7 @@ impl Config {
             }
         }
         positive("auth.ticket_ttl_secs", self.auth.ticket_ttl_secs as usize)?;
+        positive("model.tokens_per_revision", self.model.tokens_per_revision)?;
         self.validate_keys()
     }
 
@@ -566,6 +569,7 @@ impl Config {
             max_waiting: l.max_waiting_replies,
             kept_caches: l.kept_conversation_caches,
             mask_placeholder: self.prompt.mask_placeholder.clone(),
+            tokens_per_revision: m.tokens_per_revision,
         }
     }
 

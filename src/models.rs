@@ -1,7 +1,8 @@
 //! Where model files come from: a GGUF path; `builtin:northwind`, the bundled Northwind support
 //! model (`models/northwind-llada-q8_0.gguf`, compiled into the binary and written out on first
-//! use); or `builtin:fixture`, a small random-weight LLaDA model for tests that need no meaning.
-//! Both built-ins let the service run on a fresh machine with nothing downloaded.
+//! use); `builtin:northwind-twin`, its autoregressive twin (`models/northwind-llama-q8_0.gguf`);
+//! or `builtin:fixture`, a small random-weight LLaDA model for tests that need no meaning. The
+//! built-ins let the service run on a fresh machine with nothing downloaded.
 
 use std::path::{Path, PathBuf};
 
@@ -11,9 +12,13 @@ use ggml_ext::fixture::{write_llada_fixture, FixtureSpec};
 pub const BUILTIN_FIXTURE: &str = "builtin:fixture";
 /// The model path value that selects the bundled Northwind model.
 pub const BUILTIN_NORTHWIND: &str = "builtin:northwind";
+/// The model path value that selects the bundled model's autoregressive twin.
+pub const BUILTIN_NORTHWIND_TWIN: &str = "builtin:northwind-twin";
 
 /// The bundled model's bytes (see `models/README.md`).
 const NORTHWIND: &[u8] = include_bytes!("../models/northwind-llada-q8_0.gguf");
+/// Its autoregressive twin's: the same corpus, tokenizer and size, trained to predict the next token.
+const NORTHWIND_TWIN: &[u8] = include_bytes!("../models/northwind-llama-q8_0.gguf");
 
 /// Errors from resolving a model path.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +45,7 @@ pub fn resolve(path: &str) -> Result<PathBuf, ModelError> {
     match path {
         BUILTIN_FIXTURE => return fixture_in(&dir),
         BUILTIN_NORTHWIND => return northwind_in(&dir),
+        BUILTIN_NORTHWIND_TWIN => return bundled_in(&dir, "northwind-llama-q8_0", NORTHWIND_TWIN),
         _ => {}
     }
     let path = PathBuf::from(path);
@@ -60,15 +66,20 @@ pub fn fixture_in(dir: &Path) -> Result<PathBuf, ModelError> {
 /// Writes the bundled Northwind model into `dir` unless this exact file is there already (the name
 /// carries its size and a hash of its bytes, so a rebuilt binary never serves an older model).
 pub fn northwind_in(dir: &Path) -> Result<PathBuf, ModelError> {
+    bundled_in(dir, "northwind-llada-q8_0", NORTHWIND)
+}
+
+/// Writes a bundled model's `bytes` into `dir` as `stem-SIZE-HASH.gguf` unless it is there.
+fn bundled_in(dir: &Path, stem: &str, bytes: &[u8]) -> Result<PathBuf, ModelError> {
     let mut hasher = std::hash::DefaultHasher::new();
-    std::hash::Hash::hash(NORTHWIND, &mut hasher);
+    std::hash::Hash::hash(bytes, &mut hasher);
     let name = format!(
-        "northwind-llada-q8_0-{}-{:016x}.gguf",
-        NORTHWIND.len(),
+        "{stem}-{}-{:016x}.gguf",
+        bytes.len(),
         std::hash::Hasher::finish(&hasher)
     );
     write_once(&dir.join(name), |tmp| {
-        std::fs::write(tmp, NORTHWIND).map_err(|e| e.to_string())
+        std::fs::write(tmp, bytes).map_err(|e| e.to_string())
     })
 }
 

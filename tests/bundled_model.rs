@@ -150,3 +150,32 @@ async fn an_order_number_question_gets_that_number_back() {
     assert!(followed * 4 >= n * 3, "{followed} of {n} follow-ups named the order");
     server.stop().await;
 }
+
+/// `builtin:northwind-twin` is served by the autoregressive engine (`engine = "auto"`) through the
+/// same server and protocol: the revisions grow the reply left to right.
+#[tokio::test]
+async fn the_twin_is_served_by_the_autoregressive_engine_through_the_same_protocol() {
+    let mut config = common::test_config();
+    config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND_TWIN)
+        .unwrap()
+        .display()
+        .to_string();
+    let server = TestServer::start(config).await;
+    let mut client = server.connect().await;
+    let session = client.create_session().await;
+    let events = client
+        .exchange(&session, "Do gift cards expire?", json!({"max_tokens": 64}))
+        .await;
+    let done = events.last().unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    let text = done["text"].as_str().unwrap();
+    assert!(text.contains("never expire"), "{text}");
+    let revisions: Vec<&str> = common::revisions(&events)
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    assert!(revisions.len() >= 2, "{events:?}");
+    assert!(revisions.windows(2).all(|w| w[1].starts_with(w[0])), "{revisions:?}");
+    assert_eq!(*revisions.last().unwrap(), text);
+    server.stop().await;
+}

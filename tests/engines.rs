@@ -1,6 +1,7 @@
-//! Both engines on a real GGUF (the fixture): schedules, seeds, context limits, cancellation, the
-//! wait queue and refusals run against the reference engine (llama.cpp) and the cached engine (our
-//! ggml graph) alike; then what only the cached engine does (batching, history reuse).
+//! Both diffusion engines on a real GGUF (the fixture): schedules, seeds, context limits,
+//! cancellation, the wait queue and refusals run against the reference engine (llama.cpp) and the
+//! cached engine (our ggml graph) alike; then what only the cached engine does (batching, history
+//! reuse); then the autoregressive engine on the bundled twin.
 
 mod common;
 
@@ -8,8 +9,8 @@ use std::time::Duration;
 
 use dllm_chat::config::Config;
 use dllm_chat::engine::{
-    CacheMode, Capacity, ChatTurn, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind, GenerateRequest,
-    Schedule, Selection, StopReason,
+    CacheMode, Capacity, ChatTurn, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind,
+    GenerateRequest, Revision, Schedule, Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -216,12 +217,113 @@ async fn a_non_diffusion_gguf_is_refused_with_a_clear_error() {
     let mut spec = ggml_ext::FixtureSpec::default();
     spec.hyperparams.architecture = ggml_ext::Architecture::Llama;
     ggml_ext::write_llada_fixture(&path, &spec).unwrap();
-    let settings = common::test_config().engine_settings();
+    let settings = cached_config().engine_settings();
     let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&settings, path).err())
         .await
         .unwrap()
         .expect("refused");
     assert!(matches!(err, EngineError::NotDiffusion(ref a) if a == "llama"), "{err}");
+
+    // And a diffusion model on the autoregressive engine.
+    let mut config = common::test_config();
+    config.model.engine = EngineKind::Autoregressive;
+    let settings = config.engine_settings();
+    let fixture = common::fixture_model();
+    let err = tokio::task::spawn_blocking(move || dllm_chat::engine::start(&settings, fixture).err())
+        .await
+        .unwrap()
+        .expect("refused");
+    assert!(matches!(err, EngineError::Diffusion(ref a) if a == "llada"), "{err}");
+}
+
+/// Runs one request to its end: (revisions, the completion, cached and prompt tokens).
+async fn run_to_end(
+    engine: &dyn Engine,
+    turns: Vec<ChatTurn>,
+    options: DecodeOptions,
+) -> (Vec<Revision>, Completion, usize, usize) {
+    let mut stream = engine
+        .submit(GenerateRequest {
+            system: "You are a support assistant.".into(),
+            turns,
+            options,
+        })
+        .unwrap();
+    let (mut revisions, mut cached, mut prompt) = (Vec::new(), 0, 0);
+    loop {
+        match stream.events.recv().await.expect("an event") {
+            EngineEvent::Started {
+                cached_tokens,
+                prompt_tokens,
+                ..
+            } => (cached, prompt) = (cached_tokens, prompt_tokens),
+            EngineEvent::Revision(r) => revisions.push(r),
+            EngineEvent::Finished(c) => return (revisions, c, cached, prompt),
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The bundled twin through the autoregressive engine, as `engine = "auto"` picks it: revisions
+/// are the growing reply (no placeholders, every `tokens_per_revision` tokens, each a prefix of
+/// the next), the answer is the twin's, and the next turn of the conversation reuses the K/V of
+/// the first instead of computing its prompt again.
+#[tokio::test]
+async fn the_autoregressive_engine_serves_the_twin_and_reuses_the_history() {
+    let mut config = common::test_config();
+    config.model.path = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND_TWIN)
+        .unwrap()
+        .display()
+        .to_string();
+    config.model.tokens_per_revision = 3;
+    let engine = common::start_engine(&config).await;
+    assert_eq!(engine.info().engine, "autoregressive");
+    assert_eq!(engine.info().architecture, "llama");
+    let greedy = options(64, 64, Schedule::Threshold { tau: 0.9 });
+
+    let first = vec![turn("user", "Do gift cards expire?")];
+    let (revisions, done, cached, _) = run_to_end(engine.as_ref(), first.clone(), greedy.clone()).await;
+    assert_eq!(cached, 0, "nothing cached yet");
+    assert_eq!(done.reason, StopReason::Completed);
+    assert!(done.text.contains("never expire"), "{:?}", done.text);
+    eprintln!(
+        "{} revisions: {:?}",
+        revisions.len(),
+        revisions.iter().map(|r| (r.step, r.text.as_str())).collect::<Vec<_>>()
+    );
+    assert!(revisions.len() >= 2, "{revisions:?}");
+    for pair in revisions.windows(2) {
+        assert!(pair[1].text.starts_with(&pair[0].text), "{pair:?}");
+    }
+    for r in &revisions[..revisions.len() - 1] {
+        assert_eq!(r.step % 3, 0, "a revision every 3 tokens: {r:?}");
+    }
+    let last = revisions.last().unwrap();
+    assert_eq!(last.text, done.text, "the last revision is the reply");
+    assert_eq!(last.masked, 0);
+    assert!(
+        !revisions.iter().any(|r| r.text.contains('\u{2591}')),
+        "no placeholders"
+    );
+    assert_eq!(
+        done.steps,
+        done.completion_tokens + 1,
+        "one token per step, the end token last"
+    );
+
+    let mut second = first;
+    second.push(turn("assistant", &done.text));
+    second.push(turn("user", "Can I talk to a human?"));
+    let (_, done, cached, prompt) = run_to_end(engine.as_ref(), second, greedy).await;
+    eprintln!(
+        "second turn: {cached} of {prompt} prompt tokens reused; {:?}",
+        done.text
+    );
+    assert!(
+        cached * 2 > prompt,
+        "{cached} of {prompt} prompt tokens reused from the first turn"
+    );
+    assert!(done.text.contains("human agent"), "{:?}", done.text);
 }
 
 #[tokio::test]

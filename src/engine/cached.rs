@@ -30,7 +30,7 @@ use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, Runt
 use super::jobs::{self, Job, Loaded};
 use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
-use super::vocab::ChatModel;
+use super::vocab::{ChatModel, Family};
 use super::{Capacity, Engine, EngineError, EngineInfo};
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
@@ -40,7 +40,7 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
     let settings = settings.clone();
     jobs::spawn("cached-engine", settings.max_waiting, move |intake, ready| {
         // Only the vocabulary and the template: the weights are the runtime's.
-        let chat = match ChatModel::load(&model_path, true) {
+        let chat = match ChatModel::load(&model_path, true, Family::Diffusion) {
             Ok(c) => Arc::new(c),
             Err(e) => return ready(Err(e)),
         };

@@ -44,6 +44,8 @@ pub(crate) struct Job {
     pub admitted_at: Option<Instant>,
     /// Where its time went so far; `prompt` is filled in by the prompt thread.
     pub phases: Phases,
+    /// Positions unmasked since the last revision sent.
+    pub unreported: usize,
 }
 
 impl Job {
@@ -56,19 +58,31 @@ impl Job {
         let _ = self.events.send(EngineEvent::Failed(error));
     }
 
-    /// Sends the whole reply after a step that unmasked `unmasked` positions, and the completion
-    /// once nothing is masked. Returns whether the reply goes on.
-    pub fn report_step(&self, canvas: &Canvas, chat: &ChatModel, placeholder: &str, unmasked: usize) -> bool {
-        let revision = Revision {
-            step: canvas.steps(),
-            text: chat.render(canvas.tokens(), canvas.reply_len(), placeholder),
-            masked: canvas.masked(),
-            unmasked,
-        };
-        if self.events.send(EngineEvent::Revision(revision)).is_err() {
-            return false;
+    /// After a step that unmasked `unmasked` positions: sends the whole reply when `revise` (or
+    /// when the reply is complete), and the completion once nothing is masked. Returns whether
+    /// the reply goes on.
+    pub fn report_step(
+        &mut self,
+        canvas: &Canvas,
+        chat: &ChatModel,
+        placeholder: &str,
+        unmasked: usize,
+        revise: bool,
+    ) -> bool {
+        self.unreported += unmasked;
+        let complete = canvas.is_complete();
+        if revise || complete {
+            let revision = Revision {
+                step: canvas.steps(),
+                text: chat.render(canvas.tokens(), canvas.reply_len(), placeholder),
+                masked: canvas.masked(),
+                unmasked: std::mem::take(&mut self.unreported),
+            };
+            if self.events.send(EngineEvent::Revision(revision)).is_err() {
+                return false;
+            }
         }
-        if canvas.is_complete() {
+        if complete {
             self.finish(canvas, chat, StopReason::Completed);
             return false;
         }
@@ -192,6 +206,7 @@ fn prepare_prompts(
                     cancel: p.cancel,
                     queued_at: p.queued_at,
                     admitted_at: None,
+                    unreported: 0,
                     phases: Phases {
                         prompt: preparing.elapsed(),
                         ..Phases::default()

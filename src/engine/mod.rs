@@ -1,5 +1,5 @@
-//! The diffusion engine behind a trait: the service hands it a conversation and decode options
-//! and gets back a stream of whole-reply revisions.
+//! The engine behind a trait: the service hands it a conversation and decode options and gets
+//! back a stream of whole-reply revisions.
 //!
 //! Engines own their native (llama.cpp / ggml) state on dedicated threads. A request travels on a
 //! channel to the engine's prompt thread, which turns the conversation into fitted prompt tokens,
@@ -10,6 +10,8 @@
 //! - [`canvas`]: the reply canvas, sampling and rendering, shared by all engines.
 //! - [`cached`]: our own ggml graph with per-conversation K/V caches and batched steps.
 //! - [`reference`]: llama.cpp's own diffusion path, recomputing `[prompt + canvas]` every step.
+//! - [`autoregressive`]: an autoregressive model through llama.cpp, one token per step, the
+//!   baseline diffusion is measured against.
 //! - [`prompt`]: history truncation to the context window and the turn boundaries of a prompt.
 //! - [`vocab`]: what engines read through llama.cpp: vocabulary, chat template, architecture.
 //! - [`jobs`]: the queue between the service and an engine thread, with the prompt thread in
@@ -18,6 +20,7 @@
 //!   how they admit a reply and compute a step.
 //! - [`settings`]: what an engine is started with; the configuration builds it.
 
+pub mod autoregressive;
 pub mod cached;
 pub mod canvas;
 pub(crate) mod jobs;
@@ -154,6 +157,8 @@ pub enum EngineError {
     NotDiffusion(String),
     #[error("the model has no mask token (tokenizer.ggml.mask_token_id)")]
     NoMaskToken,
+    #[error("the model is a diffusion model (architecture {0:?}); use the cached or reference engine")]
+    Diffusion(String),
     // The request.
     #[error("the prompt needs {needed} tokens with the reply but the context holds {limit}")]
     ContextOverflow { needed: usize, limit: usize },
@@ -246,8 +251,14 @@ pub trait Engine: Send + Sync {
 /// Starts the engine `settings.kind` selects, loading the model on its own thread. Blocks until
 /// the model is loaded: call it from a blocking context.
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<Arc<dyn Engine>, EngineError> {
-    Ok(match settings.kind {
-        EngineKind::Cached => Arc::new(cached::start(settings, model_path)?),
+    let kind = match settings.kind {
+        EngineKind::Auto if vocab::is_diffusion(&vocab::architecture(&model_path)?) => EngineKind::Cached,
+        EngineKind::Auto => EngineKind::Autoregressive,
+        kind => kind,
+    };
+    Ok(match kind {
+        EngineKind::Auto | EngineKind::Cached => Arc::new(cached::start(settings, model_path)?),
         EngineKind::Reference => Arc::new(reference::start(settings, model_path)?),
+        EngineKind::Autoregressive => Arc::new(autoregressive::start(settings, model_path)?),
     })
 }

@@ -22,7 +22,7 @@ use llama_cpp_2::token::LlamaToken;
 use super::jobs::{self, Job, Loaded};
 use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::EngineSettings;
-use super::vocab::{backend, ChatModel};
+use super::vocab::{backend, ChatModel, Family};
 use super::{Engine, EngineError, EngineInfo};
 
 /// Loads the model on a new thread and returns the engine once it is ready (or failed to load).
@@ -31,7 +31,7 @@ use super::{Engine, EngineError, EngineInfo};
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
     jobs::spawn("reference-engine", settings.max_waiting, move |intake, ready| {
-        let loaded = match ChatModel::load(&model_path, false) {
+        let loaded = match ChatModel::load(&model_path, false, Family::Diffusion) {
             Ok(l) => Arc::new(l),
             Err(e) => return ready(Err(e)),
         };

@@ -19,6 +19,15 @@ pub(crate) trait Backend {
     /// What a running reply holds in the engine besides its canvas (a conversation cache, say).
     type State;
 
+    /// Whether revisions show the masked positions (as the placeholder). An autoregressive
+    /// reply has nothing masked to show: its revisions are what it wrote so far.
+    const SHOWS_MASKS: bool = true;
+
+    /// Steps between two revisions sent (the last step always sends one).
+    fn steps_per_revision(&self) -> usize {
+        1
+    }
+
     /// Starts `job`'s reply (its prefill, where there is one). Returns its state and how many
     /// prompt tokens were already cached.
     fn admit(&mut self, job: &Job) -> Result<(Self::State, usize), EngineError>;
@@ -64,6 +73,8 @@ pub(crate) fn run<B: Backend>(
     max_running: usize,
 ) {
     let max_running = max_running.max(1);
+    let placeholder = if B::SHOWS_MASKS { placeholder } else { "" };
+    let every = backend.steps_per_revision().max(1);
     let mut replies: Vec<Running<B::State>> = Vec::new();
     while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
         for job in jobs {
@@ -89,7 +100,10 @@ pub(crate) fn run<B: Backend>(
                 Ok(stepped) => {
                     r.job.phases.compute += stepped.compute;
                     let building = Instant::now();
-                    let live = r.job.report_step(&r.canvas, chat, placeholder, stepped.unmasked);
+                    let revise = r.canvas.steps() % every == 0;
+                    let live = r
+                        .job
+                        .report_step(&r.canvas, chat, placeholder, stepped.unmasked, revise);
                     r.job.phases.revision += building.elapsed();
                     live
                 }

@@ -10,10 +10,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
+    /// By the model file: `cached` for a diffusion model, `autoregressive` for any other.
+    Auto,
     /// Our own ggml graph: K/V caches per conversation, batched steps (LLaDA models).
     Cached,
     /// llama.cpp's diffusion path: the whole `[prompt + reply]` is recomputed every step.
     Reference,
+    /// An autoregressive model (llama family) through llama.cpp, one token per step, its K/V
+    /// cache kept per conversation: the baseline a diffusion reply is compared with.
+    Autoregressive,
 }
 
 /// Where the cached engine runs.
@@ -63,4 +68,6 @@ pub struct EngineSettings {
     pub kept_caches: usize,
     /// Shown in revisions for each masked position.
     pub mask_placeholder: String,
+    /// The autoregressive engine sends a revision (the reply so far) every this many tokens.
+    pub tokens_per_revision: usize,
 }

@@ -31,11 +31,42 @@ pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
     Ok(BACKEND.get_or_init(|| b))
 }
 
-/// A diffusion model as llama.cpp loaded it, with what is derived from it once.
+/// Which kind of model an engine needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// A diffusion model with a mask token.
+    Diffusion,
+    /// Any other architecture llama.cpp runs (it predicts the next token).
+    Autoregressive,
+}
+
+/// The `general.architecture` of the GGUF at `path` (a vocabulary-only load).
+pub fn architecture(path: &Path) -> Result<String, EngineError> {
+    let load_err = |reason: String| EngineError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(load_err("no such file".into()));
+    }
+    let params = LlamaModelParams::default().with_vocab_only(true);
+    let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| load_err(e.to_string()))?;
+    model
+        .meta_val_str("general.architecture")
+        .map_err(|e| load_err(e.to_string()))
+}
+
+/// Whether llama.cpp runs `architecture` as a diffusion model.
+pub fn is_diffusion(architecture: &str) -> bool {
+    DIFFUSION_ARCHITECTURES.contains(&architecture)
+}
+
+/// A model as llama.cpp loaded it, with what is derived from it once.
 pub struct ChatModel {
     pub model: LlamaModel,
     pub architecture: String,
     pub template: LlamaChatTemplate,
+    /// The mask token of a diffusion model; -1 (no token) for an autoregressive one.
     pub mask: i32,
     /// End-of-text and end-of-turn tokens: the first one unmasked ends the reply.
     pub end_tokens: Vec<i32>,
@@ -47,8 +78,8 @@ pub struct ChatModel {
 
 impl ChatModel {
     /// Loads `path`; with `vocab_only`, only the vocabulary and metadata (another runtime holds the
-    /// weights). Refuses files that are not diffusion models or have no mask token.
-    pub fn load(path: &Path, vocab_only: bool) -> Result<Self, EngineError> {
+    /// weights). Refuses files of the other `family`, and diffusion models without a mask token.
+    pub fn load(path: &Path, vocab_only: bool, family: Family) -> Result<Self, EngineError> {
         let load_err = |reason: String| EngineError::Load {
             path: path.display().to_string(),
             reason,
@@ -61,14 +92,14 @@ impl ChatModel {
         let architecture = model
             .meta_val_str("general.architecture")
             .map_err(|e| load_err(e.to_string()))?;
-        if !DIFFUSION_ARCHITECTURES.contains(&architecture.as_str()) {
-            return Err(EngineError::NotDiffusion(architecture));
-        }
         let vocab = model.vocab();
-        let mask = vocab.mask().0;
-        if mask < 0 {
-            return Err(EngineError::NoMaskToken);
-        }
+        let mask = match (family, is_diffusion(&architecture)) {
+            (Family::Diffusion, false) => return Err(EngineError::NotDiffusion(architecture)),
+            (Family::Autoregressive, true) => return Err(EngineError::Diffusion(architecture)),
+            (Family::Diffusion, true) if vocab.mask().0 < 0 => return Err(EngineError::NoMaskToken),
+            (Family::Diffusion, true) => vocab.mask().0,
+            (Family::Autoregressive, false) => -1,
+        };
         let end_tokens = vocab.tokens().filter(|t| vocab.is_eog(*t)).map(|t| t.0).collect();
         let pieces = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
         let template = model

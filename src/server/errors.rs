@@ -103,6 +103,7 @@ fn from_engine(e: &EngineError) -> WireError {
         EngineError::Stopped => ErrorCode::ShuttingDown,
         EngineError::Load { .. }
         | EngineError::NotDiffusion(_)
+        | EngineError::Diffusion(_)
         | EngineError::NoMaskToken
         | EngineError::Template(_)
         | EngineError::Decode(_) => ErrorCode::Internal,

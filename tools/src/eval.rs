@@ -1,5 +1,6 @@
 //! Quality evaluation on held-out dialogs through the real inference paths: the diffusion model
-//! through an [`Engine`], its autoregressive twin through llama.cpp's causal decode.
+//! through an [`Engine`], its autoregressive twin through llama.cpp's causal decode
+//! ([`crate::raw_decode`]).
 //!
 //! Every assistant turn of a held-out dialog is generated from the gold history before it
 //! (teacher forcing) and scored: intent (the reply is closest to answers of the expected intent
@@ -7,17 +8,9 @@
 //! product of the dialog appears verbatim), exact match, and tokens per step.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::num::NonZeroU32;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
-
-use dllm_chat::engine::vocab::{backend, chat_tokens};
 use dllm_chat::engine::{ChatTurn, DecodeOptions, Engine, EngineError, GenerateRequest};
 use dllm_train::corpus::{CorpusError, Dialog, Turn};
 
@@ -80,6 +73,7 @@ fn without_slots(text: &str, slots: &BTreeMap<String, String>) -> String {
 /// Assigns a reply to the answer template it overlaps most (Jaccard on words, slot values replaced by
 /// their placeholders). A template can belong to several intents ("return order NW-1" and "can I
 /// return it?" get the same answer); a reply is right for any of them.
+#[derive(Clone)]
 pub struct IntentClassifier {
     templates: Vec<(HashSet<String>, BTreeSet<String>)>,
 }
@@ -444,8 +438,8 @@ pub async fn evaluate_engine(
     Ok(report)
 }
 
-/// Evaluates an autoregressive (causal, `llama`) GGUF with greedy decoding: one token per step.
-/// Blocking: runs llama.cpp on the calling thread.
+/// Evaluates an autoregressive (causal, `llama`) GGUF with llama.cpp's greedy decode loop
+/// ([`crate::raw_decode`]): one token per step. Blocking.
 pub fn evaluate_autoregressive(
     model_path: &Path,
     threads: usize,
@@ -455,82 +449,25 @@ pub fn evaluate_autoregressive(
     dialogs: &[Dialog],
     classifier: &IntentClassifier,
 ) -> Result<Report, EvalError> {
-    let load = |reason: String| EngineError::Load {
-        path: model_path.display().to_string(),
-        reason,
-    };
-    let backend = backend()?;
-    let model = LlamaModel::load_from_file(backend, model_path, &LlamaModelParams::default())
-        .map_err(|e| load(e.to_string()))?;
-    let template = model
-        .chat_template(None)
-        .map_err(|e| EngineError::Template(e.to_string()))?;
-    let n_ctx = context_length.min(model.n_ctx_train() as usize) as u32;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(n_ctx)
-        .with_n_threads(threads as i32)
-        .with_n_threads_batch(threads as i32);
-    let mut ctx = model.new_context(backend, params).map_err(|e| load(e.to_string()))?;
-    let vocab = model.vocab();
-    let mut batch = LlamaBatch::new(n_ctx as usize, 1);
-    let decode_err = |e: llama_cpp_2::DecodeError| EngineError::Decode(e.to_string());
+    let cases: Vec<_> = cases(dialogs).collect();
+    let chats: Vec<Vec<ChatTurn>> = cases
+        .iter()
+        .map(|(turns, _, _)| {
+            let mut chat = vec![ChatTurn {
+                role: "system".into(),
+                content: system.to_owned(),
+            }];
+            chat.extend(turns.iter().cloned());
+            chat
+        })
+        .collect();
+    let replies = crate::raw_decode::replies(model_path, threads, context_length, max_tokens, &chats)?;
     let mut report = Report::default();
-    let mut pieces: HashMap<i32, Vec<u8>> = HashMap::new();
-    for (turns, user, gold) in cases(dialogs) {
-        let started = Instant::now();
-        let mut chat = vec![ChatTurn {
-            role: "system".into(),
-            content: system.to_owned(),
-        }];
-        chat.extend(turns);
-        let prompt = chat_tokens(&model, &template, &chat)?;
-        if prompt.len() + max_tokens > n_ctx as usize {
-            return Err(EngineError::ContextOverflow {
-                needed: prompt.len() + max_tokens,
-                limit: n_ctx as usize,
-            }
-            .into());
-        }
-        ctx.clear_kv_cache();
-        batch.clear();
-        for (i, t) in prompt.iter().enumerate() {
-            batch
-                .add(LlamaToken(*t), i as i32, &[0], i + 1 == prompt.len())
-                .map_err(|e| load(e.to_string()))?;
-        }
-        ctx.decode(&mut batch).map_err(decode_err)?;
-        let mut reply: Vec<u8> = Vec::new();
-        let mut generated = 0;
-        let mut last = batch.n_tokens() - 1;
-        while generated < max_tokens {
-            let logits = ctx.get_logits_ith(last);
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i as i32)
-                .unwrap_or(0);
-            if vocab.is_eog(LlamaToken(next)) {
-                break;
-            }
-            generated += 1;
-            reply.extend_from_slice(
-                pieces
-                    .entry(next)
-                    .or_insert_with(|| vocab.token_to_piece(LlamaToken(next), false, None)),
-            );
-            batch.clear();
-            batch
-                .add(LlamaToken(next), (prompt.len() + generated - 1) as i32, &[0], true)
-                .map_err(|e| load(e.to_string()))?;
-            ctx.decode(&mut batch).map_err(decode_err)?;
-            last = 0;
-        }
-        report.latencies.push(started.elapsed());
-        report.completion_tokens += generated;
-        report.steps += generated.max(1);
-        report.score(classifier, user, prompt.len(), gold, &String::from_utf8_lossy(&reply));
+    for ((_, user, gold), reply) in cases.into_iter().zip(replies) {
+        report.latencies.push(reply.latency);
+        report.completion_tokens += reply.completion_tokens;
+        report.steps += reply.completion_tokens.max(1);
+        report.score(classifier, user, reply.prompt_tokens, gold, &reply.text);
     }
     Ok(report)
 }

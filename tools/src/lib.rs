@@ -5,6 +5,8 @@
 //! - [`eval`]: held-out quality evaluation through the real inference paths.
 //! - [`load`]: connections held, memory per connection and chat latency under load, on one
 //!   replica over loopback.
+//! - [`raw_decode`]: llama.cpp's raw greedy decode loop on an autoregressive GGUF (the twin's
+//!   eval, and the bench's baseline for the autoregressive engine).
 //! - `main.rs`: the `dllm-tools` CLI (`generate`, `eval`, `bench`, `load`).
 //!
 //! Dialogs are read as `dllm-train`'s corpus types ([`dllm_train::corpus::Dialog`]), the one
@@ -13,3 +15,4 @@
 pub mod bench;
 pub mod eval;
 pub mod load;
+pub mod raw_decode;

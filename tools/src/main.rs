@@ -113,6 +113,10 @@ struct BenchArgs {
     /// Block length of every case.
     #[arg(long, default_value_t = 32)]
     block_length: usize,
+    /// The autoregressive twin (a GGUF or `builtin:northwind-twin`): adds it through the
+    /// autoregressive engine, llama.cpp's raw decode loop on it, and both kinds through the server.
+    #[arg(long)]
+    twin: Option<String>,
 }
 
 /// Decode options on the command line; unset ones come from `[decode]`.
@@ -319,6 +323,15 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
     let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
     let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, true)).await?;
+    let twin = match &args.twin {
+        Some(path) => {
+            let mut twin = with_engine(EngineKind::Autoregressive, CacheMode::Prefix, true);
+            twin.model.path = path.clone();
+            let file = dllm_chat::models::resolve(path)?;
+            Some((start_engine(&twin).await?, file))
+        }
+        None => None,
+    };
     let options = |max_tokens: usize, schedule: Schedule| DecodeOptions {
         max_tokens,
         steps: max_tokens,
@@ -357,7 +370,33 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             options: options(tokens, schedule),
             warm,
         });
-        let results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
+        let mut cases = cases.to_vec();
+        if let Some((engine, _)) = &twin {
+            for (name, warm) in [
+                ("(t) autoregressive twin", false),
+                ("(t') autoregressive twin, history cached by the previous turn", true),
+            ] {
+                cases.push(Case {
+                    name: format!("{name}, up to {tokens} tokens"),
+                    engine: engine.clone(),
+                    options: options(tokens, threshold),
+                    warm,
+                });
+            }
+        }
+        let mut results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
+        if let Some((_, file)) = &twin {
+            let (file, system, owned) = (file.clone(), system.clone(), conversations.to_vec());
+            let threads = config.model.threads;
+            let classifier = classifier.clone();
+            let name = format!("(t0) llama.cpp's raw decode loop on the twin, up to {tokens} tokens");
+            results.push(
+                tokio::task::spawn_blocking(move || {
+                    bench::raw_case(name, &file, threads, &system, &owned, tokens, classifier.as_ref())
+                })
+                .await??,
+            );
+        }
         println!("{}", bench::cases_table(&results));
         println!(
             "Where the time goes (mean ms per reply):\n\n{}",
@@ -388,6 +427,30 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
     );
+    if let Some((twin, _)) = &twin {
+        // Side by side through the server: the same single questions, one at a time.
+        let mut rows = Vec::new();
+        for engine in [&prefix, twin] {
+            let mut r = bench::server::run_concurrent(&config, engine.clone(), &pool, &adaptive, 1, most).await?;
+            r.conversations = 1;
+            rows.push((engine.info().engine, r));
+        }
+        println!(
+            "diffusion (cached, threshold {tau}) and its autoregressive twin through the server, the same {most} \
+             single questions one at a time, up to {} tokens:",
+            adaptive.max_tokens
+        );
+        for (name, r) in &rows {
+            println!(
+                "- {name}: first revision p50 {:.1} ms, reply p50 {:.1} ms / p99 {:.1} ms",
+                r.first_revision_p50.as_secs_f64() * 1e3,
+                r.reply_p50.as_secs_f64() * 1e3,
+                r.reply_p99.as_secs_f64() * 1e3
+            );
+        }
+        let ratio = rows[0].1.reply_p50.as_secs_f64() / rows[1].1.reply_p50.as_secs_f64().max(1e-9);
+        println!("- diffusion / twin median reply latency: {ratio:.2}x\n");
+    }
     Ok(())
 }
 

@@ -41,8 +41,8 @@ pub struct CaseResult {
     pub prompt_tokens: f64,
     /// Share of replies of the expected intent, when a classifier was given.
     pub intent_accuracy: Option<f64>,
-    /// Where a reply's time went, on average.
-    pub mean_phases: Phases,
+    /// Where a reply's time went, on average (none for llama.cpp's raw loop).
+    pub mean_phases: Option<Phases>,
     pub mean_latency: Duration,
 }
 
@@ -129,12 +129,17 @@ async fn measure(
         options: options.clone(),
     };
     let outcome = engine::complete(engine, request).await?;
+    // A diffusion reply decodes its whole canvas, end padding included; an autoregressive one
+    // only the tokens it wrote.
+    let decoded = match engine.info().engine {
+        "autoregressive" => outcome.completion.completion_tokens,
+        _ => options.max_tokens.max(outcome.completion.completion_tokens),
+    };
     Ok(Measured {
         text: outcome.completion.text,
         latency: outcome.total,
         first_revision: outcome.first_revision,
-        // The canvas length counts: every position was decoded, end padding included.
-        tokens: options.max_tokens.max(outcome.completion.completion_tokens),
+        tokens: decoded,
         steps: outcome.completion.steps,
         prompt_tokens: outcome.prompt_tokens,
         phases: outcome.completion.phases,
@@ -188,11 +193,60 @@ pub async fn run_cases(
             steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
             prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
             intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
-            mean_phases: mean_phases(measured.iter().map(|m| &m.phases)),
+            mean_phases: Some(mean_phases(measured.iter().map(|m| &m.phases))),
             mean_latency: Duration::from_secs_f64(total_time / n),
         });
     }
     Ok(results)
+}
+
+/// The figures of llama.cpp's raw decode loop ([`crate::raw_decode`]) on `conversations`, as a
+/// case of the same table. Blocking.
+pub fn raw_case(
+    name: String,
+    model_path: &std::path::Path,
+    threads: usize,
+    system: &str,
+    conversations: &[Conversation],
+    max_tokens: usize,
+    classifier: Option<&IntentClassifier>,
+) -> Result<CaseResult, EngineError> {
+    let chats: Vec<Vec<ChatTurn>> = conversations
+        .iter()
+        .map(|c| {
+            let mut chat = vec![ChatTurn {
+                role: "system".into(),
+                content: system.to_owned(),
+            }];
+            chat.extend(c.turns.iter().cloned());
+            chat
+        })
+        .collect();
+    let replies = crate::raw_decode::replies(model_path, threads, 2048, max_tokens, &chats)?;
+    let mut latencies: Vec<Duration> = replies.iter().map(|r| r.latency).collect();
+    latencies.sort();
+    let total: f64 = latencies.iter().map(Duration::as_secs_f64).sum();
+    let n = replies.len().max(1) as f64;
+    let scored = conversations.iter().filter(|c| c.intent.is_some()).count();
+    let correct = conversations
+        .iter()
+        .zip(&replies)
+        .filter(|(c, r)| match (classifier, &c.intent) {
+            (Some(classifier), Some(intent)) => classifier.matches(&r.text, &c.slots, intent),
+            _ => false,
+        })
+        .count();
+    Ok(CaseResult {
+        name,
+        replies: replies.len(),
+        median_latency: percentile(&latencies, 0.5),
+        tokens_per_second: replies.iter().map(|r| r.completion_tokens).sum::<usize>() as f64 / total.max(1e-9),
+        steps_per_reply: replies.iter().map(|r| r.completion_tokens + 1).sum::<usize>() as f64 / n,
+        prompt_tokens: replies.iter().map(|r| r.prompt_tokens).sum::<usize>() as f64 / n,
+        intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
+        mean_phases: None,
+        mean_latency: Duration::from_secs_f64(total / n),
+    })
 }
 
 /// Replies to the first `total` conversations (cycling if there are fewer), `level` at a time: each
@@ -327,7 +381,9 @@ pub fn phases_table(results: &[CaseResult]) -> String {
     );
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for r in results {
-        let p = &r.mean_phases;
+        let Some(p) = &r.mean_phases else {
+            continue;
+        };
         let engine = p.queue + p.prompt + p.prefill + p.denoise + p.revision + p.between_steps;
         let host_per_step = ms(p.denoise.saturating_sub(p.compute)) / r.steps_per_reply.max(1.0);
         out.push_str(&format!(
