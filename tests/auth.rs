@@ -130,18 +130,8 @@ async fn keys_in_the_url_are_refused_unless_allowed() {
     server.stop().await;
 }
 
-/// `POST /v1/tickets` with an optional bearer key; (status, JSON body).
 async fn post_ticket(server: &TestServer, key: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().post(server.http_url("/v1/tickets"));
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = tokio::time::timeout(common::WAIT, request.send())
-        .await
-        .expect("answered in time")
-        .expect("request");
-    let status = response.status().as_u16();
-    (status, serde_json::from_str(&response.text().await.unwrap()).unwrap())
+    call(reqwest::Client::new().post(server.http_url("/v1/tickets")), key).await
 }
 
 /// A browser page gets a one-time ticket from its backend: it admits one upgrade, as the key
@@ -270,18 +260,22 @@ async fn browser_upgrades_from_other_origins_get_403() {
     server.stop().await;
 }
 
-/// GET with an optional bearer key; (status, JSON body).
-async fn get_models(server: &TestServer, key: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().get(server.http_url("/v1/models"));
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
+/// `request` with an optional bearer key; (status, JSON body).
+async fn call(request: reqwest::RequestBuilder, key: Option<&str>) -> (u16, Value) {
+    let request = match key {
+        Some(key) => request.bearer_auth(key),
+        None => request,
+    };
     let response = tokio::time::timeout(common::WAIT, request.send())
         .await
         .expect("answered in time")
         .expect("request");
     let status = response.status().as_u16();
     (status, serde_json::from_str(&response.text().await.unwrap()).unwrap())
+}
+
+async fn get_models(server: &TestServer, key: Option<&str>) -> (u16, Value) {
+    call(reqwest::Client::new().get(server.http_url("/v1/models")), key).await
 }
 
 #[tokio::test]

@@ -42,6 +42,12 @@ pub enum Family {
 
 /// The `general.architecture` of the GGUF at `path` (a vocabulary-only load).
 pub fn architecture(path: &Path) -> Result<String, EngineError> {
+    Ok(load_llama(path, true)?.1)
+}
+
+/// `path` through llama.cpp (only its vocabulary and metadata with `vocab_only`), and its
+/// `general.architecture`.
+fn load_llama(path: &Path, vocab_only: bool) -> Result<(LlamaModel, String), EngineError> {
     let load_err = |reason: String| EngineError::Load {
         path: path.display().to_string(),
         reason,
@@ -49,11 +55,12 @@ pub fn architecture(path: &Path) -> Result<String, EngineError> {
     if !path.is_file() {
         return Err(load_err("no such file".into()));
     }
-    let params = LlamaModelParams::default().with_vocab_only(true);
+    let params = LlamaModelParams::default().with_vocab_only(vocab_only);
     let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| load_err(e.to_string()))?;
-    model
+    let architecture = model
         .meta_val_str("general.architecture")
-        .map_err(|e| load_err(e.to_string()))
+        .map_err(|e| load_err(e.to_string()))?;
+    Ok((model, architecture))
 }
 
 /// Whether llama.cpp runs `architecture` as a diffusion model.
@@ -80,18 +87,7 @@ impl ChatModel {
     /// Loads `path`; with `vocab_only`, only the vocabulary and metadata (another runtime holds the
     /// weights). Refuses files of the other `family`, and diffusion models without a mask token.
     pub fn load(path: &Path, vocab_only: bool, family: Family) -> Result<Self, EngineError> {
-        let load_err = |reason: String| EngineError::Load {
-            path: path.display().to_string(),
-            reason,
-        };
-        if !path.is_file() {
-            return Err(load_err("no such file".into()));
-        }
-        let params = LlamaModelParams::default().with_vocab_only(vocab_only);
-        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| load_err(e.to_string()))?;
-        let architecture = model
-            .meta_val_str("general.architecture")
-            .map_err(|e| load_err(e.to_string()))?;
+        let (model, architecture) = load_llama(path, vocab_only)?;
         let vocab = model.vocab();
         let mask = match (family, is_diffusion(&architecture)) {
             (Family::Diffusion, false) => return Err(EngineError::NotDiffusion(architecture)),
