@@ -10,8 +10,10 @@
 //! Stores also coordinate replies across replicas ([`lease`]): a session lease with a fencing
 //! token so one replica at a time answers a session, a capped log of each reply's newest events
 //! that any replica can read and tail, and the records that let a live replica end the reply of
-//! a dead one.
+//! a dead one. The Redis store sends its commands on a connection that is replaced after a
+//! timeout (`commands`), so a partition that drops packets does not leave it stuck.
 
+mod commands;
 pub mod lease;
 pub mod memory;
 pub mod redis;

@@ -31,10 +31,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig, Script};
 
+use super::commands::CommandConnection;
 use super::{
     Appended, Begin, Lease, LeaseState, LoggedEvent, ReplyLog, ReplyStart, Retention, RunningReply, SessionInfo,
     SessionStore, StatsBatch, StoreError, StoredMessage, TailBatch, TailCursor,
@@ -153,7 +154,7 @@ const RECONNECT_RETRIES: usize = 4;
 /// Sessions in Redis through an auto-reconnecting connection. A command that fails while Redis
 /// is away still errors (as `Unavailable`); the next one uses the restored connection.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: CommandConnection,
     /// For blocking log reads only; reopened after an error.
     tail_conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// For the timing feed's blocking reads only; reopened after an error.
@@ -194,13 +195,12 @@ impl RedisStore {
             .set_factor(2)
             .set_max_delay(RECONNECT_MAX_DELAY.as_millis() as u64)
             .set_number_of_retries(RECONNECT_RETRIES);
-        let conn = tokio::time::timeout(
-            connect_timeout,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| unavailable(format!("no answer within {connect_timeout:?}")))?
-        .map_err(|e| unavailable(e.to_string()))?;
+        let conn = CommandConnection::connect(client.clone(), config, connect_timeout, command_timeout)
+            .await
+            .map_err(|e| match e.is_timeout() {
+                true => unavailable(format!("no answer within {connect_timeout:?}")),
+                false => unavailable(e.to_string()),
+            })?;
         Ok(Self {
             conn,
             tail_conn: tokio::sync::Mutex::new(None),
@@ -303,10 +303,14 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.command_timeout, command).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {} ms",
-                self.command_timeout.as_millis()
-            ))),
+            Err(_) => {
+                // Lost requests or replies leave the connection out of step: use a new one.
+                self.conn.mark_stale();
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {} ms",
+                    self.command_timeout.as_millis()
+                )))
+            }
         }
     }
 
