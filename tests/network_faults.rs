@@ -176,35 +176,19 @@ fn redis_upstream() -> String {
         .to_owned()
 }
 
-/// Sends a message and returns its events up to `response.done`, or the error it got.
-async fn try_turn(client: &mut Client, session: &str, content: &str) -> Result<Vec<Value>, Value> {
-    client
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": content,
-                     "client_message_id": content, "options": {"max_tokens": 8, "steps": 8}}),
-        )
-        .await;
-    let first = client.recv().await;
-    if first["type"] == "error" {
-        return Err(first);
-    }
-    let mut events = vec![first];
-    events.extend(client.until("response.done").await);
-    Ok(events)
-}
-
 async fn user_messages(client: &mut Client, session: &str) -> Vec<String> {
     client
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    let resumed = client.until("session.resumed").await.pop().unwrap();
-    resumed["messages"]
-        .as_array()
-        .unwrap()
+        .history(session)
+        .await
         .iter()
         .filter(|m| m["role"] == "user")
         .map(|m| m["content"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// A short turn whose `client_message_id` is its content.
+async fn try_turn(client: &mut Client, session: &str, content: &str) -> Result<Vec<Value>, Value> {
+    client.try_turn(session, content, content).await
 }
 
 #[tokio::test]

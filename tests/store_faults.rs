@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http_get, test_config, Client, TestServer};
-use serde_json::{json, Value};
 
 /// A request made while Redis is away must fail within this long.
 const DEADLINE: Duration = Duration::from_secs(2);
@@ -94,28 +93,11 @@ async fn server_on(redis: &Redis) -> TestServer {
     TestServer::start(config).await
 }
 
-/// Sends a message and returns its events up to `response.done`, or the error it got.
-async fn try_turn(client: &mut Client, session: &str, content: &str, id: &str) -> Result<Vec<Value>, Value> {
-    client
-        .send(
-            json!({"type": "message.create", "session_id": session, "content": content,
-                     "client_message_id": id, "options": {"max_tokens": 8, "steps": 8}}),
-        )
-        .await;
-    let first = client.recv().await;
-    if first["type"] == "error" {
-        return Err(first);
-    }
-    let mut events = vec![first];
-    events.extend(client.until("response.done").await);
-    Ok(events)
-}
-
 /// While Redis is away: the message fails in time with `store_unavailable`, and `/ready` says 503
 /// in time; the socket stays open.
 async fn refused_in_time(server: &TestServer, client: &mut Client, session: &str) {
     let asked = Instant::now();
-    let error = try_turn(client, session, "while it is away", "away").await.unwrap_err();
+    let error = client.try_turn(session, "while it is away", "away").await.unwrap_err();
     let took = asked.elapsed();
     assert_eq!(error["error"]["code"], "store_unavailable", "{error}");
     assert!(took < DEADLINE, "refused after {took:?}");
@@ -129,7 +111,7 @@ async fn refused_in_time(server: &TestServer, client: &mut Client, session: &str
 /// Once Redis is back: the next turn succeeds within `RECOVERY` (retrying), on the same socket.
 async fn answers_again(client: &mut Client, session: &str, back: Instant) -> Duration {
     loop {
-        match try_turn(client, session, "back again", "back").await {
+        match client.try_turn(session, "back again", "back").await {
             Ok(events) => {
                 assert_eq!(events.last().unwrap()["status"], "completed", "{events:?}");
                 return back.elapsed();
@@ -149,12 +131,8 @@ async fn answers_again(client: &mut Client, session: &str, back: Instant) -> Dur
 
 async fn contents(client: &mut Client, session: &str) -> Vec<String> {
     client
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    let resumed = client.until("session.resumed").await.pop().unwrap();
-    resumed["messages"]
-        .as_array()
-        .unwrap()
+        .history(session)
+        .await
         .iter()
         .map(|m| m["content"].as_str().unwrap().to_owned())
         .collect()
@@ -167,7 +145,8 @@ async fn redis_killed_and_restarted_loses_no_acknowledged_turn() {
     let mut client = server.connect().await;
     let session = client.create_session().await;
     for i in 0..3 {
-        try_turn(&mut client, &session, &format!("turn {i}"), &format!("t{i}"))
+        client
+            .try_turn(&session, &format!("turn {i}"), &format!("t{i}"))
             .await
             .unwrap();
     }
@@ -195,7 +174,7 @@ async fn redis_paused_fails_requests_in_time_and_recovers() {
     let server = server_on(&redis).await;
     let mut client = server.connect().await;
     let session = client.create_session().await;
-    try_turn(&mut client, &session, "before", "b").await.unwrap();
+    client.try_turn(&session, "before", "b").await.unwrap();
 
     redis.signal("STOP");
     let paused = Instant::now();

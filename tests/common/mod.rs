@@ -206,6 +206,31 @@ impl Client {
         e["session_id"].as_str().unwrap().to_owned()
     }
 
+    /// Sends a short message (8 tokens) with `client_message_id` `id`: its events up to
+    /// `response.done`, or the error it got first (for tests of faults, where refusals are expected).
+    pub async fn try_turn(&mut self, session: &str, content: &str, id: &str) -> Result<Vec<Value>, Value> {
+        self.send(
+            json!({"type": "message.create", "session_id": session, "content": content,
+                          "client_message_id": id, "options": {"max_tokens": 8, "steps": 8}}),
+        )
+        .await;
+        let first = self.recv().await;
+        if first["type"] == "error" {
+            return Err(first);
+        }
+        let mut events = vec![first];
+        events.extend(self.until("response.done").await);
+        Ok(events)
+    }
+
+    /// The session's stored messages, through `session.resume`.
+    pub async fn history(&mut self, session: &str) -> Vec<Value> {
+        self.send(json!({"type": "session.resume", "session_id": session}))
+            .await;
+        let resumed = self.until("session.resumed").await.pop().unwrap();
+        resumed["messages"].as_array().unwrap().clone()
+    }
+
     /// Sends a message and returns every event up to and including `response.done`.
     pub async fn exchange(&mut self, session_id: &str, content: &str, options: Value) -> Vec<Value> {
         self.send(json!({"type": "message.create", "session_id": session_id, "content": content, "options": options}))
