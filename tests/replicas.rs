@@ -106,14 +106,6 @@ async fn two_replicas() -> (String, Replica, Replica) {
     (p, a, b)
 }
 
-async fn history(client: &mut Client, session: &str) -> Vec<Value> {
-    client
-        .send(json!({"type": "session.resume", "session_id": session}))
-        .await;
-    let resumed = client.until("session.resumed").await.pop().unwrap();
-    resumed["messages"].as_array().unwrap().clone()
-}
-
 /// A long reply under way on `replica`: its client (past the first revision), the session, and
 /// the events so far (`message.accepted`, `response.created`, the first revision).
 async fn long_reply(replica: &Replica, message: Value) -> (Client, String, Vec<Value>) {
@@ -182,7 +174,7 @@ async fn concurrent_messages_on_two_replicas_give_one_reply_and_one_busy() {
         assert_eq!(loser_event["error"]["code"], "busy", "round {round}: {loser_event}");
         let done = winner.until("response.done").await;
         assert_eq!(done.last().unwrap()["status"], "completed");
-        let messages = history(&mut on_a, &session).await;
+        let messages = on_a.history(&session).await;
         let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
         assert_eq!(roles, vec!["user", "assistant"], "round {round}: {messages:?}");
     }
@@ -245,7 +237,7 @@ async fn cancel_from_the_other_replica_stops_the_reply() {
     let done = done.last().unwrap();
     assert_eq!(done["status"], "cancelled", "{done}");
     assert!(done["timings"]["steps"].as_u64().unwrap() < 512);
-    let messages = history(&mut other, &session).await;
+    let messages = other.history(&session).await;
     assert_eq!(messages[1]["status"], "cancelled");
 }
 
@@ -271,7 +263,7 @@ async fn a_killed_generator_is_reported_lost_and_the_resend_is_answered_once() {
     );
     eprintln!("generator_lost reached the other replica's client {lost_after:?} after kill -9 (lease {LEASE_MS} ms)");
 
-    let messages = history(&mut watcher, &session).await;
+    let messages = watcher.history(&session).await;
     let statuses: Vec<&Value> = messages.iter().map(|m| &m["status"]).collect();
     assert_eq!(statuses, vec![&Value::Null, &json!("failed")], "{messages:?}");
 
@@ -283,7 +275,7 @@ async fn a_killed_generator_is_reported_lost_and_the_resend_is_answered_once() {
     watcher.send(message).await;
     let accepted = watcher.recv().await;
     assert_eq!(accepted["duplicate"], true);
-    let messages = history(&mut watcher, &session).await;
+    let messages = watcher.history(&session).await;
     let statuses: Vec<&Value> = messages.iter().map(|m| &m["status"]).collect();
     assert_eq!(
         statuses,
@@ -316,7 +308,7 @@ async fn a_stalled_generator_cannot_write_late() {
     assert_eq!(own["status"], "failed", "{own}");
     assert_eq!(own["error"]["code"], "generator_lost", "{own}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let messages = history(&mut watcher, &session).await;
+    let messages = watcher.history(&session).await;
     let assistants: Vec<&Value> = messages.iter().filter(|m| m["role"] == "assistant").collect();
     assert_eq!(assistants.len(), 1, "one assistant message for the turn: {messages:?}");
     assert_eq!(assistants[0]["status"], "failed");
@@ -341,7 +333,7 @@ async fn a_reply_outlives_the_socket_that_asked_for_it() {
         let events = later.until("response.done").await;
         assert_eq!(events.last().unwrap()["status"], "completed");
     }
-    let messages = history(&mut later, &session).await;
+    let messages = later.history(&session).await;
     assert_eq!(messages.len(), 2, "{messages:?}");
     assert_eq!(
         messages[1]["status"], "completed",

@@ -1,0 +1,178 @@
+//! A client that sends and never reads cannot make the server hold what it does not read: with
+//! 32 long replies streaming to it (about 25 MB of revisions), the server process's resident
+//! memory grows by a few MiB at most, because each connection's outbox is bounded and a reader
+//! that falls behind skips intermediate revisions.
+//! Meanwhile other clients are served. The server runs as its own process (`dllm-chat serve`) so
+//! its memory is its own.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Client, WAIT};
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Sessions, each streaming one long reply to the reader that never reads.
+const SESSIONS: usize = 32;
+/// What the replies may add to the server's memory while nobody reads them.
+const MOST_GROWTH_KIB: u64 = 8 * 1024;
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dllm-chat"))
+            .args(["serve", "--bind", &addr.to_string(), "--store", "memory"])
+            .env("DLLM_MODEL__PATH", common::fixture_model())
+            .env("DLLM_MODEL__THREADS", "1")
+            .env("DLLM_MODEL__CONTEXT_LENGTH", "1024")
+            // Only the current block is computed each step: long replies, little compute.
+            .env("DLLM_MODEL__CACHE", "dual")
+            .env("DLLM_LIMITS__MAX_RUNNING_REPLIES", SESSIONS.to_string())
+            .env("DLLM_LIMITS__MESSAGE_BURST", "1000")
+            .env("DLLM_LIMITS__MESSAGES_PER_MINUTE", "6000")
+            // The silent client must not be dropped for missing pongs during the test.
+            .env("DLLM_SERVER__PING_INTERVAL_MS", "60000")
+            .env("DLLM_SERVER__IDLE_TIMEOUT_MS", "120000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dllm-chat starts");
+        let server = Self { child, addr };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let url = format!("http://{addr}/ready");
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&url)).await {
+                if r.status().is_success() {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "the server did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn connect(&self) -> Client {
+        Client::connect(&format!("ws://{}/v1/chat", self.addr)).await
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+/// A 512-token reply in `steps` revisions.
+fn long_message(session: &str, steps: usize) -> serde_json::Value {
+    json!({"type": "message.create", "session_id": session, "content": "tell me everything",
+           "options": {"max_tokens": 512, "steps": steps, "block_length": 32, "policy": "fixed"}})
+}
+
+/// Waits until no session in `sessions` has a running reply; returns the peak memory seen.
+async fn until_done(server: &Server, watcher: &mut Client, sessions: &[String]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak = server.rss_kib();
+    for session in sessions {
+        loop {
+            peak = peak.max(server.rss_kib());
+            watcher
+                .send(json!({"type": "session.resume", "session_id": session}))
+                .await;
+            let resumed = watcher.until("session.resumed").await.pop().unwrap();
+            if resumed.get("running").is_none() {
+                break;
+            }
+            // A watch on the running reply was started; take its events off the socket.
+            watcher.until("response.done").await;
+            assert!(Instant::now() < deadline, "the replies did not finish");
+        }
+    }
+    peak.max(server.rss_kib())
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_grow_the_servers_memory() {
+    let server = Server::start().await;
+    let mut setup = server.connect().await;
+
+    // The same replies with a reader first, in fewer steps: the conversation caches and the
+    // engine's buffers for 32 replies of 512 tokens are allocated.
+    let mut read = Vec::new();
+    for _ in 0..SESSIONS {
+        read.push(setup.create_session().await);
+    }
+    let mut reader = server.connect().await;
+    for session in &read {
+        reader.send(long_message(session, 32)).await;
+    }
+    for _ in &read {
+        reader.until("response.done").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = server.rss_kib();
+
+    let mut unread = Vec::new();
+    for _ in 0..SESSIONS {
+        unread.push(setup.create_session().await);
+    }
+    let (mut silent, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/chat", server.addr))
+        .await
+        .unwrap();
+    for session in &unread {
+        silent
+            .send(Message::Text(long_message(session, 512).to_string().into()))
+            .await
+            .unwrap();
+    }
+    // Another client is served while the silent one's replies stream.
+    let mut other = server.connect().await;
+    let session = other.create_session().await;
+    let events = other.exchange(&session, "still there?", json!({})).await;
+    assert_eq!(events.last().unwrap()["status"], "completed", "{events:?}");
+
+    let mut watcher = server.connect().await;
+    let peak = until_done(&server, &mut watcher, &unread).await;
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "{SESSIONS} replies of 512 revisions to a client that never read: server RSS {} MiB after the same \
+         replies with a reader, peak {} MiB while they streamed unread (+{growth} KiB)",
+        baseline / 1024,
+        peak / 1024
+    );
+    assert!(
+        growth < MOST_GROWTH_KIB,
+        "the server's memory grew by {growth} KiB while nobody read"
+    );
+    // The silent client's messages were all taken: every reply is stored.
+    for session in &unread {
+        let history = watcher.history(session).await;
+        assert_eq!(history.len(), 2, "{history:?}");
+    }
+    drop(silent);
+}
