@@ -48,7 +48,13 @@ impl Server {
             .env("DLLM_MODEL__CONTEXT_LENGTH", "1024")
             // Only the current block is computed each step: long replies, little compute.
             .env("DLLM_MODEL__CACHE", "dual")
-            .env("DLLM_LIMITS__MAX_RUNNING_REPLIES", SESSIONS.to_string())
+            // Each followed reply buffers this many events for its watchers: 32 replies at the
+            // default 64 would hold 3 MiB of revisions by design, this keeps the bound small
+            // beside what an unbounded server would hold (most of 25 MB).
+            .env("DLLM_CHAT__WATCH_BUFFER", "8")
+            // One more than the silent client's replies: another client is not queued behind them.
+            .env("DLLM_LIMITS__MAX_RUNNING_REPLIES", (SESSIONS + 1).to_string())
+            .env("DLLM_LIMITS__KEPT_CONVERSATION_CACHES", (SESSIONS + 1).to_string())
             .env("DLLM_LIMITS__MESSAGE_BURST", "1000")
             .env("DLLM_LIMITS__MESSAGES_PER_MINUTE", "6000")
             // The silent client must not be dropped for missing pongs during the test.
@@ -95,22 +101,23 @@ fn long_message(session: &str, steps: usize) -> serde_json::Value {
 }
 
 /// Waits until no session in `sessions` has a running reply; returns the peak memory seen.
-async fn until_done(server: &Server, watcher: &mut Client, sessions: &[String]) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
+async fn until_done(server: &Server, sessions: &[String]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(180);
     let mut peak = server.rss_kib();
     for session in sessions {
         loop {
             peak = peak.max(server.rss_kib());
-            watcher
-                .send(json!({"type": "session.resume", "session_id": session}))
+            // A connection per look: resuming a running reply also follows it, which this one
+            // does not want.
+            let mut look = server.connect().await;
+            look.send(json!({"type": "session.resume", "session_id": session}))
                 .await;
-            let resumed = watcher.until("session.resumed").await.pop().unwrap();
+            let resumed = look.until("session.resumed").await.pop().unwrap();
             if resumed.get("running").is_none() {
                 break;
             }
-            // A watch on the running reply was started; take its events off the socket.
-            watcher.until("response.done").await;
             assert!(Instant::now() < deadline, "the replies did not finish");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     peak.max(server.rss_kib())
@@ -156,8 +163,7 @@ async fn a_client_that_never_reads_does_not_grow_the_servers_memory() {
     let events = other.exchange(&session, "still there?", json!({})).await;
     assert_eq!(events.last().unwrap()["status"], "completed", "{events:?}");
 
-    let mut watcher = server.connect().await;
-    let peak = until_done(&server, &mut watcher, &unread).await;
+    let peak = until_done(&server, &unread).await;
     let growth = peak.saturating_sub(baseline);
     eprintln!(
         "{SESSIONS} replies of 512 revisions to a client that never read: server RSS {} MiB after the same \
@@ -170,6 +176,7 @@ async fn a_client_that_never_reads_does_not_grow_the_servers_memory() {
         "the server's memory grew by {growth} KiB while nobody read"
     );
     // The silent client's messages were all taken: every reply is stored.
+    let mut watcher = server.connect().await;
     for session in &unread {
         let history = watcher.history(session).await;
         assert_eq!(history.len(), 2, "{history:?}");
