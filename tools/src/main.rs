@@ -113,6 +113,10 @@ struct BenchArgs {
     /// Block length of every case.
     #[arg(long, default_value_t = 32)]
     block_length: usize,
+    /// Chain consecutive dialogs into conversations of this many user turns (long histories,
+    /// 300-600 prompt tokens at 6-10 turns); 0 measures the dialogs as they are.
+    #[arg(long, default_value_t = 0)]
+    history_turns: usize,
     /// The autoregressive twin (a GGUF or `builtin:northwind-twin`): adds it through the
     /// autoregressive engine, llama.cpp's raw decode loop on it, and both kinds through the server.
     #[arg(long)]
@@ -290,7 +294,11 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     use dllm_chat::engine::{CacheMode, DecodeOptions, Schedule, Selection};
     use dllm_tools::bench::{self, Case};
     use dllm_tools::eval;
-    let pool = bench::conversations(&eval::read_dialogs(&args.dialogs)?);
+    let dialogs = eval::read_dialogs(&args.dialogs)?;
+    let pool = match args.history_turns {
+        0 => bench::conversations(&dialogs),
+        turns => bench::long_conversations(&dialogs, turns),
+    };
     let per_length = args.conversations;
     anyhow::ensure!(
         pool.len() >= per_length * args.reply_tokens.len(),

@@ -81,6 +81,26 @@ impl Conversation {
     }
 }
 
+/// Long conversations: consecutive dialogs chained into one conversation of `user_turns` user
+/// turns (a customer asking about one thing after another), each up to its last user message.
+/// The last dialog's expectations score the reply.
+pub fn long_conversations(dialogs: &[Dialog], user_turns: usize) -> Vec<Conversation> {
+    let mut out = Vec::new();
+    let mut chained: Vec<Turn> = Vec::new();
+    for d in dialogs {
+        chained.extend(d.turns.iter().cloned());
+        let users = chained.iter().filter(|t| matches!(t, Turn::User { .. })).count();
+        if users >= user_turns {
+            let dialog = Dialog {
+                turns: std::mem::take(&mut chained),
+                ..d.clone()
+            };
+            out.extend(conversations(std::slice::from_ref(&dialog)));
+        }
+    }
+    out
+}
+
 /// The conversation before the last assistant turn of each dialog that has history (at least
 /// two user turns), so every prompt carries earlier turns.
 pub fn conversations(dialogs: &[Dialog]) -> Vec<Conversation> {
@@ -344,6 +364,50 @@ pub fn cases_table(results: &[CaseResult]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dialog(id: usize, users: usize) -> Dialog {
+        let mut turns = Vec::new();
+        for u in 0..users {
+            turns.push(Turn::User {
+                content: format!("question {id}.{u}"),
+                intent: format!("intent{id}"),
+                facts: Vec::new(),
+                slots: BTreeMap::new(),
+            });
+            turns.push(Turn::Assistant {
+                content: format!("answer {id}.{u}"),
+            });
+        }
+        Dialog {
+            id: format!("d{id}"),
+            split: dllm_train::corpus::Split::Heldout,
+            turns,
+        }
+    }
+
+    #[test]
+    fn long_conversations_chain_dialogs_up_to_the_asked_user_turns() {
+        let dialogs: Vec<Dialog> = (0..6).map(|i| dialog(i, 1 + i % 3)).collect();
+        // User turns 1, 2, 3, 1, 2, 3: chains of at least 4 are (1+2+3) and (1+2+3).
+        let long = long_conversations(&dialogs, 4);
+        assert_eq!(long.len(), 2);
+        for c in &long {
+            let users = c.turns.iter().filter(|t| t.role == "user").count();
+            assert_eq!(users, 6, "{:?}", c.turns);
+            assert_eq!(c.turns.last().unwrap().role, "user");
+        }
+        assert_eq!(
+            long[0].intent.as_deref(),
+            Some("intent2"),
+            "the last dialog's intent scores it"
+        );
+        assert_eq!(long[0].turns[0].content, "question 0.0");
+    }
 }
 
 fn mean_phases<'a>(phases: impl Iterator<Item = &'a Phases>) -> Phases {
