@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http_get, Client, WAIT};
+use common::{http_get, Client};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
@@ -36,12 +36,8 @@ impl Replica {
     /// Starts `dllm-chat serve` on a free loopback port with the Redis store under `prefix`
     /// and waits until `/ready` answers 200.
     async fn start(prefix: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = common::free_loopback_addr();
+        let port = addr.port();
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{prefix}-{port}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_dllm-chat"))
             .args(["serve", "--bind", &addr.to_string(), "--store", &common::redis_url()])
@@ -57,17 +53,8 @@ impl Replica {
             .spawn()
             .expect("dllm-chat starts");
         let replica = Self { child, addr };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let url = format!("http://{addr}/ready");
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&url)).await {
-                if r.status().is_success() {
-                    return replica;
-                }
-            }
-            assert!(Instant::now() < deadline, "replica on {addr} did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_ready(addr).await;
+        replica
     }
 
     async fn connect(&self) -> Client {

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, WAIT};
+use common::Client;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -35,12 +35,7 @@ impl Drop for Server {
 
 impl Server {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = common::free_loopback_addr();
         let child = Command::new(env!("CARGO_BIN_EXE_dllm-chat"))
             .args(["serve", "--bind", &addr.to_string(), "--store", "memory"])
             .env("DLLM_MODEL__PATH", common::fixture_model())
@@ -66,17 +61,8 @@ impl Server {
             .spawn()
             .expect("dllm-chat starts");
         let server = Self { child, addr };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let url = format!("http://{addr}/ready");
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&url)).await {
-                if r.status().is_success() {
-                    return server;
-                }
-            }
-            assert!(Instant::now() < deadline, "the server did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        common::wait_ready(addr).await;
+        server
     }
 
     async fn connect(&self) -> Client {

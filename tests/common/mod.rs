@@ -119,6 +119,34 @@ impl TestServer {
     }
 }
 
+/// A loopback address with a port free right now, for a server process of a test's own.
+pub fn free_loopback_addr() -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// Waits until the server process on `addr` answers `/ready` with 200 (panics after [`WAIT`]).
+pub async fn wait_ready(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + WAIT;
+    let url = format!("http://{addr}/ready");
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&url)).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server on {addr} did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A real WebSocket client.
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
