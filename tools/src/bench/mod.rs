@@ -226,6 +226,7 @@ pub fn raw_case(
     name: String,
     model_path: &std::path::Path,
     threads: usize,
+    context_length: usize,
     system: &str,
     conversations: &[Conversation],
     max_tokens: usize,
@@ -242,7 +243,7 @@ pub fn raw_case(
             chat
         })
         .collect();
-    let replies = crate::raw_decode::replies(model_path, threads, 2048, max_tokens, &chats)?;
+    let replies = crate::raw_decode::replies(model_path, threads, context_length, max_tokens, &chats)?;
     let mut latencies: Vec<Duration> = replies.iter().map(|r| r.latency).collect();
     latencies.sort();
     let total: f64 = latencies.iter().map(Duration::as_secs_f64).sum();
