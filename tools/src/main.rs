@@ -395,21 +395,12 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         let mut results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
         if let Some((_, file)) = &twin {
             let (file, system, owned) = (file.clone(), system.clone(), conversations.to_vec());
-            let (threads, context) = (config.model.threads, config.model.context_length);
+            let model = config.model.clone();
             let classifier = classifier.clone();
             let name = format!("(t0) llama.cpp's raw decode loop on the twin, up to {tokens} tokens");
             results.push(
                 tokio::task::spawn_blocking(move || {
-                    bench::raw_case(
-                        name,
-                        &file,
-                        threads,
-                        context,
-                        &system,
-                        &owned,
-                        tokens,
-                        classifier.as_ref(),
-                    )
+                    bench::raw_case(name, &file, &model, &system, &owned, tokens, classifier.as_ref())
                 })
                 .await??,
             );

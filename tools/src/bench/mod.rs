@@ -225,8 +225,7 @@ pub async fn run_cases(
 pub fn raw_case(
     name: String,
     model_path: &std::path::Path,
-    threads: usize,
-    context_length: usize,
+    model: &dllm_chat::config::ModelConfig,
     system: &str,
     conversations: &[Conversation],
     max_tokens: usize,
@@ -243,7 +242,7 @@ pub fn raw_case(
             chat
         })
         .collect();
-    let replies = crate::raw_decode::replies(model_path, threads, context_length, max_tokens, &chats)?;
+    let replies = crate::raw_decode::replies(model_path, model.threads, model.context_length, max_tokens, &chats)?;
     let mut latencies: Vec<Duration> = replies.iter().map(|r| r.latency).collect();
     latencies.sort();
     let total: f64 = latencies.iter().map(Duration::as_secs_f64).sum();
