@@ -104,8 +104,15 @@ pub struct CorpusConfig {
     pub dialogs: usize,
     /// Share of `dialogs` that goes to the held-out split.
     pub heldout_fraction: f64,
-    /// Each dialog has between 1 and this many user turns.
+    /// A short dialog has between 1 and this many user turns.
     pub max_user_turns: usize,
+    /// Share of dialogs that are long: more than `max_user_turns` user turns, up to `long_user_turns`, with
+    /// topic switches, thanks in the middle and follow-ups to something named many turns before.
+    #[serde(default)]
+    pub long_dialog_rate: f64,
+    /// The most user turns of a long dialog.
+    #[serde(default = "default_long_user_turns")]
+    pub long_user_turns: usize,
     /// Chance that a turn is a follow-up when one is possible.
     pub follow_up_rate: f64,
     /// Chance that a phrasing is typed casually (lowercase start, no final punctuation).
@@ -166,6 +173,8 @@ impl CorpusConfig {
             dialogs,
             heldout_fraction: 0.05,
             max_user_turns: 4,
+            long_dialog_rate: 0.3,
+            long_user_turns: 12,
             follow_up_rate: 0.6,
             casual_rate: 0.25,
             chatter_rate: 0.3,
@@ -182,8 +191,18 @@ impl CorpusConfig {
                 problem: "must be at least 1".into(),
             });
         }
+        if self.long_dialog_rate > 0.0 && self.long_user_turns <= self.max_user_turns {
+            return Err(CorpusError::Config {
+                field: "long_user_turns",
+                problem: format!(
+                    "{} leaves long dialogs no room above max_user_turns ({})",
+                    self.long_user_turns, self.max_user_turns
+                ),
+            });
+        }
         for (field, value) in [
             ("heldout_fraction", self.heldout_fraction),
+            ("long_dialog_rate", self.long_dialog_rate),
             ("follow_up_rate", self.follow_up_rate),
             ("casual_rate", self.casual_rate),
             ("chatter_rate", self.chatter_rate),
@@ -200,10 +219,23 @@ impl CorpusConfig {
         Ok(())
     }
 
+    /// The most user turns any dialog can have.
+    pub fn most_user_turns(&self) -> usize {
+        if self.long_dialog_rate > 0.0 {
+            self.long_user_turns.max(self.max_user_turns)
+        } else {
+            self.max_user_turns
+        }
+    }
+
     /// How many of `dialogs` are held out.
     pub fn heldout_dialogs(&self) -> usize {
         ((self.dialogs as f64) * self.heldout_fraction).round() as usize
     }
+}
+
+fn default_long_user_turns() -> usize {
+    12
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,7 +253,7 @@ pub fn generate(domain: &Domain, config: &CorpusConfig) -> Result<Corpus, Corpus
         .iter()
         .filter(|i| !i.is_contextual() && i.position == Position::Any)
         .count();
-    if standalone < config.max_user_turns {
+    if standalone < config.most_user_turns() {
         return Err(CorpusError::Config {
             field: "max_user_turns",
             problem: format!("the domain has only {standalone} standalone intents to fill a dialog"),
@@ -244,6 +276,29 @@ pub fn generate(domain: &Domain, config: &CorpusConfig) -> Result<Corpus, Corpus
     })
 }
 
+/// The latest referent of each kind a dialog has named.
+#[derive(Default)]
+struct Named {
+    order: Option<Referent>,
+    product: Option<Referent>,
+}
+
+impl Named {
+    fn set(&mut self, referent: Referent) {
+        match referent.kind() {
+            SlotKind::Order => self.order = Some(referent),
+            SlotKind::Product => self.product = Some(referent),
+        }
+    }
+
+    fn get(&self, kind: SlotKind) -> Option<&Referent> {
+        match kind {
+            SlotKind::Order => self.order.as_ref(),
+            SlotKind::Product => self.product.as_ref(),
+        }
+    }
+}
+
 /// What one split may draw from.
 struct Pool<'a> {
     domain: &'a Domain,
@@ -251,7 +306,7 @@ struct Pool<'a> {
     product_names: &'a [String],
 }
 
-/// The thing an earlier turn named, which follow-ups refer back to.
+/// A thing an earlier turn named, which follow-ups refer back to.
 enum Referent {
     Order(String),
     Product(Product),
@@ -380,20 +435,28 @@ impl<'a> Pool<'a> {
     }
 
     fn dialog(&self, index: usize, config: &CorpusConfig, rng: &mut StdRng) -> Dialog {
-        let user_turns = rng.random_range(1..=config.max_user_turns);
+        let long = config.long_dialog_rate > 0.0 && rng.random_bool(config.long_dialog_rate);
+        let user_turns = if long {
+            rng.random_range(config.max_user_turns + 1..=config.long_user_turns)
+        } else {
+            rng.random_range(1..=config.max_user_turns)
+        };
         let mut turns = Vec::with_capacity(2 * user_turns);
-        let mut context: Option<Referent> = None;
+        // The latest order and the latest product named: a follow-up about one may come many turns after
+        // it was named, with the other named in between.
+        let mut named = Named::default();
         let mut asked: Vec<&str> = Vec::with_capacity(user_turns);
         for turn in 0..user_turns {
-            let intent = self.pick_intent(turn, user_turns, &asked, context.as_ref(), config, rng);
+            let intent = self.pick_intent(turn, user_turns, &asked, &named, config, rng);
             if let Some(kind) = intent.slot {
-                context = Some(self.referent(kind, config, rng));
+                named.set(self.referent(kind, config, rng));
             }
-            // pick_intent offers a `needs` intent only when the context holds that kind.
-            let slots = match (intent.referent(), &context) {
-                (Some(_), Some(referent)) => referent.slots(),
-                _ => BTreeMap::new(),
-            };
+            // pick_intent offers a `needs` intent only when that kind was named.
+            let slots = intent
+                .referent()
+                .and_then(|kind| named.get(kind))
+                .map(Referent::slots)
+                .unwrap_or_default();
             let phrasing = self
                 .phrasings(intent)
                 .choose(rng)
@@ -429,7 +492,7 @@ impl<'a> Pool<'a> {
         turn: usize,
         user_turns: usize,
         asked: &[&str],
-        context: Option<&Referent>,
+        named: &Named,
         config: &CorpusConfig,
         rng: &mut StdRng,
     ) -> &'a Intent {
@@ -438,12 +501,11 @@ impl<'a> Pool<'a> {
                 Position::Any => true,
                 Position::First => turn == 0,
                 Position::Last => turn > 0 && turn + 1 == user_turns,
+                Position::Later => turn > 0,
             };
             let fresh = !asked.contains(&intent.name.as_str());
             let follows = intent.after.is_empty() || asked.last().is_some_and(|p| intent.after.iter().any(|a| a == p));
-            let has_context = intent
-                .needs
-                .is_none_or(|kind| context.is_some_and(|c| c.kind() == kind));
+            let has_context = intent.needs.is_none_or(|kind| named.get(kind).is_some());
             placed && fresh && follows && has_context
         };
         let (contextual, standalone): (Vec<&Intent>, Vec<&Intent>) = self
@@ -569,8 +631,8 @@ pub fn write_corpus(
         domain: domain_path.to_owned(),
         config: config.clone(),
         system_prompt: domain.assistant.system_prompt.clone(),
-        train: SplitStats::of(&corpus.train, config.max_user_turns),
-        heldout: SplitStats::of(&corpus.heldout, config.max_user_turns),
+        train: SplitStats::of(&corpus.train, config.most_user_turns()),
+        heldout: SplitStats::of(&corpus.heldout, config.most_user_turns()),
     };
     let path = dir.join(MANIFEST_FILE);
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
@@ -681,7 +743,7 @@ mod tests {
             );
             lengths.insert(roles.len() / 2);
         }
-        assert_eq!(lengths, (1..=config.max_user_turns).collect());
+        assert_eq!(lengths, (1..=config.most_user_turns()).collect());
     }
 
     #[test]
@@ -803,13 +865,15 @@ mod tests {
     }
 
     #[test]
-    fn follow_ups_reuse_the_earlier_order_or_product() {
+    fn follow_ups_reuse_the_latest_order_or_product() {
         let domain = northwind();
         let corpus = generate(&domain, &test_config(5, 1000)).unwrap();
         let (mut order_follow_ups, mut product_follow_ups) = (0, 0);
+        // Follow-ups to a referent named three or more turns before, with another kind named in between.
+        let (mut distant, mut across_other_kind) = (0, 0);
         for dialog in corpus.train.iter().chain(&corpus.heldout) {
-            let mut introduced: Vec<(SlotKind, String)> = Vec::new();
-            for pair in dialog.turns.chunks(2) {
+            let mut introduced: Vec<(usize, SlotKind, String)> = Vec::new();
+            for (turn, pair) in dialog.turns.chunks(2).enumerate() {
                 let (
                     Turn::User {
                         content, intent, slots, ..
@@ -827,16 +891,22 @@ mod tests {
                         "{}: {content:?} lacks {value}",
                         dialog.id
                     );
-                    introduced.push((kind, value.clone()));
+                    introduced.push((turn, kind, value.clone()));
                 }
                 if let Some(kind) = intent.needs {
-                    let (last_kind, value) = introduced.last().expect("follow-up without an earlier referent");
+                    let at = introduced
+                        .iter()
+                        .rposition(|(_, k, _)| *k == kind)
+                        .expect("follow-up without an earlier referent of its kind");
+                    let (named_at, _, value) = &introduced[at];
                     assert_eq!(
-                        *last_kind, kind,
-                        "{}: follow-up refers to the wrong referent",
+                        &slots[kind.placeholder()],
+                        value,
+                        "{}: follow-up refers to another than the latest {kind:?}",
                         dialog.id
                     );
-                    assert_eq!(&slots[kind.placeholder()], value, "{}", dialog.id);
+                    distant += usize::from(turn - named_at >= 3);
+                    across_other_kind += usize::from(at + 1 < introduced.len());
                     assert!(
                         answer.contains(value.as_str()),
                         "{}: {answer:?} lacks {value}",
@@ -853,6 +923,48 @@ mod tests {
             order_follow_ups > 20 && product_follow_ups > 20,
             "{order_follow_ups} {product_follow_ups}"
         );
+        assert!(distant > 10 && across_other_kind > 10, "{distant} {across_other_kind}");
+    }
+
+    #[test]
+    fn long_dialogs_come_at_their_rate_in_both_splits_with_thanks_in_the_middle() {
+        let domain = northwind();
+        let config = test_config(9, 1200);
+        let corpus = generate(&domain, &config).unwrap();
+        for split in [&corpus.train, &corpus.heldout] {
+            let long = split
+                .iter()
+                .filter(|d| d.turns.len() / 2 > config.max_user_turns)
+                .count();
+            let share = long as f64 / split.len() as f64;
+            assert!(
+                (share - config.long_dialog_rate).abs() < 0.06,
+                "{long} of {}",
+                split.len()
+            );
+            assert!(split.iter().all(|d| d.turns.len() / 2 <= config.long_user_turns));
+        }
+        let thanks_midway = corpus
+            .train
+            .iter()
+            .filter(|d| {
+                let intents: Vec<&str> = user_turns(d).map(|(_, intent, _)| intent).collect();
+                intents[..intents.len() - 1].contains(&"thanks")
+            })
+            .count();
+        assert!(thanks_midway > 10, "{thanks_midway}");
+        let short_only = generate(
+            &domain,
+            &CorpusConfig {
+                long_dialog_rate: 0.0,
+                ..config.clone()
+            },
+        )
+        .unwrap();
+        assert!(short_only
+            .train
+            .iter()
+            .all(|d| d.turns.len() / 2 <= config.max_user_turns));
     }
 
     #[test]
@@ -904,6 +1016,15 @@ mod tests {
             generate(&northwind(), &config),
             Err(CorpusError::Config {
                 field: "follow_up_rate",
+                ..
+            })
+        ));
+        let mut config = test_config(1, 10);
+        config.long_user_turns = config.max_user_turns;
+        assert!(matches!(
+            generate(&northwind(), &config),
+            Err(CorpusError::Config {
+                field: "long_user_turns",
                 ..
             })
         ));

@@ -176,6 +176,8 @@ pub enum Position {
     First,
     /// Only as the closing turn of a dialog with more than one user turn.
     Last,
+    /// Any turn but the first: thanks in the middle of a long conversation, or at its end.
+    Later,
 }
 
 #[derive(Debug, Clone, Deserialize)]

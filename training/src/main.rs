@@ -42,9 +42,15 @@ enum Command {
         /// Share of the dialogs that goes to the held-out split [default: 0.05].
         #[arg(long)]
         heldout_fraction: Option<f64>,
-        /// Each dialog has between 1 and this many user turns [default: 4].
+        /// A short dialog has between 1 and this many user turns [default: 4].
         #[arg(long)]
         max_user_turns: Option<usize>,
+        /// Share of dialogs with more user turns than --max-user-turns, up to --long-user-turns [default: 0.3].
+        #[arg(long)]
+        long_dialog_rate: Option<f64>,
+        /// The most user turns of a long dialog [default: 12].
+        #[arg(long)]
+        long_user_turns: Option<usize>,
         /// Chance that a turn is a follow-up when one is possible [default: 0.6].
         #[arg(long)]
         follow_up_rate: Option<f64>,
@@ -211,6 +217,8 @@ fn main() -> anyhow::Result<()> {
             out,
             heldout_fraction,
             max_user_turns,
+            long_dialog_rate,
+            long_user_turns,
             follow_up_rate,
             casual_rate,
             chatter_rate,
@@ -226,6 +234,8 @@ fn main() -> anyhow::Result<()> {
             let config = CorpusConfig {
                 heldout_fraction: heldout_fraction.unwrap_or(defaults.heldout_fraction),
                 max_user_turns: max_user_turns.unwrap_or(defaults.max_user_turns),
+                long_dialog_rate: long_dialog_rate.unwrap_or(defaults.long_dialog_rate),
+                long_user_turns: long_user_turns.unwrap_or(defaults.long_user_turns),
                 follow_up_rate: follow_up_rate.unwrap_or(defaults.follow_up_rate),
                 casual_rate: casual_rate.unwrap_or(defaults.casual_rate),
                 chatter_rate: chatter_rate.unwrap_or(defaults.chatter_rate),
