@@ -69,9 +69,10 @@ struct EvalArgs {
     /// Reference dialogs whose replies define each intent's answers (the train split).
     #[arg(long)]
     reference: PathBuf,
-    /// The autoregressive twin (a `llama` GGUF) to score beside the diffusion model.
+    /// The autoregressive twin (a `llama` GGUF or `builtin:northwind-twin`) to score beside the
+    /// diffusion model.
     #[arg(long)]
-    twin: Option<PathBuf>,
+    twin: Option<String>,
     /// Score only the first N held-out dialogs.
     #[arg(long)]
     max_dialogs: Option<usize>,
@@ -238,6 +239,10 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         decode,
     } = args;
     let options = Validator::new(&config.decode, &config.limits)?.options(&decode.options())?;
+    // Resolved before the diffusion model's long run, so a wrong name fails at once.
+    let twin = twin
+        .map(|name| dllm_chat::models::resolve(&name).map(|file| (name, file)))
+        .transpose()?;
     let mut dialogs = eval::read_dialogs(&heldout)?;
     dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
     let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
@@ -267,11 +272,11 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         }
     };
     breakdown(&name, &diffusion);
-    if let Some(twin) = twin {
+    if let Some((twin, file)) = twin {
         let (threads, ctx, max_tokens) = (config.model.threads, config.model.context_length, options.max_tokens);
         let report = tokio::task::spawn_blocking(move || {
-            eval::evaluate_autoregressive(&twin, threads, ctx, max_tokens, &system, &dialogs, &classifier)
-                .map(|r| (r, format!("{} (autoregressive, greedy)", twin.display())))
+            eval::evaluate_autoregressive(&file, threads, ctx, max_tokens, &system, &dialogs, &classifier)
+                .map(|r| (r, format!("{twin} (autoregressive, greedy)")))
         })
         .await??;
         if show > 0 {
