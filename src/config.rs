@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{CacheMode, DeviceKind, EngineKind, EngineSettings, PolicyKind, Selection};
+use crate::engine::{CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow, PolicyKind, Selection};
 
 /// The built-in defaults, also the documented reference of every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -132,6 +132,8 @@ pub struct ModelConfig {
     pub top_k: usize,
     pub threads: usize,
     pub context_length: usize,
+    /// How much history a prompt keeps inside the context: `"trained"`, `"off"` or tokens.
+    pub history_window: HistoryWindow,
     /// The autoregressive engine sends a revision every this many tokens.
     pub tokens_per_revision: usize,
 }
@@ -565,6 +567,7 @@ impl Config {
             top_k: m.top_k,
             threads: m.threads,
             context_length: m.context_length,
+            history_window: m.history_window,
             max_running: l.max_running_replies,
             max_waiting: l.max_waiting_replies,
             kept_caches: l.kept_conversation_caches,

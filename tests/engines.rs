@@ -10,7 +10,7 @@ use std::time::Duration;
 use dllm_chat::config::Config;
 use dllm_chat::engine::{
     CacheMode, Capacity, ChatTurn, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind,
-    GenerateRequest, Revision, Schedule, Selection, StopReason,
+    GenerateRequest, HistoryWindow, Revision, Schedule, Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -503,4 +503,58 @@ async fn next_turn_reuses_the_cached_history_exactly() {
     let ((_, c4), again) = started(reuse, with_turns(&second)).await;
     assert_eq!(c4, p2);
     assert_eq!(again, fresh_text);
+}
+
+/// A model file that records the longest prompt it was trained on gets long histories fitted into
+/// it by default (whole exchanges dropped, the new message kept), in every engine; `"off"` keeps
+/// what the context holds, and a window past the context changes nothing.
+#[tokio::test]
+async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() {
+    let dir = std::env::temp_dir().join(format!("dllm-window-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stamped = dir.join("fixture-window.gguf");
+    ggml_ext::set_key(
+        &common::fixture_model(),
+        &stamped,
+        ggml_ext::TRAINED_PROMPT_KEY,
+        ggml_ext::KeyValue::U32(150),
+    )
+    .unwrap();
+    let turns: Vec<ChatTurn> = (0..21)
+        .map(|i| turn(["user", "assistant"][i % 2], &format!("turn number {i} says something")))
+        .collect();
+    for mut config in both_engines() {
+        config.model.path = stamped.display().to_string();
+        config.model.context_length = 512;
+        let engine = common::start_engine(&config).await;
+        assert_eq!(engine.info().history_window, Some(150), "{}", engine.info().engine);
+        let (_, _, _, trained) = run_to_end(engine.as_ref(), turns.clone(), options(8, 8, Schedule::Fixed)).await;
+        // The fixture's tokenizer spends about 35 tokens on a turn: some history is kept.
+        assert!(
+            (60..=150).contains(&trained),
+            "{}: a {trained}-token prompt",
+            engine.info().engine
+        );
+        drop(engine);
+
+        for (window, name) in [(HistoryWindow::Off, "off"), (HistoryWindow::Tokens(5000), "5000")] {
+            config.model.history_window = window;
+            let engine = common::start_engine(&config).await;
+            assert_eq!(engine.info().history_window, None, "{name}");
+            let (_, _, _, prompt) = run_to_end(engine.as_ref(), turns.clone(), options(8, 8, Schedule::Fixed)).await;
+            assert!(prompt > 300, "{name}: {prompt}-token prompt: the history was cut");
+        }
+        config.model.history_window = HistoryWindow::Tokens(250);
+        let engine = common::start_engine(&config).await;
+        assert_eq!(engine.info().history_window, Some(250));
+        let (_, _, _, prompt) = run_to_end(engine.as_ref(), turns.clone(), options(8, 8, Schedule::Fixed)).await;
+        assert!(prompt > trained && prompt <= 250, "{prompt}");
+        // A new message longer than the window alone is fitted into the context instead.
+        config.model.history_window = HistoryWindow::Tokens(20);
+        let engine = common::start_engine(&config).await;
+        let (_, done, _, prompt) = run_to_end(engine.as_ref(), turns.clone(), options(8, 8, Schedule::Fixed)).await;
+        assert!(prompt > 300, "{prompt}");
+        assert!(!done.text.is_empty());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

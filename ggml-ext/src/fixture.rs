@@ -134,7 +134,7 @@ pub fn write_llada_fixture(path: &Path, spec: &FixtureSpec) -> Result<(), GgufEr
             (name, shape, data)
         })
         .collect();
-    write_model(path, hp, &vocab, CHATML_TEMPLATE, tensors)
+    write_model(path, hp, &vocab, CHATML_TEMPLATE, &[], tensors)
 }
 
 #[cfg(test)]

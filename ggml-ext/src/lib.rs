@@ -23,6 +23,6 @@ pub mod runtime;
 
 pub use fixture::{write_llada_fixture, FixtureSpec};
 pub use gguf::{GgufError, GgufWriter};
-pub use model::{write_model, Architecture, Hyperparams, Vocabulary, SHIFT_LOGITS_KEY};
+pub use model::{write_model, Architecture, Hyperparams, KeyValue, Vocabulary, SHIFT_LOGITS_KEY, TRAINED_PROMPT_KEY};
 pub use quantize::{quantize, QuantizeError, WeightType};
-pub use retarget::{retarget, set_bool_key, RetargetError};
+pub use retarget::{retarget, set_key, RetargetError};

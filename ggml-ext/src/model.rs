@@ -132,12 +132,25 @@ pub struct Vocabulary {
     pub mask: u32,
 }
 
-/// Writes a model file: metadata, vocabulary, chat template and `tensors` (name, shape, data).
+/// Our own key: the longest prompt (in tokens) the model was trained on. The service fits
+/// conversations into it by default (`model.history_window = "trained"`).
+pub const TRAINED_PROMPT_KEY: &str = "dllm.trained_prompt_tokens";
+
+/// The value of a scalar metadata key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyValue {
+    Bool(bool),
+    U32(u32),
+}
+
+/// Writes a model file: metadata, vocabulary, chat template, the `extra` keys (after the others)
+/// and `tensors` (name, shape, data).
 pub fn write_model(
     path: &Path,
     hp: &Hyperparams,
     vocab: &Vocabulary,
     chat_template: &str,
+    extra: &[(&str, KeyValue)],
     tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
 ) -> Result<(), GgufError> {
     let arch = hp.architecture.name();
@@ -168,6 +181,12 @@ pub fn write_model(
         .set_str("tokenizer.chat_template", chat_template)?;
     if let Some(shift) = hp.architecture.shift_logits() {
         w.set_bool(SHIFT_LOGITS_KEY, shift)?;
+    }
+    for &(key, value) in extra {
+        match value {
+            KeyValue::Bool(v) => w.set_bool(key, v)?,
+            KeyValue::U32(v) => w.set_u32(key, v)?,
+        };
     }
     for (name, shape, data) in tensors {
         w.add_f32(&name, &shape, data)?;

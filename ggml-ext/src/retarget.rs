@@ -8,6 +8,7 @@
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 
+use crate::model::KeyValue;
 use llama_cpp_sys_2 as sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +126,10 @@ pub fn retarget(input: &Path, output: &Path, from: &str, to: &str) -> Result<(),
     Ok(())
 }
 
-/// Writes `output`: the model `input` with the boolean `key` set to `value` (added after the other
-/// keys, or replaced where the file has it), every other key and every tensor (quantized ones
-/// byte for byte) copied unchanged. Adds metadata to a shipped file without re-exporting it.
-pub fn set_bool_key(input: &Path, output: &Path, key: &str, value: bool) -> Result<(), RetargetError> {
+/// Writes `output`: the model `input` with `key` set to `value` (added after the other keys, or
+/// replaced where the file has it), every other key and every tensor (quantized ones byte for
+/// byte) copied unchanged. Adds metadata to a shipped file without re-exporting it.
+pub fn set_key(input: &Path, output: &Path, key: &str, value: KeyValue) -> Result<(), RetargetError> {
     let (c_in, c_out) = (c_path(input)?, c_path(output)?);
     let c_key = CString::new(key).map_err(|_| RetargetError::KeyType(key.to_owned()))?;
     let mut tensors: *mut sys::ggml_context = std::ptr::null_mut();
@@ -145,11 +146,14 @@ pub fn set_bool_key(input: &Path, output: &Path, key: &str, value: bool) -> Resu
     let src = Loaded { gguf, tensors };
     let dst = crate::gguf::OwnedGguf::new();
     // SAFETY: `src` is live for the whole block; `gguf_set_kv` copies every key of `src.gguf`
-    // into `dst`, and `gguf_set_val_bool` copies the NUL-terminated key; the tensors added point
-    // into `src.tensors`, which outlives the write.
+    // into `dst`, and the setters copy the NUL-terminated key; the tensors added point into
+    // `src.tensors`, which outlives the write.
     unsafe {
         sys::gguf_set_kv(dst.0, src.gguf);
-        sys::gguf_set_val_bool(dst.0, c_key.as_ptr(), value);
+        match value {
+            KeyValue::Bool(v) => sys::gguf_set_val_bool(dst.0, c_key.as_ptr(), v),
+            KeyValue::U32(v) => sys::gguf_set_val_u32(dst.0, c_key.as_ptr(), v),
+        }
         for id in 0..sys::gguf_get_n_tensors(src.gguf) {
             let t = sys::ggml_get_tensor(src.tensors, sys::gguf_get_tensor_name(src.gguf, id));
             if t.is_null() {

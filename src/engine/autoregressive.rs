@@ -31,23 +31,28 @@ use super::{Capacity, Engine, EngineError, EngineInfo};
 /// Blocks: call it from a blocking context.
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
-    jobs::spawn("autoregressive-engine", settings.max_waiting, move |intake, ready| {
-        let loaded = match ChatModel::load(&model_path, false, Family::Autoregressive) {
-            Ok(l) => Arc::new(l),
-            Err(e) => return ready(Err(e)),
-        };
-        match Worker::new(&loaded, &settings, &model_path) {
-            Ok(worker) => {
-                ready(Ok(Loaded {
-                    info: worker.info.clone(),
-                    chat: loaded.clone(),
-                    boundaries: false,
-                }));
-                scheduler::run(worker, intake, &loaded, "", settings.max_running);
-            }
-            Err(e) => ready(Err(e)),
-        };
-    })
+    jobs::spawn(
+        "autoregressive-engine",
+        settings.max_waiting,
+        settings.history_window,
+        move |intake, ready| {
+            let loaded = match ChatModel::load(&model_path, false, Family::Autoregressive) {
+                Ok(l) => Arc::new(l),
+                Err(e) => return ready(Err(e)),
+            };
+            match Worker::new(&loaded, &settings, &model_path) {
+                Ok(worker) => {
+                    ready(Ok(Loaded {
+                        info: worker.info.clone(),
+                        chat: loaded.clone(),
+                        boundaries: false,
+                    }));
+                    scheduler::run(worker, intake, &loaded, "", settings.max_running);
+                }
+                Err(e) => ready(Err(e)),
+            };
+        },
+    )
 }
 
 /// One llama.cpp sequence and the tokens its K/V holds.
@@ -203,6 +208,7 @@ impl<'m> Worker<'m> {
                 model_path,
                 architecture: loaded.architecture.clone(),
                 context_length: per_sequence,
+                history_window: None,
             },
             ctx,
             batch: LlamaBatch::new(batch as usize, 1),

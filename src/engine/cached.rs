@@ -38,26 +38,31 @@ use super::{Capacity, Engine, EngineError, EngineInfo};
 /// context.
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
-    jobs::spawn("cached-engine", settings.max_waiting, move |intake, ready| {
-        // Only the vocabulary and the template: the weights are the runtime's.
-        let chat = match ChatModel::load(&model_path, true, Family::Diffusion) {
-            Ok(c) => Arc::new(c),
-            Err(e) => return ready(Err(e)),
-        };
-        match Worker::load(settings, &model_path, &chat.architecture) {
-            Ok(worker) => {
-                ready(Ok(Loaded {
-                    info: worker.info.clone(),
-                    chat: chat.clone(),
-                    boundaries: true,
-                }));
-                let (placeholder, max_running) =
-                    (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
-                scheduler::run(worker, intake, &chat, &placeholder, max_running);
+    jobs::spawn(
+        "cached-engine",
+        settings.max_waiting,
+        settings.history_window,
+        move |intake, ready| {
+            // Only the vocabulary and the template: the weights are the runtime's.
+            let chat = match ChatModel::load(&model_path, true, Family::Diffusion) {
+                Ok(c) => Arc::new(c),
+                Err(e) => return ready(Err(e)),
+            };
+            match Worker::load(settings, &model_path, &chat.architecture) {
+                Ok(worker) => {
+                    ready(Ok(Loaded {
+                        info: worker.info.clone(),
+                        chat: chat.clone(),
+                        boundaries: true,
+                    }));
+                    let (placeholder, max_running) =
+                        (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
+                    scheduler::run(worker, intake, &chat, &placeholder, max_running);
+                }
+                Err(e) => ready(Err(e)),
             }
-            Err(e) => ready(Err(e)),
-        }
-    })
+        },
+    )
 }
 
 /// A conversation cache and what the engine knows about its contents.
@@ -230,6 +235,7 @@ impl Worker {
                 model_path: model_path.display().to_string(),
                 architecture: architecture.into(),
                 context_length: context,
+                history_window: None,
             },
             model,
             settings,

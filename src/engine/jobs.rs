@@ -29,8 +29,8 @@ use super::canvas::Canvas;
 use super::prompt::{self, Prompt};
 use super::vocab::ChatModel;
 use super::{
-    Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, Phases,
-    ReplyStream, Revision, StopReason,
+    Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, HistoryWindow,
+    Phases, ReplyStream, Revision, StopReason,
 };
 
 /// A reply on its way to (or inside) an engine thread, its prompt prepared.
@@ -134,7 +134,12 @@ impl Engine for EngineThread {
 /// Runs `body` on a new thread called `name`: it loads the model, reports the outcome through its
 /// second argument, then serves the queue. Once the model is loaded, starts the prompt thread in
 /// front of the queue. Returns once the model is loaded (or failed to load).
-pub(crate) fn spawn<F>(name: &str, max_waiting: usize, body: F) -> Result<EngineThread, EngineError>
+pub(crate) fn spawn<F>(
+    name: &str,
+    max_waiting: usize,
+    history_window: HistoryWindow,
+    body: F,
+) -> Result<EngineThread, EngineError>
 where
     F: FnOnce(Intake, &dyn Fn(Result<Loaded, EngineError>)) + Send + 'static,
 {
@@ -159,13 +164,22 @@ where
             })
         })
         .map_err(no_thread)?;
-    let Loaded { info, chat, boundaries } = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
-    let (requests, pending) = std_mpsc::channel();
+    let Loaded {
+        mut info,
+        chat,
+        boundaries,
+    } = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
     let context = info.context_length;
+    // A window as large as the context changes nothing.
+    info.history_window = history_window
+        .tokens(chat.trained_prompt_tokens)
+        .filter(|&window| window < context);
+    let window = info.history_window;
+    let (requests, pending) = std_mpsc::channel();
     let prompts_waiting = waiting.clone();
     std::thread::Builder::new()
         .name(format!("{name}-prompts"))
-        .spawn(move || prepare_prompts(pending, jobs, &chat, context, boundaries, &prompts_waiting))
+        .spawn(move || prepare_prompts(pending, jobs, &chat, context, window, boundaries, &prompts_waiting))
         .map_err(no_thread)?;
     Ok(EngineThread {
         submitter: Submitter {
@@ -192,12 +206,13 @@ fn prepare_prompts(
     jobs: std_mpsc::Sender<Job>,
     chat: &ChatModel,
     context: usize,
+    window: Option<usize>,
     boundaries: bool,
     waiting: &AtomicUsize,
 ) {
     for p in pending {
         let preparing = Instant::now();
-        match prompt::prepare(chat, &p.request, context, boundaries) {
+        match prompt::prepare(chat, &p.request, context, window, boundaries) {
             Ok(prompt) => {
                 let job = Job {
                     prompt,

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use policy::{PolicyKind, Schedule, Selection};
-pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings};
+pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow};
 
 /// One message of the conversation as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +239,9 @@ pub struct EngineInfo {
     pub architecture: String,
     /// Tokens of context each reply may use (prompt + canvas).
     pub context_length: usize,
+    /// The most prompt tokens a reply's history is fitted into, when less than the context
+    /// (`model.history_window`); set once the vocabulary is loaded.
+    pub history_window: Option<usize>,
 }
 
 /// A diffusion engine.

@@ -2,7 +2,7 @@
 //! boundaries inside the prompt.
 //!
 //! The prompt is the system prompt plus as many of the newest turns as fit beside the reply
-//! canvas. The model's chat template and tokenizer are passed in as a [`Renderer`], so this logic
+//! canvas, and within the history window when there is one. The model's chat template and tokenizer are passed in as a [`Renderer`], so this logic
 //! is tested without a model and every engine truncates the same way.
 //!
 //! Both steps cost time linear in the conversation, not quadratic: a session's whole history comes
@@ -31,12 +31,14 @@ pub struct Prompt {
     pub boundaries: Vec<usize>,
 }
 
-/// The prompt of `request`, fitted beside its canvas into a `context`-token window, with its turn
-/// boundaries when `with_boundaries` (engines that cache prompts chunk by chunk want them).
+/// The prompt of `request`, fitted beside its canvas into a `context`-token window and into
+/// `window` prompt tokens when given (see [`fit_window`]), with its turn boundaries when
+/// `with_boundaries` (engines that cache prompts chunk by chunk want them).
 pub fn prepare(
     renderer: &impl Renderer,
     request: &GenerateRequest,
     context: usize,
+    window: Option<usize>,
     with_boundaries: bool,
 ) -> Result<Prompt, EngineError> {
     let canvas = request.options.max_tokens;
@@ -44,7 +46,10 @@ pub fn prepare(
         needed: canvas,
         limit: context,
     })?;
-    let fitted = fit(renderer, &request.system, &request.turns, budget)?;
+    let fitted = match window.filter(|&w| w < budget) {
+        Some(window) => fit_window(renderer, &request.system, &request.turns, window, budget)?,
+        None => fit(renderer, &request.system, &request.turns, budget)?,
+    };
     let boundaries = if with_boundaries {
         turn_boundaries(renderer, &fitted.chat, &fitted.tokens)?
     } else {
@@ -67,6 +72,54 @@ pub struct FittedPrompt {
     pub chat: Vec<ChatTurn>,
 }
 
+/// Fits the prompt into `window` tokens, the longest prompt the model was trained on, dropping
+/// whole exchanges: the kept history starts with a user turn, as every training prompt does. A
+/// last turn too long for the window alone is fitted into `budget` (the context) instead: the
+/// window is a preference, the context a limit.
+pub fn fit_window(
+    renderer: &impl Renderer,
+    system: &str,
+    turns: &[ChatTurn],
+    window: usize,
+    budget: usize,
+) -> Result<FittedPrompt, EngineError> {
+    let fitted = match fit(renderer, system, turns, window) {
+        Err(EngineError::ContextOverflow { .. }) => return fit(renderer, system, turns, budget),
+        other => other?,
+    };
+    let mut dropped = fitted.dropped_turns;
+    while dropped + 1 < turns.len() && turns[dropped].role != "user" {
+        dropped += 1;
+    }
+    if dropped == fitted.dropped_turns {
+        return Ok(fitted);
+    }
+    render_prompt(renderer, system, turns, dropped)
+}
+
+/// The prompt of the system prompt and `turns[dropped..]`.
+fn render_prompt(
+    renderer: &impl Renderer,
+    system: &str,
+    turns: &[ChatTurn],
+    dropped: usize,
+) -> Result<FittedPrompt, EngineError> {
+    let mut chat = Vec::with_capacity(turns.len() - dropped + 1);
+    if !system.is_empty() {
+        chat.push(ChatTurn {
+            role: "system".into(),
+            content: system.into(),
+        });
+    }
+    chat.extend_from_slice(&turns[dropped..]);
+    let tokens = renderer.tokenize(&renderer.apply_template(&chat, true)?);
+    Ok(FittedPrompt {
+        tokens,
+        dropped_turns: dropped,
+        chat,
+    })
+}
+
 /// Drops the fewest oldest turns (never the system prompt or the last turn) for the prompt to
 /// have at most `budget` tokens.
 ///
@@ -80,20 +133,7 @@ pub fn fit(
     turns: &[ChatTurn],
     budget: usize,
 ) -> Result<FittedPrompt, EngineError> {
-    let system_turn = (!system.is_empty()).then(|| ChatTurn {
-        role: "system".into(),
-        content: system.into(),
-    });
-    let prompt = |dropped: usize| -> Result<FittedPrompt, EngineError> {
-        let mut chat: Vec<ChatTurn> = system_turn.iter().cloned().collect();
-        chat.extend_from_slice(&turns[dropped..]);
-        let tokens = renderer.tokenize(&renderer.apply_template(&chat, true)?);
-        Ok(FittedPrompt {
-            tokens,
-            dropped_turns: dropped,
-            chat,
-        })
-    };
+    let prompt = |dropped: usize| render_prompt(renderer, system, turns, dropped);
     let fits = |p: &FittedPrompt| p.tokens.len() <= budget;
     // The shortest prompt, the system prompt and the last turn: if it does not fit, nothing does.
     let last = turns.len().saturating_sub(1);
@@ -331,5 +371,35 @@ mod tests {
             matches!(err, EngineError::ContextOverflow { needed: 11, limit: 5 }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_window_drops_whole_exchanges_and_gives_way_to_the_context_for_a_long_last_turn() {
+        let turns = vec![
+            turn("user", "aa"),
+            turn("assistant", "bbb"),
+            turn("user", "cc"),
+            turn("assistant", "dd"),
+            turn("user", "e"),
+        ];
+        let r = ByChars::default();
+        // "S" + "dd" + "e" fits 4 tokens, but would start the history with a reply.
+        let fitted = fit_window(&r, "S", &turns, 4, 100).unwrap();
+        assert_eq!(fitted.dropped_turns, 4);
+        assert_eq!(fitted.tokens, tokens("Se"));
+        let fitted = fit_window(&r, "S", &turns, 6, 100).unwrap();
+        assert_eq!((fitted.dropped_turns, fitted.tokens), (2, tokens("Sccdde")));
+        // Everything fits the window: nothing dropped.
+        assert_eq!(fit_window(&r, "S", &turns, 11, 100).unwrap().dropped_turns, 0);
+        // A last turn longer than the window alone is fitted into the context.
+        let long_last = vec![turn("user", "aa"), turn("assistant", "b"), turn("user", "0123456789")];
+        let fitted = fit_window(&r, "S", &long_last, 5, 14).unwrap();
+        assert_eq!(fitted.dropped_turns, 0);
+        let fitted = fit_window(&r, "S", &long_last, 5, 12).unwrap();
+        assert_eq!(fitted.dropped_turns, 1);
+        assert!(matches!(
+            fit_window(&r, "S", &long_last, 5, 8),
+            Err(EngineError::ContextOverflow { .. })
+        ));
     }
 }

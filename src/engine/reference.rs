@@ -30,29 +30,34 @@ use super::{Engine, EngineError, EngineInfo};
 /// context.
 pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engine, EngineError> {
     let settings = settings.clone();
-    jobs::spawn("reference-engine", settings.max_waiting, move |intake, ready| {
-        let loaded = match ChatModel::load(&model_path, false, Family::Diffusion) {
-            Ok(l) => Arc::new(l),
-            Err(e) => return ready(Err(e)),
-        };
-        match Worker::new(&loaded, &settings, &model_path) {
-            Ok(worker) => {
-                ready(Ok(Loaded {
-                    info: worker.info.clone(),
-                    chat: loaded.clone(),
-                    boundaries: false,
-                }));
-                scheduler::run(
-                    worker,
-                    intake,
-                    &loaded,
-                    &settings.mask_placeholder,
-                    settings.max_running,
-                );
-            }
-            Err(e) => ready(Err(e)),
-        };
-    })
+    jobs::spawn(
+        "reference-engine",
+        settings.max_waiting,
+        settings.history_window,
+        move |intake, ready| {
+            let loaded = match ChatModel::load(&model_path, false, Family::Diffusion) {
+                Ok(l) => Arc::new(l),
+                Err(e) => return ready(Err(e)),
+            };
+            match Worker::new(&loaded, &settings, &model_path) {
+                Ok(worker) => {
+                    ready(Ok(Loaded {
+                        info: worker.info.clone(),
+                        chat: loaded.clone(),
+                        boundaries: false,
+                    }));
+                    scheduler::run(
+                        worker,
+                        intake,
+                        &loaded,
+                        &settings.mask_placeholder,
+                        settings.max_running,
+                    );
+                }
+                Err(e) => ready(Err(e)),
+            };
+        },
+    )
 }
 
 struct Worker<'m> {
@@ -123,6 +128,7 @@ impl<'m> Worker<'m> {
                 model_path,
                 architecture: loaded.architecture.clone(),
                 context_length,
+                history_window: None,
             },
             ctx,
             batch: LlamaBatch::new(n_ctx as usize, 1),

@@ -40,6 +40,69 @@ pub enum CacheMode {
     Dual,
 }
 
+/// How much of a conversation's history a prompt keeps. The context window bounds it in any case;
+/// a model trained on short prompts answers long ones worse than the same question with less
+/// history, so by default prompts are fitted to the longest prompt it was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "WindowSetting", into = "WindowSetting")]
+pub enum HistoryWindow {
+    /// The longest prompt the model file records it was trained on
+    /// (`dllm.trained_prompt_tokens`); the context window alone for files that record none.
+    #[default]
+    Trained,
+    /// The context window alone.
+    Off,
+    /// At most this many prompt tokens.
+    Tokens(usize),
+}
+
+impl HistoryWindow {
+    /// The prompt tokens to fit into, given what the model file records; `None`: the context
+    /// window alone.
+    pub fn tokens(self, trained: Option<usize>) -> Option<usize> {
+        match self {
+            HistoryWindow::Trained => trained,
+            HistoryWindow::Off => None,
+            HistoryWindow::Tokens(n) => Some(n),
+        }
+    }
+}
+
+/// `history_window` as written in the configuration: `"trained"`, `"off"` or a token count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum WindowSetting {
+    Tokens(usize),
+    Word(String),
+}
+
+impl TryFrom<WindowSetting> for HistoryWindow {
+    type Error = String;
+
+    fn try_from(setting: WindowSetting) -> Result<Self, String> {
+        match setting {
+            WindowSetting::Tokens(0) => Err("a history window of 0 tokens leaves no room for the message".into()),
+            WindowSetting::Tokens(n) => Ok(HistoryWindow::Tokens(n)),
+            WindowSetting::Word(w) if w == "trained" => Ok(HistoryWindow::Trained),
+            WindowSetting::Word(w) if w == "off" => Ok(HistoryWindow::Off),
+            WindowSetting::Word(w) => match w.parse::<usize>() {
+                Ok(n) => HistoryWindow::try_from(WindowSetting::Tokens(n)),
+                Err(_) => Err(format!("{w:?} is not \"trained\", \"off\" or a number of tokens")),
+            },
+        }
+    }
+}
+
+impl From<HistoryWindow> for WindowSetting {
+    fn from(window: HistoryWindow) -> Self {
+        match window {
+            HistoryWindow::Trained => WindowSetting::Word("trained".into()),
+            HistoryWindow::Off => WindowSetting::Word("off".into()),
+            HistoryWindow::Tokens(n) => WindowSetting::Tokens(n),
+        }
+    }
+}
+
 /// Everything an engine needs besides the model file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineSettings {
@@ -58,6 +121,8 @@ pub struct EngineSettings {
     pub threads: usize,
     /// Tokens of context per reply (prompt + canvas); capped at the model's training context.
     pub context_length: usize,
+    /// How much history a prompt keeps inside the context.
+    pub history_window: HistoryWindow,
     /// Replies denoised at once: batched into one graph evaluation per step (cached) or
     /// interleaved one step each (reference).
     pub max_running: usize,

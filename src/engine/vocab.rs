@@ -81,6 +81,8 @@ pub struct ChatModel {
     pub pieces: Vec<Vec<u8>>,
     /// The model's training context (0 for a vocabulary-only load).
     pub n_ctx_train: usize,
+    /// The longest prompt the model was trained on, where the file records it.
+    pub trained_prompt_tokens: Option<usize>,
 }
 
 impl ChatModel {
@@ -102,6 +104,10 @@ impl ChatModel {
             .chat_template(None)
             .map_err(|e| EngineError::Template(e.to_string()))?;
         let n_ctx_train = model.n_ctx_train() as usize;
+        let trained_prompt_tokens = model
+            .meta_val_str(ggml_ext::TRAINED_PROMPT_KEY)
+            .ok()
+            .and_then(|v| v.parse().ok());
         Ok(Self {
             model,
             architecture,
@@ -110,6 +116,7 @@ impl ChatModel {
             end_tokens,
             pieces,
             n_ctx_train,
+            trained_prompt_tokens,
         })
     }
 

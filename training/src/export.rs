@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::Tensor;
 use ggml_ext::model::{CHATML_TEMPLATE, TOKEN_CONTROL, TOKEN_NORMAL};
-use ggml_ext::{Vocabulary, WeightType};
+use ggml_ext::{KeyValue, Vocabulary, WeightType};
 use tokenizers::Tokenizer;
 
 use crate::model::{ModelConfig, Objective};
@@ -45,12 +45,14 @@ pub fn vocabulary(tokenizer: &Tokenizer) -> anyhow::Result<Vocabulary> {
     })
 }
 
-/// Writes the F32 GGUF of `tensors` (GGUF names, candle shapes).
+/// Writes the F32 GGUF of `tensors` (GGUF names, candle shapes), with the longest prompt the model
+/// was trained on when known.
 pub fn write_f32(
     path: &Path,
     config: &ModelConfig,
     objective: Objective,
     tokenizer: &Tokenizer,
+    trained_prompt_tokens: Option<usize>,
     tensors: &HashMap<String, Tensor>,
 ) -> anyhow::Result<()> {
     let vocab = vocabulary(tokenizer)?;
@@ -77,7 +79,11 @@ pub fn write_f32(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    ggml_ext::write_model(path, &hp, &vocab, CHATML_TEMPLATE, out)
+    let extra: Vec<(&str, KeyValue)> = trained_prompt_tokens
+        .map(|n| (ggml_ext::TRAINED_PROMPT_KEY, KeyValue::U32(n as u32)))
+        .into_iter()
+        .collect();
+    ggml_ext::write_model(path, &hp, &vocab, CHATML_TEMPLATE, &extra, out)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -106,10 +112,11 @@ pub fn export(
     config: &ModelConfig,
     objective: Objective,
     tokenizer: &Tokenizer,
+    trained_prompt_tokens: Option<usize>,
     tensors: &HashMap<String, Tensor>,
     threads: usize,
 ) -> anyhow::Result<Exported> {
-    write_f32(f32_path, config, objective, tokenizer, tensors)?;
+    write_f32(f32_path, config, objective, tokenizer, trained_prompt_tokens, tensors)?;
     for (path, kind) in [(f16_path, WeightType::F16), (q8_path, WeightType::Q8_0)] {
         if let Some(path) = path {
             if let Some(parent) = path.parent() {
@@ -124,6 +131,17 @@ pub fn export(
         f16: f16_path.map(Path::to_owned),
         q8_0: q8_path.map(Path::to_owned),
     })
+}
+
+/// [`ggml_ext::TRAINED_PROMPT_KEY`] of a GGUF file, if it has one.
+pub fn trained_prompt_tokens(path: &Path) -> anyhow::Result<Option<usize>> {
+    let (_, content) = read_gguf(path)?;
+    content
+        .metadata
+        .get(ggml_ext::TRAINED_PROMPT_KEY)
+        .map(|v| v.to_u32().map(|n| n as usize))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {}: {e}", path.display(), ggml_ext::TRAINED_PROMPT_KEY))
 }
 
 /// What [`add_shift_logits`] did to a file.
@@ -144,19 +162,21 @@ fn read_gguf(path: &Path) -> anyhow::Result<(Vec<u8>, candle_core::quantized::gg
     Ok((bytes, content))
 }
 
-/// Checks that `new` is `old` with the boolean `key = value` added and nothing else changed: every
+/// Checks that `new` is `old` with `key = value` added and nothing else changed: every
 /// other key with the same type and value, the same tensor table (names, types, shapes, offsets)
 /// and a byte-identical tensor data section. Read with candle's GGUF parser, not the ggml writer
 /// that produced `new`.
-pub fn check_only_key_added(old: &Path, new: &Path, key: &str, value: bool) -> anyhow::Result<()> {
+pub fn check_only_key_added(old: &Path, new: &Path, key: &str, value: KeyValue) -> anyhow::Result<()> {
     let (old_bytes, old_c) = read_gguf(old)?;
     let (new_bytes, new_c) = read_gguf(new)?;
     if old_c.metadata.contains_key(key) {
         bail!("{} already has {key}", old.display());
     }
-    match new_c.metadata.get(key) {
-        Some(candle_core::quantized::gguf_file::Value::Bool(v)) if *v == value => {}
-        other => bail!("{} has {key} = {other:?}, expected Bool({value})", new.display()),
+    use candle_core::quantized::gguf_file::Value;
+    match (new_c.metadata.get(key), value) {
+        (Some(Value::Bool(v)), KeyValue::Bool(want)) if *v == want => {}
+        (Some(Value::U32(v)), KeyValue::U32(want)) if *v == want => {}
+        (other, _) => bail!("{} has {key} = {other:?}, expected {value:?}", new.display()),
     }
     if new_c.metadata.len() != old_c.metadata.len() + 1 {
         bail!(
@@ -217,14 +237,35 @@ pub fn add_shift_logits(input: &Path, output: &Path) -> anyhow::Result<KeyUpdate
         }
         return Ok(KeyUpdate::AlreadyThere(v));
     }
+    add_key(input, output, key, KeyValue::Bool(value))?;
+    Ok(KeyUpdate::Added(value))
+}
+
+/// Writes `output` (which may be `input`): `input` with `key = value` added, checked by
+/// [`check_only_key_added`] before it replaces `output`.
+fn add_key(input: &Path, output: &Path, key: &str, value: KeyValue) -> anyhow::Result<()> {
     let tmp = output.with_extension("gguf.tmp");
-    ggml_ext::set_bool_key(input, &tmp, key, value).with_context(|| format!("writing {}", tmp.display()))?;
+    ggml_ext::set_key(input, &tmp, key, value).with_context(|| format!("writing {}", tmp.display()))?;
     if let Err(e) = check_only_key_added(input, &tmp, key, value) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, output).with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
-    Ok(KeyUpdate::Added(value))
+    std::fs::rename(&tmp, output).with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))
+}
+
+/// Writes `output` (which may be `input`): `input` with [`ggml_ext::TRAINED_PROMPT_KEY`] added as
+/// `tokens`, tensors and every other key unchanged (checked). A file that has the key already is
+/// refused: the value is a fact of its training, not a setting.
+pub fn add_trained_prompt(input: &Path, output: &Path, tokens: usize) -> anyhow::Result<()> {
+    if let Some(has) = trained_prompt_tokens(input)? {
+        bail!(
+            "{} records {} = {has} already",
+            input.display(),
+            ggml_ext::TRAINED_PROMPT_KEY
+        );
+    }
+    let tokens = u32::try_from(tokens).context("a prompt length past u32")?;
+    add_key(input, output, ggml_ext::TRAINED_PROMPT_KEY, KeyValue::U32(tokens))
 }
 
 #[cfg(test)]
@@ -321,7 +362,18 @@ mod tests {
         ));
         let f32_path = dir.join("m-f32.gguf");
         let q8 = sibling(&f32_path, "q8_0");
-        export(&f32_path, None, Some(&q8), &config, objective, &tokenizer, &tensors, 2).unwrap();
+        export(
+            &f32_path,
+            None,
+            Some(&q8),
+            &config,
+            objective,
+            &tokenizer,
+            None,
+            &tensors,
+            2,
+        )
+        .unwrap();
         assert!(q8.exists());
         let written = crate::model::load_gguf(&f32_path, &Device::Cpu).unwrap();
         assert_eq!(written.contains_key("output.weight"), !tied_embeddings);
@@ -427,6 +479,7 @@ mod tests {
             &config,
             Objective::Diffusion,
             &tokenizer,
+            None,
             &tensors,
             2,
         )
@@ -582,7 +635,18 @@ mod tests {
         let tensors = tensors_of(&init_params(&config, seed, &Device::Cpu).unwrap());
         let f32_path = dir.join(format!("{}-{seed}-f32.gguf", objective.name()));
         let q8 = sibling(&f32_path, "q8_0");
-        export(&f32_path, None, Some(&q8), &config, objective, &tokenizer, &tensors, 2).unwrap();
+        export(
+            &f32_path,
+            None,
+            Some(&q8),
+            &config,
+            objective,
+            &tokenizer,
+            None,
+            &tensors,
+            2,
+        )
+        .unwrap();
         (f32_path, q8)
     }
 
@@ -595,6 +659,46 @@ mod tests {
     fn candle_meta(path: &Path, key: &str) -> Option<String> {
         let (_, content) = read_gguf(path).unwrap();
         content.metadata.get(key).map(|v| format!("{v:?}"))
+    }
+
+    #[test]
+    fn exports_record_the_longest_trained_prompt_and_old_files_get_it_added_once() {
+        let dir = std::env::temp_dir().join(format!("dllm-trained-prompt-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokenizer = test_tokenizer();
+        let config = test_model_config(&tokenizer);
+        let tensors = tensors_of(&init_params(&config, 5, &Device::Cpu).unwrap());
+        let f32_path = dir.join("recorded-f32.gguf");
+        let q8 = sibling(&f32_path, "q8_0");
+        let objective = Objective::Diffusion;
+        export(
+            &f32_path,
+            None,
+            Some(&q8),
+            &config,
+            objective,
+            &tokenizer,
+            Some(321),
+            &tensors,
+            2,
+        )
+        .unwrap();
+        for path in [&f32_path, &q8] {
+            assert_eq!(trained_prompt_tokens(path).unwrap(), Some(321), "{}", path.display());
+            // llama.cpp reads it too: the service takes it from there.
+            let model = LlamaModel::load_from_file(backend(), path, &LlamaModelParams::default()).unwrap();
+            assert_eq!(model.meta_val_str(ggml_ext::TRAINED_PROMPT_KEY).unwrap(), "321");
+        }
+        let (_, old) = export_random(&dir, objective, 6);
+        assert_eq!(trained_prompt_tokens(&old).unwrap(), None);
+        let stamped = dir.join("stamped-q8_0.gguf");
+        add_trained_prompt(&old, &stamped, 231).unwrap();
+        assert_eq!(trained_prompt_tokens(&stamped).unwrap(), Some(231));
+        check_only_key_added(&old, &stamped, ggml_ext::TRAINED_PROMPT_KEY, KeyValue::U32(231)).unwrap();
+        let err = add_trained_prompt(&stamped, &stamped, 300).unwrap_err();
+        assert!(err.to_string().contains("already"), "{err}");
+        assert_eq!(trained_prompt_tokens(&stamped).unwrap(), Some(231));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -644,7 +748,7 @@ mod tests {
         let updated = dir.join("updated-llada-q8_0.gguf");
         assert_eq!(add_shift_logits(&legacy, &updated).unwrap(), KeyUpdate::Added(false));
         assert_eq!(std::fs::read(&legacy).unwrap(), before, "the input is not touched");
-        check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap();
+        check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, KeyValue::Bool(false)).unwrap();
         assert_eq!(llama_cpp_shift_logits(&updated).as_deref(), Some("false"));
         // The same weights as llama.cpp loads them.
         assert_eq!(
@@ -675,11 +779,13 @@ mod tests {
             add_shift_logits(&other_legacy, &other).unwrap(),
             KeyUpdate::Added(false)
         );
-        let err = check_only_key_added(&legacy, &other, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap_err();
+        let err = check_only_key_added(&legacy, &other, ggml_ext::SHIFT_LOGITS_KEY, KeyValue::Bool(false)).unwrap_err();
         assert!(format!("{err:#}").contains("tensor data"), "{err:#}");
-        let err = check_only_key_added(&legacy, &twin_q8, ggml_ext::SHIFT_LOGITS_KEY, false).unwrap_err();
+        let err =
+            check_only_key_added(&legacy, &twin_q8, ggml_ext::SHIFT_LOGITS_KEY, KeyValue::Bool(false)).unwrap_err();
         assert!(format!("{err:#}").contains("Bool(false)"), "{err:#}");
-        let err = check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, true).unwrap_err();
+        let err =
+            check_only_key_added(&legacy, &updated, ggml_ext::SHIFT_LOGITS_KEY, KeyValue::Bool(true)).unwrap_err();
         assert!(format!("{err:#}").contains("expected Bool(true)"), "{err:#}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -790,6 +896,7 @@ mod tests {
             &config,
             Objective::Diffusion,
             &tokenizer,
+            None,
             &tensors,
             2,
         )

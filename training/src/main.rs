@@ -164,6 +164,26 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Add `dllm.trained_prompt_tokens` to GGUF files trained before exports wrote it: the longest
+    /// prompt of the corpus's training dialogs as `train` packs them, tensors and every other key
+    /// unchanged (checked).
+    AddTrainedPrompt {
+        /// The corpus directory the files were trained on.
+        #[arg(long)]
+        corpus: PathBuf,
+        /// The tokenizer.json they were trained with; must give the files' vocabulary.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Reply canvas of the training run (replies longer are cut, as in training).
+        #[arg(long, default_value_t = 64)]
+        reply_len: usize,
+        /// Context of the training run.
+        #[arg(long, default_value_t = 1024)]
+        context_length: usize,
+        /// GGUF files to update.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// corpus -> tokenizer -> train the autoregressive twin -> export -> train the diffusion model,
     /// starting from the twin's weights -> export.
     Pipeline {
@@ -313,6 +333,36 @@ fn main() -> anyhow::Result<()> {
             for file in files {
                 let update = export::add_shift_logits(&file, &file)?;
                 println!("{}: {update:?}", file.display());
+            }
+        }
+        Command::AddTrainedPrompt {
+            corpus: dir,
+            tokenizer: tokenizer_path,
+            reply_len,
+            context_length,
+            files,
+        } => {
+            let tok = tokenizer::load(&tokenizer_path)?;
+            let manifest = corpus::read_manifest(&dir)?;
+            let dialogs = corpus::read_jsonl(&dir.join(TRAIN_FILE))?;
+            let (examples, _) =
+                train::build_examples(&manifest.system_prompt, &dialogs, &tok, reply_len, context_length, 1.0)?;
+            let longest = examples
+                .iter()
+                .map(train::Example::longest_prompt)
+                .max()
+                .context("the corpus has no training dialog")?;
+            let vocab = tokenizer::gguf_vocab(&tok)?.tokens;
+            for file in files {
+                if gguf_tokens(&file)? != vocab {
+                    anyhow::bail!(
+                        "{} has another vocabulary than {}",
+                        file.display(),
+                        tokenizer_path.display()
+                    );
+                }
+                export::add_trained_prompt(&file, &file, longest)?;
+                println!("{}: dllm.trained_prompt_tokens = {longest}", file.display());
             }
         }
         Command::Pipeline {
@@ -570,6 +620,7 @@ fn run_export(
         &state.config.model,
         objective,
         &tok,
+        state.trained_prompt_tokens,
         &tensors,
         threads,
     )?;

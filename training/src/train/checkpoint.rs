@@ -33,6 +33,11 @@ pub struct TrainState {
     pub examples: usize,
     /// Replies left out of them (too long, or past the context).
     pub skipped_examples: usize,
+    /// The longest prompt trained on, in tokens, this run's and (when it started from an exported
+    /// file that records one) the earlier runs'; exports record it as
+    /// [`ggml_ext::TRAINED_PROMPT_KEY`].
+    #[serde(default)]
+    pub trained_prompt_tokens: Option<usize>,
 }
 
 impl TrainState {

@@ -85,6 +85,18 @@ impl Example {
     pub fn replies(&self) -> usize {
         self.turns.len()
     }
+
+    /// The longest prompt of the example's replies: all the turns before its last reply, in tokens.
+    pub fn longest_prompt(&self) -> usize {
+        let before_last: usize = self
+            .turns
+            .iter()
+            .rev()
+            .skip(1)
+            .map(|t| t.prompt.len() + t.reply.len())
+            .sum();
+        before_last + self.turns.last().map_or(0, |t| t.prompt.len())
+    }
 }
 
 /// Turns dialogs into packed examples. A dialog is cut before a reply longer than `reply_len` (with
@@ -271,6 +283,23 @@ mod tests {
             }
             let rendered = render_chatml(system, &dialog.turns);
             assert_eq!(tok.decode(&tokens, false).unwrap(), rendered.trim_end_matches('\n'));
+        }
+    }
+
+    #[test]
+    fn the_longest_prompt_is_the_last_replys_prompt_as_the_service_tokenizes_it() {
+        let (corpus, tok, examples) = northwind_examples(5, 40);
+        let system = &northwind().assistant.system_prompt;
+        for (dialog, ex) in corpus.train.iter().zip(&examples) {
+            let last_reply = dialog.turns.len() - 1;
+            let mut prompt = render_chatml(system, &dialog.turns[..last_reply]);
+            prompt.push_str("<|im_start|>assistant\n");
+            assert_eq!(
+                ex.longest_prompt(),
+                tok.encode(prompt.as_str(), false).unwrap().len(),
+                "{}",
+                dialog.id
+            );
         }
     }
 }

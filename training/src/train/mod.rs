@@ -126,6 +126,15 @@ pub fn train(
     let mut smoothed = f64::NAN;
     let mut tokens_seen = 0usize;
     let mut step = 0;
+    let earlier = match &config.init_from {
+        Some(path) if path.extension().is_some_and(|e| e == "gguf") => crate::export::trained_prompt_tokens(path)?,
+        Some(path) => path
+            .parent()
+            .and_then(|dir| TrainState::read(dir).ok())
+            .and_then(|state| state.trained_prompt_tokens),
+        None => None,
+    };
+    let trained_prompt_tokens = examples.iter().map(Example::longest_prompt).chain(earlier).max();
     let state_at = |step: usize, planned: usize, loss: f64, tokens: usize| TrainState {
         config: config.clone(),
         step,
@@ -135,6 +144,7 @@ pub fn train(
         elapsed_seconds: started.elapsed().as_secs_f64(),
         examples: examples.len(),
         skipped_examples: skipped,
+        trained_prompt_tokens,
     };
     while step < planned {
         let next = match batches.next() {
