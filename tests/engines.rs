@@ -558,3 +558,29 @@ async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() 
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `diffusion.shift_logits` decides which logits row predicts a position, in every engine: the
+/// fixture (LLaDA, `false`) stamped `true` replies differently from the same weights unstamped.
+#[tokio::test]
+async fn engines_honour_the_shift_logits_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let shifted = dir.path().join("shifted.gguf");
+    ggml_ext::set_key(
+        &common::fixture_model(),
+        &shifted,
+        ggml_ext::SHIFT_LOGITS_KEY,
+        ggml_ext::KeyValue::Bool(true),
+    )
+    .unwrap();
+    for config in both_engines() {
+        let mut texts = Vec::new();
+        for path in [common::fixture_model(), shifted.clone()] {
+            let mut config = config.clone();
+            config.model.path = path.display().to_string();
+            let engine = common::start_engine(&config).await;
+            let (_, done) = run(engine.as_ref(), request("hi there", options(16, 16, Schedule::Fixed))).await;
+            texts.push(text(done));
+        }
+        assert_ne!(texts[0], texts[1], "{:?}: the key changed nothing", config.model.engine);
+    }
+}

@@ -138,7 +138,7 @@ impl Backend for Worker {
     /// Picks a conversation cache for the prompt and prefills what it lacks.
     fn admit(&mut self, job: &Job) -> Result<(Reply, usize), EngineError> {
         let tokens = &job.prompt.tokens;
-        let shift = self.model.shape().family.logit_shift();
+        let shift = self.model.shape().logit_shift;
         let committed = &tokens[..tokens.len().saturating_sub(shift)];
         let boundaries: Vec<usize> = job
             .prompt

@@ -142,7 +142,7 @@ impl<'m> Worker<'m> {
     fn add_to_batch(&mut self, r: &Running<()>, active: &[usize]) -> usize {
         let prompt = &r.job.prompt.tokens;
         let prompt_len = prompt.len();
-        let shift = self.loaded.logit_shift();
+        let shift = self.loaded.logit_shift;
         let wanted = |i: usize| i + shift >= prompt_len && active.contains(&(i + shift - prompt_len));
         for (i, &t) in prompt.iter().chain(r.canvas.tokens()).enumerate() {
             self.batch

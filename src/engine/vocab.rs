@@ -83,6 +83,9 @@ pub struct ChatModel {
     pub n_ctx_train: usize,
     /// The longest prompt the model was trained on, where the file records it.
     pub trained_prompt_tokens: Option<usize>,
+    /// Row `i` of the logits predicts position `i + logit_shift`: as `diffusion.shift_logits`
+    /// says where the file carries it, else by the architecture (Dream shifts, LLaDA does not).
+    pub logit_shift: usize,
 }
 
 impl ChatModel {
@@ -108,6 +111,11 @@ impl ChatModel {
             .meta_val_str(ggml_ext::TRAINED_PROMPT_KEY)
             .ok()
             .and_then(|v| v.parse().ok());
+        let logit_shift = match model.meta_val_str(ggml_ext::SHIFT_LOGITS_KEY).as_deref() {
+            Ok("true") => 1,
+            Ok("false") => 0,
+            _ => usize::from(architecture == "dream"),
+        };
         Ok(Self {
             model,
             architecture,
@@ -117,12 +125,8 @@ impl ChatModel {
             pieces,
             n_ctx_train,
             trained_prompt_tokens,
+            logit_shift,
         })
-    }
-
-    /// Dream predicts position `i` from row `i - 1`.
-    pub fn logit_shift(&self) -> usize {
-        usize::from(self.architecture == "dream")
     }
 
     /// The text of `tokens[..reply_len]`, each masked position shown as `placeholder`.

@@ -55,6 +55,10 @@ pub struct ModelShape {
     pub rms_eps: f32,
     /// `tokenizer.ggml.mask_token_id`, if the file names one.
     pub mask_token: Option<i32>,
+    /// Row `i` of the logits predicts position `i + logit_shift`: 1 where the file says
+    /// `diffusion.shift_logits = true`, 0 where it says `false`, the family's convention where it
+    /// says nothing.
+    pub logit_shift: usize,
 }
 
 impl ModelShape {
@@ -172,6 +176,14 @@ impl Gguf {
             (sys::gguf_get_kv_type(self.0, id) == sys::GGUF_TYPE_FLOAT32).then(|| sys::gguf_get_val_f32(self.0, id))
         }
     }
+
+    fn bool(&self, name: &str) -> Option<bool> {
+        let id = self.key(name)?;
+        // SAFETY: `id` is valid and the type is checked first.
+        unsafe {
+            (sys::gguf_get_kv_type(self.0, id) == sys::GGUF_TYPE_BOOL).then(|| sys::gguf_get_val_bool(self.0, id))
+        }
+    }
 }
 
 /// Loads `path` onto `backend`.
@@ -251,7 +263,12 @@ pub(crate) fn load(path: &Path, backend: sys::ggml_backend_t) -> Result<Weights,
                 )))
             }
         };
+        let logit_shift = match gguf.bool(crate::SHIFT_LOGITS_KEY) {
+            Some(shift) => usize::from(shift),
+            None => family.logit_shift(),
+        };
         let shape = ModelShape {
+            logit_shift,
             family,
             n_vocab,
             n_embd,
