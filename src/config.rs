@@ -148,6 +148,8 @@ pub struct DecodeConfig {
     pub threshold: f32,
     pub factor: f32,
     pub selection: Selection,
+    /// A position whose token equals that of a neighbour unmasked in the same step waits a step.
+    pub defer_repeats: bool,
     pub temperature: f32,
     pub seed: u64,
 }

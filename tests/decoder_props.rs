@@ -179,9 +179,21 @@ fn typed_options() -> impl Strategy<Value = MessageOptions> {
         selection,
         float(),
         prop::option::of(any::<u64>()),
+        prop::option::of(any::<bool>()),
     )
         .prop_map(
-            |(max_tokens, steps, block_length, policy, threshold, factor, selection, temperature, seed)| {
+            |(
+                max_tokens,
+                steps,
+                block_length,
+                policy,
+                threshold,
+                factor,
+                selection,
+                temperature,
+                seed,
+                defer_repeats,
+            )| {
                 MessageOptions {
                     max_tokens,
                     steps,
@@ -190,6 +202,7 @@ fn typed_options() -> impl Strategy<Value = MessageOptions> {
                     threshold,
                     factor,
                     selection,
+                    defer_repeats,
                     temperature,
                     seed,
                 }

@@ -31,6 +31,7 @@ fn options(max_tokens: usize, steps: usize, schedule: Schedule) -> DecodeOptions
         block_length: 8,
         schedule,
         selection: Selection::Confidence,
+        defer_repeats: false,
         temperature: 0.0,
         seed: 3,
     }

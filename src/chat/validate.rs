@@ -21,6 +21,7 @@ pub struct MessageOptions {
     pub threshold: Option<f32>,
     pub factor: Option<f32>,
     pub selection: Option<Selection>,
+    pub defer_repeats: Option<bool>,
     pub temperature: Option<f32>,
     pub seed: Option<u64>,
 }
@@ -42,6 +43,7 @@ impl From<&DecodeOptions> for MessageOptions {
             threshold,
             factor,
             selection: Some(o.selection),
+            defer_repeats: Some(o.defer_repeats),
             temperature: Some(o.temperature),
             seed: Some(o.seed),
         }
@@ -254,6 +256,7 @@ impl Validator {
             block_length: block_length.min(max_tokens),
             schedule,
             selection: o.selection.unwrap_or(d.selection),
+            defer_repeats: o.defer_repeats.unwrap_or(d.defer_repeats),
             temperature,
             seed: o.seed.unwrap_or(d.seed),
         })
@@ -309,6 +312,7 @@ mod tests {
                 block_length: 16,
                 schedule,
                 selection: Selection::Margin,
+                defer_repeats: !crate::config::Config::defaults().decode.defer_repeats,
                 temperature: 0.5,
                 seed: 7,
             };

@@ -22,6 +22,7 @@ pub struct Canvas {
     steps_per_block: usize,
     schedule: Schedule,
     selection: Selection,
+    defer_repeats: bool,
     temperature: f32,
     rng: StdRng,
     /// Block the fixed schedule is counting steps for, and how many it has used there.
@@ -43,6 +44,7 @@ impl Canvas {
             steps_per_block: (options.steps / blocks).max(1),
             schedule: options.schedule,
             selection: options.selection,
+            defer_repeats: options.defer_repeats,
             temperature: options.temperature,
             rng: StdRng::seed_from_u64(options.seed),
             block: 0,
@@ -135,7 +137,10 @@ impl Canvas {
             self.steps_in_block = 0;
         }
         let quota = policy::fixed_quota(active.len(), self.steps_per_block.saturating_sub(self.steps_in_block));
-        let chosen = policy::choose(self.schedule, self.selection, candidates, quota);
+        let mut chosen = policy::choose(self.schedule, self.selection, candidates, quota);
+        if self.defer_repeats {
+            chosen = policy::defer_repeats(chosen, &self.tokens, self.mask);
+        }
         for c in &chosen {
             self.tokens[c.position] = c.token;
         }
@@ -275,6 +280,7 @@ mod tests {
             block_length,
             schedule,
             selection: Selection::Confidence,
+            defer_repeats: false,
             temperature: 0.0,
             seed: 1,
         }
@@ -304,6 +310,24 @@ mod tests {
         }
         assert_eq!(c.active_positions(), vec![4, 5, 6, 7]);
         assert_eq!(c.masked(), 4);
+    }
+
+    #[test]
+    fn with_defer_repeats_neighbours_proposing_one_token_take_turns() {
+        let every = |p: usize| peaked(if p == 7 { 0 } else { 7 }, 8.0);
+        let mut c = Canvas::new(&options(8, 8, 8, Schedule::Threshold { tau: 0.5 }), MASK, vec![END]);
+        assert_eq!(run_step(&mut c, every), 8);
+        let mut c = Canvas::new(
+            &DecodeOptions {
+                defer_repeats: true,
+                ..options(8, 8, 8, Schedule::Threshold { tau: 0.5 })
+            },
+            MASK,
+            vec![END],
+        );
+        // Ties go to the earlier position: 0, 2, 4, 6 and the different token at 7 are kept.
+        assert_eq!(run_step(&mut c, every), 5);
+        assert_eq!(&c.tokens()[..8], &[7, MASK, 7, MASK, 7, MASK, 7, 0]);
     }
 
     #[test]

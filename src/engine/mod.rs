@@ -59,6 +59,9 @@ pub struct DecodeOptions {
     pub block_length: usize,
     pub schedule: Schedule,
     pub selection: Selection,
+    /// A position that would say a piece twice in a row waits a step (see
+    /// [`policy::defer_repeats`]).
+    pub defer_repeats: bool,
     /// 0 is greedy.
     pub temperature: f32,
     pub seed: u64,

@@ -134,6 +134,8 @@ pub struct Report {
     pub slot_turns: usize,
     pub slots_correct: usize,
     pub exact: usize,
+    /// Replies with a doubled or fused piece the gold reply does not have ([`doubled_piece`]).
+    pub doubled: usize,
     pub completion_tokens: usize,
     pub steps: usize,
     pub latencies: Vec<Duration>,
@@ -212,6 +214,7 @@ impl Report {
         if reply.trim() == gold.trim() {
             self.exact += 1;
         }
+        self.doubled += usize::from(doubled_piece(reply, gold).is_some());
         self.samples.push(Sample {
             user: user.content.to_owned(),
             intent: user.intent.to_owned(),
@@ -330,6 +333,18 @@ impl Report {
             .join("\n")
     }
 
+    /// Every reply with a doubled or fused piece, the piece beside the reply and the gold reply.
+    pub fn doubled_replies(&self) -> String {
+        self.samples
+            .iter()
+            .filter_map(|s| {
+                doubled_piece(&s.reply, &s.gold)
+                    .map(|piece| format!("piece: {piece}\nreply: {}\ngold:  {}\n", s.reply, s.gold))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn pct(n: usize, d: usize) -> f64 {
         if d == 0 {
             0.0
@@ -351,6 +366,9 @@ impl Report {
     pub fn exact_match(&self) -> f64 {
         Self::pct(self.exact, self.replies)
     }
+    pub fn doubled_rate(&self) -> f64 {
+        Self::pct(self.doubled, self.replies)
+    }
     pub fn tokens_per_step(&self) -> f64 {
         self.completion_tokens as f64 / self.steps.max(1) as f64
     }
@@ -360,10 +378,11 @@ impl Report {
         l.get(l.len() / 2).copied().unwrap_or_default()
     }
 
-    /// A markdown table row: name | replies | intent | fact | slot | exact | tokens/step | median ms.
+    /// A markdown table row: name | replies | intent | fact | slot | exact | doubled | tokens/step |
+    /// median ms.
     pub fn row(&self, name: &str) -> String {
         format!(
-            "| {name} | {} | {:.1}% | {:.1}% ({} turns) | {:.1}% ({} turns) | {:.1}% | {:.2} | {:.0} |",
+            "| {name} | {} | {:.1}% | {:.1}% ({} turns) | {:.1}% ({} turns) | {:.1}% | {:.1}% ({}) | {:.2} | {:.0} |",
             self.replies,
             self.intent_accuracy(),
             self.fact_accuracy(),
@@ -371,13 +390,53 @@ impl Report {
             self.slot_accuracy(),
             self.slot_turns,
             self.exact_match(),
+            self.doubled_rate(),
+            self.doubled,
             self.tokens_per_step(),
             self.median_latency().as_secs_f64() * 1e3
         )
     }
 }
 
-pub const TABLE_HEADER: &str = "| model | replies | intent | fact | slot | exact | tokens/step | median ms |\n| --- | --- | --- | --- | --- | --- | --- | --- |";
+pub const TABLE_HEADER: &str = "| model | replies | intent | fact | slot | exact | doubled | tokens/step | median ms |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+
+/// The first glitch of `reply` where two neighbouring positions settled on the same piece: a word
+/// said twice in a row ("arrives arrives"), or a word that is a gold word with a piece of it
+/// repeated in place ("YesYes", "$14.955", "-year-year"). Only what the gold reply does not
+/// have itself counts, so "NW-55123" in both is no glitch.
+pub fn doubled_piece(reply: &str, gold: &str) -> Option<String> {
+    let norm = |w: &str| {
+        w.trim_matches(|c: char| !c.is_alphanumeric() && c != '$' && c != '-')
+            .to_lowercase()
+    };
+    let gold_words: Vec<String> = gold.split_whitespace().map(norm).collect();
+    let gold_pairs: HashSet<(&str, &str)> = gold_words.windows(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
+    let words: Vec<String> = reply.split_whitespace().map(norm).collect();
+    for pair in words.windows(2) {
+        if !pair[0].is_empty() && pair[0] == pair[1] && !gold_pairs.contains(&(pair[0].as_str(), pair[1].as_str())) {
+            return Some(format!("{} {}", pair[0], pair[1]));
+        }
+    }
+    let known: HashSet<&str> = gold_words.iter().map(String::as_str).collect();
+    for word in &words {
+        if word.is_empty() || known.contains(word.as_str()) {
+            continue;
+        }
+        let chars: Vec<char> = word.chars().collect();
+        for len in 1..=chars.len() / 2 {
+            for start in 0..=chars.len() - 2 * len {
+                if chars[start..start + len] != chars[start + len..start + 2 * len] {
+                    continue;
+                }
+                let once: String = chars[..start + len].iter().chain(&chars[start + 2 * len..]).collect();
+                if known.contains(once.as_str()) {
+                    return Some(word.clone());
+                }
+            }
+        }
+    }
+    None
+}
 
 /// (history before the turn, what the user turn expects, the gold reply) for every assistant turn
 /// that answers a user turn.
@@ -681,6 +740,40 @@ mod tests {
             r.by_intent().contains("| returns | 3 | 67% | 50% |"),
             "{}",
             r.by_intent()
+        );
+    }
+
+    #[test]
+    fn doubled_and_fused_pieces_are_found_unless_the_gold_has_them() {
+        let gold = "Standard shipping is $14.95 and takes 3-5 business days after your return arrives.";
+        for (reply, found) in [
+            (
+                "Standard shipping is $14.955 and takes 3-5 business days.",
+                Some("$14.955"),
+            ),
+            (
+                "within 5-7 business days after your return arrives arrives",
+                Some("arrives arrives"),
+            ),
+            ("StandardStandard shipping is $14.95", Some("standardstandard")),
+            (
+                "Standard shipping is $14.95 and takes 3-5 business days after your return arrives.",
+                None,
+            ),
+            ("Shipping takes days and days", None),
+            ("", None),
+        ] {
+            assert_eq!(doubled_piece(reply, gold).as_deref(), found, "{reply:?}");
+        }
+        // What the gold reply itself repeats is no glitch.
+        assert_eq!(
+            doubled_piece("Order NW-55123 is on its way", "Order NW-55123 is on its way"),
+            None
+        );
+        assert_eq!(doubled_piece("bye bye!", "Bye bye! Have a great day."), None);
+        assert_eq!(
+            doubled_piece("All gear has a 1-year-year warranty", "All gear has a 1-year warranty"),
+            Some("1-year-year".into())
         );
     }
 

@@ -82,6 +82,9 @@ struct EvalArgs {
     /// Also print the diffusion model's intent and fact accuracy per intent.
     #[arg(long)]
     by_intent: bool,
+    /// Also print every diffusion reply with a doubled or fused piece.
+    #[arg(long)]
+    doubled: bool,
     /// Also print intent, fact and slot accuracy by user turn position (1-2, 3-5, 6-8, 9-12, 13+)
     /// and by prompt length (<128, 128-255, 256-511, 512+ tokens), for each model scored.
     #[arg(long)]
@@ -145,6 +148,10 @@ struct DecodeArgs {
     /// Sampling seed [default: decode.seed]
     #[arg(long)]
     seed: Option<u64>,
+    /// Whether a position repeating a neighbour unmasked in the same step waits a step
+    /// [default: decode.defer_repeats]
+    #[arg(long)]
+    defer_repeats: Option<bool>,
 }
 
 impl DecodeArgs {
@@ -156,6 +163,7 @@ impl DecodeArgs {
             threshold: self.threshold,
             temperature: self.temperature,
             seed: self.seed,
+            defer_repeats: self.defer_repeats,
             ..Default::default()
         }
     }
@@ -235,6 +243,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         max_dialogs,
         show,
         by_intent,
+        doubled,
         by_turn,
         decode,
     } = args;
@@ -262,6 +271,12 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     }
     if by_intent {
         println!("{name}, by intent:\n{}", diffusion.by_intent());
+    }
+    if doubled {
+        println!(
+            "{name}, replies with a doubled or fused piece:\n{}",
+            diffusion.doubled_replies()
+        );
     }
     // Printed after the main table.
     let mut breakdowns = Vec::new();
@@ -351,6 +366,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         block_length: args.block_length.min(max_tokens),
         schedule,
         selection: Selection::Confidence,
+        defer_repeats: config.decode.defer_repeats,
         temperature: 0.0,
         seed: 0,
     };

@@ -42,6 +42,7 @@ async fn both_inference_paths_score_every_assistant_turn() {
         block_length: 8,
         schedule: Schedule::Fixed,
         selection: Selection::Confidence,
+        defer_repeats: false,
         temperature: 0.0,
         seed: 0,
     };
