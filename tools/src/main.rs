@@ -234,6 +234,19 @@ async fn generate(config: Config, prompt: String, options: MessageOptions) -> an
     anyhow::bail!("the engine stopped before the reply finished")
 }
 
+/// The system prompt the held-out dialogs were written under: their corpus's `manifest.json` when
+/// it sits beside them (a model of another domain than the built-in prompt's), unless
+/// `prompt.system_file` is set; the configured prompt otherwise.
+fn eval_system_prompt(config: &Config, heldout: &std::path::Path) -> anyhow::Result<String> {
+    let dir = heldout.parent().unwrap_or(std::path::Path::new("."));
+    if config.prompt.system_file.is_empty() && dir.join(dllm_train::corpus::MANIFEST_FILE).is_file() {
+        let manifest = dllm_train::corpus::read_manifest(dir)?;
+        tracing::info!(corpus = %dir.display(), "system prompt from the corpus manifest");
+        return Ok(manifest.system_prompt);
+    }
+    Ok(config.system_prompt()?)
+}
+
 async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     use dllm_tools::eval;
     let EvalArgs {
@@ -255,7 +268,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     let mut dialogs = eval::read_dialogs(&heldout)?;
     dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
     let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
-    let system = config.system_prompt()?;
+    let system = eval_system_prompt(&config, &heldout)?;
     let engine = start_engine(&config).await?;
     let diffusion = eval::evaluate_engine(engine.as_ref(), &system, &dialogs, &classifier, &options).await?;
     let name = format!(

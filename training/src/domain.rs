@@ -545,6 +545,31 @@ pub(crate) fn northwind() -> Domain {
 mod tests {
     use super::*;
 
+    /// Every domain file in `config/domains`, by name: what holds for one business holds for each.
+    fn shipped_domains() -> Vec<(&'static str, Domain)> {
+        [
+            ("northwind", NORTHWIND_TOML),
+            ("harbor-dental", include_str!("../../config/domains/harbor-dental.toml")),
+        ]
+        .into_iter()
+        .map(|(name, text)| (name, Domain::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"))))
+        .collect()
+    }
+
+    #[test]
+    fn every_domain_file_is_listed_here() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/domains");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".toml"))
+            .collect();
+        files.sort();
+        let mut listed: Vec<String> = shipped_domains().iter().map(|(n, _)| format!("{n}.toml")).collect();
+        listed.sort();
+        assert_eq!(files, listed);
+    }
+
     /// The bundled model is trained on the domain's system prompt and served with the service's
     /// built-in one: they must stay the same text.
     #[test]
@@ -554,77 +579,84 @@ mod tests {
     }
 
     #[test]
-    fn northwind_parses_and_validates() {
-        let domain = northwind();
-        assert!(domain.intents.len() >= 30, "only {} intents", domain.intents.len());
-        let catalog = &domain.catalog;
-        assert!(
-            catalog.lines.len() * catalog.names.len() >= 1000,
-            "too few train products to force copying"
-        );
-        assert!(catalog.heldout_names.len() >= 10);
-        for intent in &domain.intents {
+    fn domains_parse_and_validate() {
+        for (name, domain) in shipped_domains() {
             assert!(
-                intent.phrasings.len() >= 8,
-                "{} has {} phrasings",
-                intent.name,
-                intent.phrasings.len()
+                domain.intents.len() >= 25,
+                "{name}: only {} intents",
+                domain.intents.len()
             );
+            let catalog = &domain.catalog;
             assert!(
-                !intent.heldout_phrasings.is_empty(),
-                "{} has no held-out phrasings",
-                intent.name
+                catalog.lines.len() * catalog.names.len() >= 1000,
+                "{name}: too few train products to force copying"
             );
-            for fact in &intent.facts {
+            assert!(catalog.heldout_names.len() >= 10, "{name}");
+            for intent in &domain.intents {
                 assert!(
-                    intent.answer.contains(fact.as_str()),
-                    "{}: {fact:?} not in answer",
+                    intent.phrasings.len() >= 8,
+                    "{} has {} phrasings",
+                    intent.name,
+                    intent.phrasings.len()
+                );
+                assert!(
+                    !intent.heldout_phrasings.is_empty(),
+                    "{} has no held-out phrasings",
                     intent.name
                 );
+                for fact in &intent.facts {
+                    assert!(
+                        intent.answer.contains(fact.as_str()),
+                        "{}: {fact:?} not in answer",
+                        intent.name
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn northwind_heldout_phrasings_are_unseen_and_knowledge_is_covered() {
-        let domain = northwind();
-        let train: BTreeSet<String> = domain
-            .intents
-            .iter()
-            .flat_map(|i| i.phrasings.iter().map(|p| normalize(p)))
-            .collect();
-        for intent in &domain.intents {
-            for phrasing in &intent.heldout_phrasings {
+    fn heldout_phrasings_are_unseen_and_knowledge_is_covered() {
+        for (_, domain) in shipped_domains() {
+            let train: BTreeSet<String> = domain
+                .intents
+                .iter()
+                .flat_map(|i| i.phrasings.iter().map(|p| normalize(p)))
+                .collect();
+            for intent in &domain.intents {
+                for phrasing in &intent.heldout_phrasings {
+                    assert!(
+                        !train.contains(&normalize(phrasing)),
+                        "{}: {phrasing:?} is also trained",
+                        intent.name
+                    );
+                }
+            }
+            for id in domain.knowledge.keys() {
                 assert!(
-                    !train.contains(&normalize(phrasing)),
-                    "{}: {phrasing:?} is also trained",
-                    intent.name
+                    domain.intents.iter().any(|i| i.covers.contains(id)),
+                    "knowledge.{id} is uncovered"
                 );
             }
-        }
-        for id in domain.knowledge.keys() {
-            assert!(
-                domain.intents.iter().any(|i| i.covers.contains(id)),
-                "knowledge.{id} is uncovered"
-            );
         }
     }
 
     #[test]
     fn follow_ups_reuse_a_referent_some_intent_introduces() {
-        let domain = northwind();
-        for intent in domain.intents.iter().filter(|i| i.needs.is_some()) {
-            assert!(
-                domain.intents.iter().any(|other| other.slot == intent.needs),
-                "{} needs a slot no intent introduces",
-                intent.name
-            );
-            let kind = intent.needs.unwrap();
-            assert!(
-                intent.answer.contains(&format!("{{{}}}", kind.placeholder())),
-                "{}",
-                intent.name
-            );
+        for (_, domain) in shipped_domains() {
+            for intent in domain.intents.iter().filter(|i| i.needs.is_some()) {
+                assert!(
+                    domain.intents.iter().any(|other| other.slot == intent.needs),
+                    "{} needs a slot no intent introduces",
+                    intent.name
+                );
+                let kind = intent.needs.unwrap();
+                assert!(
+                    intent.answer.contains(&format!("{{{}}}", kind.placeholder())),
+                    "{}",
+                    intent.name
+                );
+            }
         }
     }
 

@@ -437,7 +437,18 @@ fn main() -> anyhow::Result<()> {
                     2,
                 )?;
             }
+            // The service prompts with this; a model of another domain than the built-in
+            // prompt's is served with `prompt.system_file` pointing here.
+            let prompt_path = out.join("system-prompt.md");
+            let manifest = corpus::read_manifest(&corpus_dir)?;
+            std::fs::write(&prompt_path, format!("{}\n", manifest.system_prompt))
+                .with_context(|| format!("writing {}", prompt_path.display()))?;
             println!("pipeline finished in {:.1?}", started.elapsed());
+            println!(
+                "serve it: DLLM_MODEL__PATH={} DLLM_PROMPT__SYSTEM_FILE={} scripts/serve",
+                out.join(format!("{name}-llada-q8_0.gguf")).display(),
+                prompt_path.display()
+            );
         }
     }
     Ok(())
