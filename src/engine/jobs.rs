@@ -175,6 +175,12 @@ where
         .tokens(chat.trained_prompt_tokens)
         .filter(|&window| window < context);
     let window = info.history_window;
+    if let Some(tokens) = window {
+        tracing::info!(
+            tokens,
+            "conversations are fitted into the history window (model.history_window)"
+        );
+    }
     let (requests, pending) = std_mpsc::channel();
     let prompts_waiting = waiting.clone();
     std::thread::Builder::new()

@@ -76,6 +76,9 @@ struct EvalArgs {
     /// Score only the first N held-out dialogs.
     #[arg(long)]
     max_dialogs: Option<usize>,
+    /// Score only dialogs with at least this many user turns (long conversations).
+    #[arg(long, default_value_t = 1)]
+    min_user_turns: usize,
     /// Also print the first N replies beside the user message and the gold reply.
     #[arg(long, default_value_t = 0)]
     show: usize,
@@ -254,6 +257,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         reference,
         twin,
         max_dialogs,
+        min_user_turns,
         show,
         by_intent,
         doubled,
@@ -266,6 +270,7 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
         .map(|name| dllm_chat::models::resolve(&name).map(|file| (name, file)))
         .transpose()?;
     let mut dialogs = eval::read_dialogs(&heldout)?;
+    dialogs.retain(|d| d.turns.len() / 2 >= min_user_turns);
     dialogs.truncate(max_dialogs.unwrap_or(usize::MAX));
     let classifier = eval::IntentClassifier::new(&eval::read_dialogs(&reference)?);
     let system = eval_system_prompt(&config, &heldout)?;
