@@ -511,9 +511,8 @@ async fn next_turn_reuses_the_cached_history_exactly() {
 /// what the context holds, and a window past the context changes nothing.
 #[tokio::test]
 async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() {
-    let dir = std::env::temp_dir().join(format!("dllm-window-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let stamped = dir.join("fixture-window.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let stamped = dir.path().join("fixture-window.gguf");
     ggml_ext::set_key(
         &common::fixture_model(),
         &stamped,
@@ -557,7 +556,6 @@ async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() 
         assert!(prompt > 300, "{prompt}");
         assert!(!done.text.is_empty());
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `diffusion.shift_logits` decides which logits row predicts a position, in every engine: the
