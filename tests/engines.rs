@@ -506,20 +506,20 @@ async fn next_turn_reuses_the_cached_history_exactly() {
     assert_eq!(again, fresh_text);
 }
 
+/// The fixture with `key = value` set, written into `dir`.
+fn stamped_fixture(dir: &tempfile::TempDir, key: &str, value: ggml_ext::KeyValue) -> std::path::PathBuf {
+    let path = dir.path().join("stamped-fixture.gguf");
+    ggml_ext::set_key(&common::fixture_model(), &path, key, value).unwrap();
+    path
+}
+
 /// A model file that records the longest prompt it was trained on gets long histories fitted into
 /// it by default (whole exchanges dropped, the new message kept), in every engine; `"off"` keeps
 /// what the context holds, and a window past the context changes nothing.
 #[tokio::test]
 async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() {
     let dir = tempfile::tempdir().unwrap();
-    let stamped = dir.path().join("fixture-window.gguf");
-    ggml_ext::set_key(
-        &common::fixture_model(),
-        &stamped,
-        ggml_ext::TRAINED_PROMPT_KEY,
-        ggml_ext::KeyValue::U32(150),
-    )
-    .unwrap();
+    let stamped = stamped_fixture(&dir, ggml_ext::TRAINED_PROMPT_KEY, ggml_ext::KeyValue::U32(150));
     let turns: Vec<ChatTurn> = (0..21)
         .map(|i| turn(["user", "assistant"][i % 2], &format!("turn number {i} says something")))
         .collect();
@@ -563,14 +563,7 @@ async fn histories_are_fitted_into_the_trained_prompt_length_the_file_records() 
 #[tokio::test]
 async fn engines_honour_the_shift_logits_key() {
     let dir = tempfile::tempdir().unwrap();
-    let shifted = dir.path().join("shifted.gguf");
-    ggml_ext::set_key(
-        &common::fixture_model(),
-        &shifted,
-        ggml_ext::SHIFT_LOGITS_KEY,
-        ggml_ext::KeyValue::Bool(true),
-    )
-    .unwrap();
+    let shifted = stamped_fixture(&dir, ggml_ext::SHIFT_LOGITS_KEY, ggml_ext::KeyValue::Bool(true));
     for config in both_engines() {
         let mut texts = Vec::new();
         for path in [common::fixture_model(), shifted.clone()] {
