@@ -136,3 +136,24 @@ pub struct EngineSettings {
     /// The autoregressive engine sends a revision (the reply so far) every this many tokens.
     pub tokens_per_revision: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_windows_read_as_a_word_or_a_count_and_refuse_the_rest() {
+        let read = |text: &str| serde_json::from_str::<HistoryWindow>(text).map_err(|e| e.to_string());
+        assert_eq!(read(r#""trained""#), Ok(HistoryWindow::Trained));
+        assert_eq!(read(r#""off""#), Ok(HistoryWindow::Off));
+        assert_eq!(read("231"), Ok(HistoryWindow::Tokens(231)));
+        // Environment variables arrive as text.
+        assert_eq!(read(r#""231""#), Ok(HistoryWindow::Tokens(231)));
+        assert!(read("0").unwrap_err().contains("0 tokens"));
+        assert!(read(r#""sometimes""#).unwrap_err().contains("\"sometimes\" is not"));
+        assert_eq!(serde_json::to_string(&HistoryWindow::Tokens(5)).unwrap(), "5");
+        assert_eq!(HistoryWindow::Trained.tokens(Some(231)), Some(231));
+        assert_eq!(HistoryWindow::Trained.tokens(None), None);
+        assert_eq!(HistoryWindow::Off.tokens(Some(231)), None);
+    }
+}
