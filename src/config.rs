@@ -148,7 +148,7 @@ pub struct DecodeConfig {
     pub threshold: f32,
     pub factor: f32,
     pub selection: Selection,
-    /// A position whose token equals that of a neighbour unmasked in the same step waits a step.
+    /// A position that would say a piece twice in a row waits a step, unless it is the step's best.
     pub defer_repeats: bool,
     pub temperature: f32,
     pub seed: u64,

@@ -2,8 +2,9 @@
 //! boundaries inside the prompt.
 //!
 //! The prompt is the system prompt plus as many of the newest turns as fit beside the reply
-//! canvas, and within the history window when there is one. The model's chat template and tokenizer are passed in as a [`Renderer`], so this logic
-//! is tested without a model and every engine truncates the same way.
+//! canvas, and within the history window when there is one. The model's chat template and
+//! tokenizer are passed in as a [`Renderer`], so this logic is tested without a model and every
+//! engine truncates the same way.
 //!
 //! Both steps cost time linear in the conversation, not quadratic: a session's whole history comes
 //! in with every message, and rendering it once per dropped turn took seconds for long sessions.

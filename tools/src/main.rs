@@ -151,7 +151,7 @@ struct DecodeArgs {
     /// Sampling seed [default: decode.seed]
     #[arg(long)]
     seed: Option<u64>,
-    /// Whether a position repeating a neighbour unmasked in the same step waits a step
+    /// Whether a position that would say a piece twice in a row waits a step
     /// [default: decode.defer_repeats]
     #[arg(long)]
     defer_repeats: Option<bool>,

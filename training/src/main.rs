@@ -352,15 +352,8 @@ fn main() -> anyhow::Result<()> {
                 .map(train::Example::longest_prompt)
                 .max()
                 .context("the corpus has no training dialog")?;
-            let vocab = tokenizer::gguf_vocab(&tok)?.tokens;
             for file in files {
-                if gguf_tokens(&file)? != vocab {
-                    anyhow::bail!(
-                        "{} has another vocabulary than {}",
-                        file.display(),
-                        tokenizer_path.display()
-                    );
-                }
+                check_vocabulary(&file, &tok, &tokenizer_path)?;
                 export::add_trained_prompt(&file, &file, longest)?;
                 println!("{}: dllm.trained_prompt_tokens = {longest}", file.display());
             }
@@ -528,6 +521,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// Fails unless the GGUF `file` was trained with `tok` (read from `tokenizer_path`).
+fn check_vocabulary(file: &Path, tok: &tokenizers::Tokenizer, tokenizer_path: &Path) -> anyhow::Result<()> {
+    let tokens = gguf_tokens(file).with_context(|| format!("reading {}", file.display()))?;
+    if tokens != tokenizer::gguf_vocab(tok)?.tokens {
+        anyhow::bail!(
+            "{} was trained with another vocabulary than {} ({} tokens there, {} here)",
+            file.display(),
+            tokenizer_path.display(),
+            tokens.len(),
+            tok.get_vocab_size(true)
+        );
+    }
+    Ok(())
+}
+
 /// Command-line changes to a preset's training settings.
 #[derive(Default)]
 struct Overrides {
@@ -563,16 +571,7 @@ fn run_train(
         .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
     {
         // Weights are only worth continuing from under the tokenizer they were trained with.
-        let tokens = gguf_tokens(init).with_context(|| format!("reading {}", init.display()))?;
-        if tokens != tokenizer::gguf_vocab(&tok)?.tokens {
-            anyhow::bail!(
-                "{} was trained with another vocabulary than {} ({} tokens there, {} here)",
-                init.display(),
-                tokenizer_path.display(),
-                tokens.len(),
-                tok.get_vocab_size(true)
-            );
-        }
+        check_vocabulary(init, &tok, tokenizer_path)?;
     }
     let mut config = preset.config(objective, tok.get_vocab_size(true), seed);
     config.max_minutes = overrides.max_minutes;
