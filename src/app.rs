@@ -9,6 +9,7 @@ use crate::chat::{Chat, ChatParts, ValidationError, Validator};
 use crate::config::{Config, ConfigError};
 use crate::engine::{self, Engine, EngineError};
 use crate::models::ModelError;
+use crate::quotas::Quotas;
 use crate::server::Services;
 use crate::sessions::{self, SessionStore, StoreError};
 use crate::tickets::Tickets;
@@ -71,12 +72,19 @@ pub async fn build(config: Config) -> Result<Services, StartError> {
 pub fn assemble(config: Config, engine: Arc<dyn Engine>, store: Arc<dyn SessionStore>) -> Result<Services, StartError> {
     config.validate()?;
     let tickets = Tickets::new(store.clone(), Duration::from_secs(config.auth.ticket_ttl_secs));
+    let quotas = Quotas::start(store.clone(), config.quotas.clone());
     let chat = Chat::start(ChatParts {
+        quotas: quotas.clone(),
         validator: Validator::new(&config.decode, &config.limits)?,
         system_prompt: config.system_prompt()?,
         config: config.chat.clone(),
         store,
         engine,
     });
-    Ok(Services { config, chat, tickets })
+    Ok(Services {
+        config,
+        chat,
+        tickets,
+        quotas,
+    })
 }

@@ -77,6 +77,7 @@ impl CommonArgs {
 pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
+    pub quotas: QuotasConfig,
     pub model: ModelConfig,
     pub decode: DecodeConfig,
     pub store: StoreConfig,
@@ -104,6 +105,9 @@ pub struct ServerConfig {
     /// Where the built support widget (`widget.js`) and its demo page (`index.html`) are read
     /// from at request time; relative paths start at the working directory.
     pub web_dir: PathBuf,
+    /// The header a proxy in front names the client's address in (its last entry counts);
+    /// empty: the socket's peer address.
+    pub client_address_header: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +123,19 @@ pub struct LimitsConfig {
     pub message_burst: u32,
     pub max_reply_tokens: usize,
     pub max_steps: usize,
+}
+
+/// Limits shared by every replica on the session store ([`crate::quotas`]); 0 turns one off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotasConfig {
+    pub key_connections: usize,
+    pub key_messages_per_minute: u32,
+    pub key_message_burst: u32,
+    pub ip_connections: usize,
+    pub ip_requests_per_minute: u32,
+    pub ip_request_burst: u32,
+    pub slot_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -402,6 +419,17 @@ impl Config {
             });
         }
         positive("limits.messages_per_minute", l.messages_per_minute as usize)?;
+        let q = &self.quotas;
+        positive("quotas.key_message_burst", q.key_message_burst as usize)?;
+        positive("quotas.ip_request_burst", q.ip_request_burst as usize)?;
+        positive("quotas.slot_ttl_secs", q.slot_ttl_secs as usize)?;
+        let header = &s.client_address_header;
+        if !header.is_empty() && axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return Err(ConfigError::Invalid {
+                setting: "server.client_address_header",
+                reason: format!("{header:?} is not a header name"),
+            });
+        }
         positive("limits.message_burst", l.message_burst as usize)?;
         positive("limits.max_reply_tokens", l.max_reply_tokens)?;
         positive("limits.max_steps", l.max_steps)?;

@@ -18,6 +18,8 @@
 //! - [`metrics`]: Prometheus names, buckets and recorder.
 //! - [`keys`]: API keys: generation, digests, the constant-time check.
 //! - [`tickets`]: one-time tickets that let a browser page open an authenticated WebSocket.
+//! - [`quotas`]: connection and rate limits per key and per client address, shared by every
+//!   replica on the store.
 //! - [`config`]: settings from the built-in defaults, a file, the environment and flags.
 //! - [`app`]: the composition root that builds all of the above from a [`config::Config`].
 //!
@@ -32,6 +34,7 @@ pub mod keys;
 pub mod metrics;
 pub mod models;
 pub mod protocol;
+pub mod quotas;
 pub mod server;
 pub mod sessions;
 pub mod tickets;

@@ -473,3 +473,82 @@ async fn a_ticket_is_taken_once_and_not_after_it_expires() {
         assert_eq!(store.take_ticket("sha256:bb").await.unwrap(), None, "{name}: expired");
     }
 }
+
+#[tokio::test]
+async fn slots_are_capped_renewed_released_and_lapse_after_their_ttl() {
+    let ttl = Duration::from_millis(300);
+    for (name, store) in stores(60).await {
+        assert!(store.take_slot("key:alice", "r1:1", 2, ttl).await.unwrap(), "{name}");
+        assert!(store.take_slot("key:alice", "r2:1", 2, ttl).await.unwrap(), "{name}");
+        assert!(
+            !store.take_slot("key:alice", "r1:2", 2, ttl).await.unwrap(),
+            "{name}: full"
+        );
+        assert!(
+            store.take_slot("key:alice", "r1:1", 2, ttl).await.unwrap(),
+            "{name}: a holder taking its own slot again is not a third"
+        );
+        assert!(
+            store.take_slot("key:bob", "r1:3", 2, ttl).await.unwrap(),
+            "{name}: per scope"
+        );
+        store.release_slot("key:alice", "r2:1").await.unwrap();
+        store.release_slot("key:alice", "r9:9").await.unwrap();
+        assert!(
+            store.take_slot("key:alice", "r1:2", 2, ttl).await.unwrap(),
+            "{name}: released"
+        );
+
+        // r1 keeps renewing; r1:2 is not renewed and lapses.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            store
+                .renew_slots(&[("key:alice".into(), "r1:1".into())], ttl)
+                .await
+                .unwrap();
+        }
+        assert!(
+            store.take_slot("key:alice", "r3:1", 2, ttl).await.unwrap(),
+            "{name}: lapsed"
+        );
+        assert!(
+            !store.take_slot("key:alice", "r3:2", 2, ttl).await.unwrap(),
+            "{name}: the renewed one is still held"
+        );
+        store.renew_slots(&[], ttl).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rate_allows_its_burst_then_one_per_interval_per_scope() {
+    for (name, store) in stores(60).await {
+        // 600 a minute: one every 100 ms, three at once.
+        for i in 0..3 {
+            assert_eq!(
+                store.take_rate("ip:10.0.0.1", 600, 3).await.unwrap(),
+                None,
+                "{name}: {i}"
+            );
+        }
+        let wait = store
+            .take_rate("ip:10.0.0.1", 600, 3)
+            .await
+            .unwrap()
+            .expect("over the burst");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(100),
+            "{name}: {wait:?}"
+        );
+        assert_eq!(store.take_rate("ip:10.0.0.2", 600, 3).await.unwrap(), None, "{name}");
+        tokio::time::sleep(wait + Duration::from_millis(5)).await;
+        assert_eq!(
+            store.take_rate("ip:10.0.0.1", 600, 3).await.unwrap(),
+            None,
+            "{name}: refilled"
+        );
+        assert!(
+            store.take_rate("ip:10.0.0.1", 600, 3).await.unwrap().is_some(),
+            "{name}"
+        );
+    }
+}

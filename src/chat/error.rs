@@ -3,6 +3,7 @@
 
 use super::validate::ValidationError;
 use crate::engine::EngineError;
+use crate::quotas::QuotaError;
 use crate::sessions::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,9 @@ pub enum ChatError {
     Busy,
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// The key's shared message rate (`quotas.key_messages_per_minute`); nothing was stored.
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]

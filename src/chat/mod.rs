@@ -41,6 +41,7 @@ pub use self::validate::{
 };
 use crate::config::ChatConfig;
 use crate::engine::{ChatTurn, Engine, GenerateRequest};
+use crate::quotas::Quotas;
 use crate::sessions::{Begin, MessageStatus, ReplyStart, Role, SessionInfo, SessionStore, StoredMessage};
 
 /// What the core is built from.
@@ -50,6 +51,8 @@ pub struct ChatParts {
     pub store: Arc<dyn SessionStore>,
     pub engine: Arc<dyn Engine>,
     pub system_prompt: String,
+    /// Each key's message rate, shared across replicas.
+    pub quotas: Arc<Quotas>,
 }
 
 /// State shared by the core's tasks.
@@ -58,6 +61,7 @@ pub(crate) struct Core {
     store: Arc<dyn SessionStore>,
     engine: Arc<dyn Engine>,
     system_prompt: String,
+    quotas: Arc<Quotas>,
     handover: Arc<handover::Handover>,
     hub: Arc<hub::Hub>,
     stats: Arc<stats::StatsBus>,
@@ -140,6 +144,7 @@ impl Chat {
             store,
             engine,
             system_prompt,
+            quotas,
         } = parts;
         let replica = format!("replica_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let core = Arc::new(Core {
@@ -151,6 +156,7 @@ impl Chat {
             store,
             engine,
             system_prompt,
+            quotas,
             local_replies: Mutex::new(HashMap::new()),
             replies: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -308,6 +314,7 @@ impl Chat {
             return Err(ChatError::ShuttingDown);
         }
         self.owned(owner, &message.session_id).await?;
+        core.quotas.key_message(owner).await?;
         let ValidMessage {
             session_id,
             content,
@@ -403,11 +410,12 @@ impl Chat {
 
     /// A reply to a whole conversation that is not stored: no session, no lease. The reply is
     /// cancelled when the returned stream is dropped before its end.
-    pub async fn complete(&self, conversation: ValidConversation) -> Result<ChatStream, ChatError> {
+    pub async fn complete(&self, owner: &str, conversation: ValidConversation) -> Result<ChatStream, ChatError> {
         let core = &self.core;
         if core.shutdown.is_cancelled() {
             return Err(ChatError::ShuttingDown);
         }
+        core.quotas.key_message(owner).await?;
         let request = GenerateRequest {
             system: conversation.system.unwrap_or_else(|| core.system_prompt.clone()),
             turns: conversation.turns,

@@ -65,6 +65,9 @@ pub struct WireError {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
+    /// On `rate_limited`: how long until the next try would be allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl WireError {
@@ -73,7 +76,13 @@ impl WireError {
             code,
             message: message.into(),
             event_id: None,
+            retry_after_ms: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, wait: Option<std::time::Duration>) -> Self {
+        self.retry_after_ms = wait.map(|w| w.as_millis().max(1) as u64);
+        self
     }
 
     pub fn with_event_id(mut self, event_id: Option<String>) -> Self {

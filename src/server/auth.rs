@@ -1,6 +1,8 @@
 //! Who is calling, and from where: the API key a request presents, as the owner name sessions
-//! record (one check for every front end on the port), and the `Origin` allow-list of browser
-//! WebSocket upgrades.
+//! record (one check for every front end on the port), the client's address (behind a proxy,
+//! from the header it sets), and the `Origin` allow-list of browser WebSocket upgrades.
+
+use std::net::{IpAddr, SocketAddr};
 
 use axum::http::{header, HeaderMap};
 
@@ -107,6 +109,22 @@ pub(super) fn widget(state: &AppState, query_key: Option<&str>, headers: &Header
     }
 }
 
+/// The client's address: the last entry of `header` (`server.client_address_header`: the entry
+/// the proxy in front added) when that is set and the request carries it, else the peer's.
+pub(super) fn client_address(header: &str, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    if header.is_empty() {
+        return peer.ip();
+    }
+    headers
+        .get_all(header)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer.ip())
+}
+
 /// Whether a WebSocket upgrade may proceed under `server.allowed_origins`: always with an
 /// empty list or without an `Origin` header (not a browser), else only from a listed origin
 /// (or with `"*"` listed). Scheme and host compare case-insensitively.
@@ -133,6 +151,22 @@ mod tests {
             h.insert(header::ORIGIN, v.parse().unwrap());
         }
         h
+    }
+
+    #[test]
+    fn the_client_address_is_the_peer_unless_a_proxy_header_is_configured_and_sent() {
+        let peer: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.7, 198.51.100.2".parse().unwrap());
+        assert_eq!(client_address("", peer, &h), peer.ip(), "no header configured");
+        assert_eq!(
+            client_address("x-forwarded-for", peer, &h).to_string(),
+            "198.51.100.2",
+            "the entry the proxy added, not the one the client sent"
+        );
+        assert_eq!(client_address("x-real-ip", peer, &h), peer.ip(), "not sent");
+        h.insert("x-real-ip", "not an address".parse().unwrap());
+        assert_eq!(client_address("x-real-ip", peer, &h), peer.ip(), "unreadable");
     }
 
     #[test]

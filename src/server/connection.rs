@@ -26,12 +26,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{authenticate, origin_allowed, widget, Refused, WidgetCheck};
+use super::auth::{authenticate, client_address, origin_allowed, widget, Refused, WidgetCheck};
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
 use crate::chat::{ChatEvent, NewMessage, ReplyWatch};
-use crate::protocol::{self, ClientEvent, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
+use crate::protocol::{self, ClientEvent, ErrorCode, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
+use crate::quotas::ConnectionSlots;
 use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
@@ -75,6 +76,17 @@ pub(super) async fn upgrade(
         (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
     };
     let permit = state.connections.clone().try_acquire_owned().ok();
+    // The address's shared connection slot comes before the key check (and before a ticket is
+    // spent); the key's after it.
+    let address = client_address(&state.config.server.client_address_header, peer, &headers);
+    let slots = match permit {
+        Some(_) => state
+            .quotas
+            .connection(address)
+            .await
+            .map_err(|e| errors::from_quota(&e)),
+        None => Err(errors::too_many_connections()),
+    };
     // A widget key carries its own origins; everything else the server-wide allow-list.
     let (owner, messages_per_minute) = match widget(&state, params.api_key.as_deref(), &headers) {
         WidgetCheck::WrongOrigin => return forbidden(),
@@ -85,7 +97,7 @@ pub(super) async fn upgrade(
             }
             let owner = match params.ticket.as_deref() {
                 // Refused anyway: the ticket stays good for another try.
-                Some(_) if permit.is_none() => Err(Denied::Full),
+                Some(_) if slots.is_err() => Err(Denied::Full),
                 Some(ticket) => match state.tickets.redeem(ticket).await {
                     Ok(Some(owner)) => Ok(owner),
                     Ok(None) => Err(Denied::Refused(Refused::Ticket)),
@@ -95,6 +107,16 @@ pub(super) async fn upgrade(
             };
             (owner, None)
         }
+    };
+    let slots = match (slots, &owner) {
+        (Ok(mut slots), Ok(owner)) => match slots.add_key(owner).await {
+            Ok(()) => Ok(slots),
+            Err(e) => {
+                slots.release().await;
+                Err(errors::from_quota(&e))
+            }
+        },
+        (slots, _) => slots,
     };
     let messages_per_minute = messages_per_minute.unwrap_or(state.config.limits.messages_per_minute);
     let hard = state.config.limits.hard_frame_bytes;
@@ -109,14 +131,21 @@ pub(super) async fn upgrade(
         .on_upgrade(move |socket| {
             let tasks = state.tasks.clone();
             tasks.track_future(async move {
-                match (owner, permit) {
-                    (Err(Denied::Refused(refused)), _) => {
+                match (owner, permit, slots) {
+                    (Err(Denied::Refused(refused)), ..) => {
                         refuse(socket, errors::from_refused(refused), CLOSE_POLICY, "unauthorized").await;
                     }
-                    (Err(Denied::Store(error)), _) => {
+                    (Err(Denied::Store(error)), ..) => {
                         refuse(socket, error, CLOSE_TRY_AGAIN, "store unavailable").await;
                     }
-                    (_, None) | (Err(Denied::Full), _) => {
+                    (_, _, Err(error)) => {
+                        let reason = match error.code {
+                            ErrorCode::StoreUnavailable => "store unavailable",
+                            _ => "too many connections",
+                        };
+                        refuse(socket, error, CLOSE_TRY_AGAIN, reason).await;
+                    }
+                    (Err(Denied::Full), ..) | (_, None, _) => {
                         refuse(
                             socket,
                             errors::too_many_connections(),
@@ -125,7 +154,9 @@ pub(super) async fn upgrade(
                         )
                         .await;
                     }
-                    (Ok(owner), Some(permit)) => serve(socket, state, owner, messages_per_minute, peer, permit).await,
+                    (Ok(owner), Some(permit), Ok(slots)) => {
+                        serve(socket, state, owner, messages_per_minute, peer, (permit, slots)).await
+                    }
                 }
             })
         })
@@ -136,7 +167,7 @@ enum Denied {
     Refused(Refused),
     /// The ticket could not be checked.
     Store(WireError),
-    /// No connection slot (checked before a ticket is spent).
+    /// No connection slot, here or shared (checked before a ticket is spent).
     Full,
 }
 
@@ -173,7 +204,8 @@ async fn serve(
     owner: String,
     messages_per_minute: u32,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    // Held while the connection is open: this process's permit and the shared slots.
+    _held: (OwnedSemaphorePermit, ConnectionSlots),
 ) {
     crate::metrics::connection_opened();
     tracing::debug!(%peer, %owner, "connection opened");
@@ -419,8 +451,9 @@ impl Connection {
 
     async fn create_message(&self, m: MessageCreate, event_id: &Option<String>) -> Result<(), WireError> {
         let chat = &self.state.chat;
-        if self.rate.check().is_err() {
-            return Err(errors::rate_limited(self.messages_per_minute));
+        if let Err(not_until) = self.rate.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            return Err(errors::rate_limited(self.messages_per_minute, wait));
         }
         let message = chat
             .validator()

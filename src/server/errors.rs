@@ -5,6 +5,7 @@ use super::auth::Refused;
 use crate::chat::{ChatError, FailureKind, ReplyFailure, ValidationError};
 use crate::engine::EngineError;
 use crate::protocol::{ErrorCode, WireError};
+use crate::quotas::QuotaError;
 use crate::sessions::StoreError;
 
 pub(super) fn from_chat(e: &ChatError) -> WireError {
@@ -17,8 +18,21 @@ pub(super) fn from_chat(e: &ChatError) -> WireError {
             "a reply is still running in this session; wait for response.done or send response.cancel",
         ),
         ChatError::ShuttingDown => WireError::new(ErrorCode::ShuttingDown, "the server is shutting down; reconnect"),
+        ChatError::Quota(q) => from_quota(q),
         ChatError::Store(s) => from_store(s),
         ChatError::Engine(e) => from_engine(e),
+    }
+}
+
+/// A shared quota's refusal: a rate is `rate_limited` (with when to retry), a full connection
+/// quota `overloaded`, as the per-process limits are.
+pub(super) fn from_quota(e: &QuotaError) -> WireError {
+    match e {
+        QuotaError::RateLimited { .. } => {
+            WireError::new(ErrorCode::RateLimited, e.to_string()).with_retry_after(e.retry_after())
+        }
+        QuotaError::Full { .. } => WireError::new(ErrorCode::Overloaded, e.to_string()),
+        QuotaError::Store(s) => from_store(s),
     }
 }
 
@@ -45,11 +59,17 @@ pub(super) fn frame_too_large(bytes: usize, limit: usize) -> WireError {
     )
 }
 
-pub(super) fn rate_limited(per_minute: u32) -> WireError {
+pub(super) fn rate_limited(per_minute: u32, retry_after: std::time::Duration) -> WireError {
     WireError::new(
         ErrorCode::RateLimited,
         format!("more than {per_minute} messages per minute on this connection"),
     )
+    .with_retry_after(Some(retry_after))
+}
+
+/// `Retry-After` (whole seconds, rounded up; 1 when the wait is not known).
+pub(super) fn retry_after_header(retry_after_ms: Option<u64>) -> axum::http::HeaderValue {
+    axum::http::HeaderValue::from(retry_after_ms.map_or(1, |ms| ms.div_ceil(1000).max(1)))
 }
 
 /// A request the HTTP front end could not read.

@@ -12,7 +12,9 @@
 //! - [`tickets`]: `POST /v1/tickets`, one-time tickets for browser upgrades.
 //! - [`web`]: the support widget (`/widget.js`), its demo page (`/`) and the latency dashboard
 //!   (`/dashboard`).
-//! - [`auth`]: the API key check every front end uses, and the `Origin` allow-list.
+//! - [`auth`]: the API key check every front end uses, the client's address, and the `Origin`
+//!   allow-list.
+//! - [`limits`]: the per-address request quota in front of every API route.
 //! - [`errors`]: the only place subsystem errors become wire errors.
 //!
 //! [`run`] takes any bound listener and any shutdown future, so tests run the real server on
@@ -24,6 +26,7 @@ mod connection;
 mod errors;
 mod forward;
 mod http;
+mod limits;
 mod openai;
 mod outbox;
 mod stats;
@@ -48,6 +51,7 @@ use tokio_util::task::TaskTracker;
 use crate::chat::Chat;
 use crate::config::Config;
 use crate::keys::{BadKeyEntry, KeyRing};
+use crate::quotas::Quotas;
 use crate::tickets::Tickets;
 
 /// What the server is built from.
@@ -55,6 +59,7 @@ pub struct Services {
     pub config: Config,
     pub chat: Chat,
     pub tickets: Tickets,
+    pub quotas: Arc<Quotas>,
 }
 
 /// State shared by every connection.
@@ -62,6 +67,8 @@ pub(crate) struct AppState {
     pub config: Config,
     pub chat: Chat,
     pub tickets: Tickets,
+    /// Connection slots and request rates shared with every replica on the store.
+    pub quotas: Arc<Quotas>,
     pub metrics: PrometheusHandle,
     /// The digests of `config.auth.keys`, computed once at start.
     pub keys: KeyRing,
@@ -124,7 +131,12 @@ pub async fn run(
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Services { config, chat, tickets } = services;
+    let Services {
+        config,
+        chat,
+        tickets,
+        quotas,
+    } = services;
     let keys = KeyRing::new(&config.auth)?;
     warn_about_auth(&config);
     let chatwoot = match config.chatwoot.enabled {
@@ -138,6 +150,7 @@ pub async fn run(
         config,
         chat,
         tickets,
+        quotas,
         metrics: crate::metrics::install(),
         shutdown: CancellationToken::new(),
         drained: CancellationToken::new(),
@@ -157,12 +170,19 @@ pub async fn run(
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .layer(cors(&state.config.server.allowed_origins));
-    let app = Router::new()
+    // Every API route passes the client address's request quota first.
+    let limited = Router::new()
         .route("/v1/chat", get(connection::upgrade))
         .route("/v1/stats", get(stats::upgrade))
         .route("/v1/tickets", post(tickets::issue))
         .merge(api)
         .route("/integrations/chatwoot", post(chatwoot::webhook))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::address_rate,
+        ));
+    let app = Router::new()
+        .merge(limited)
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .route("/metrics", get(http::metrics))

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -120,6 +120,7 @@ struct ApiError {
     kind: &'static str,
     code: String,
     message: String,
+    retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
@@ -157,6 +158,7 @@ impl ApiError {
             kind,
             code: code.to_owned(),
             message: e.message,
+            retry_after_ms: e.retry_after_ms,
         }
     }
 
@@ -171,7 +173,7 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
+                .insert("retry-after", errors::retry_after_header(self.retry_after_ms));
         }
         response
     }
@@ -237,6 +239,7 @@ async fn start(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Sta
                 "the model {:?} does not exist; this service runs {model:?}",
                 request.model
             ),
+            retry_after_ms: None,
         });
     }
     if request.n.is_some_and(|n| n != 1) {
@@ -294,7 +297,7 @@ async fn start(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Sta
                 .validator()
                 .conversation(NewConversation { system, turns, options })
                 .map_err(|e| validation(&e))?;
-            chat.complete(conversation).await.map_err(|e| wire(&e))?
+            chat.complete(&owner, conversation).await.map_err(|e| wire(&e))?
         }
     };
     let max_tokens = request

@@ -10,7 +10,8 @@ use crate::protocol::{ServerEvent, WireError};
 
 /// What the writer task sends.
 pub(super) enum Outgoing {
-    Event(ServerEvent),
+    /// Boxed: events are large beside the other items, and the queue holds many.
+    Event(Box<ServerEvent>),
     Ping,
     Close(u16, &'static str),
 }
@@ -28,12 +29,12 @@ impl Outbox {
 
     /// Sends an event, waiting for room. Returns false once the connection is gone.
     pub async fn send(&self, event: ServerEvent) -> bool {
-        self.0.send(Outgoing::Event(event)).await.is_ok()
+        self.0.send(Outgoing::Event(Box::new(event))).await.is_ok()
     }
 
     /// Sends an event only if there is room right now; returns whether it was queued.
     pub fn try_send(&self, event: ServerEvent) -> bool {
-        self.0.try_send(Outgoing::Event(event)).is_ok()
+        self.0.try_send(Outgoing::Event(Box::new(event))).is_ok()
     }
 
     pub async fn error(&self, error: WireError) {

@@ -82,6 +82,10 @@ struct State {
     aliases: HashMap<String, String>,
     /// Ticket digest -> (owner, expiry).
     tickets: HashMap<String, (String, Instant)>,
+    /// Scope -> holder -> when its slot lapses.
+    slots: HashMap<String, HashMap<String, Instant>>,
+    /// Scope -> the rate's theoretical arrival time (GCRA): allowed while within the burst of now.
+    rates: HashMap<String, Instant>,
 }
 
 impl State {
@@ -233,6 +237,56 @@ impl SessionStore for MemoryStore {
         Ok(taken
             .filter(|(_, expires)| *expires > Instant::now())
             .map(|(owner, _)| owner))
+    }
+
+    async fn take_slot(&self, scope: &str, holder: &str, max: usize, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let held = state.slots.entry(scope.to_owned()).or_default();
+        held.retain(|_, lapses| *lapses > now);
+        if !held.contains_key(holder) && held.len() >= max {
+            return Ok(false);
+        }
+        held.insert(holder.to_owned(), now + ttl);
+        Ok(true)
+    }
+
+    async fn renew_slots(&self, slots: &[(String, String)], ttl: Duration) -> Result<(), StoreError> {
+        let lapses = Instant::now() + ttl;
+        let mut state = self.lock();
+        for (scope, holder) in slots {
+            state
+                .slots
+                .entry(scope.clone())
+                .or_default()
+                .insert(holder.clone(), lapses);
+        }
+        Ok(())
+    }
+
+    async fn release_slot(&self, scope: &str, holder: &str) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(held) = state.slots.get_mut(scope) {
+            held.remove(holder);
+            if held.is_empty() {
+                state.slots.remove(scope);
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_rate(&self, scope: &str, per_minute: u32, burst: u32) -> Result<Option<Duration>, StoreError> {
+        let now = Instant::now();
+        let interval = Duration::from_secs(60) / per_minute.max(1);
+        let tolerance = interval * burst.max(1).saturating_sub(1);
+        let mut state = self.lock();
+        state.rates.retain(|_, tat| *tat > now);
+        let tat = state.rates.get(scope).copied().unwrap_or(now).max(now);
+        if tat > now + tolerance {
+            return Ok(Some(tat - tolerance - now));
+        }
+        state.rates.insert(scope.to_owned(), tat + interval);
+        Ok(None)
     }
 
     async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError> {

@@ -147,6 +147,18 @@ pub trait SessionStore: Send + Sync {
     async fn put_ticket(&self, digest: &str, owner: &str, ttl: Duration) -> Result<(), StoreError>;
     /// Takes a ticket: its owner the first time, `None` afterwards, after expiry or when unknown.
     async fn take_ticket(&self, digest: &str) -> Result<Option<String>, StoreError>;
+    /// Takes a slot of the `max` that `scope` (a key or a client address) shares across
+    /// replicas, for `holder`, until `ttl` from now; false when all are held (taking its own
+    /// slot again is not another one). Slots whose holder
+    /// stopped renewing them (a replica that died) are free again after their `ttl`.
+    async fn take_slot(&self, scope: &str, holder: &str, max: usize, ttl: Duration) -> Result<bool, StoreError>;
+    /// Extends each held `(scope, holder)` slot to `ttl` from now (holding it again if it lapsed).
+    async fn renew_slots(&self, slots: &[(String, String)], ttl: Duration) -> Result<(), StoreError>;
+    /// Frees a slot; freeing one not held does nothing.
+    async fn release_slot(&self, scope: &str, holder: &str) -> Result<(), StoreError>;
+    /// Counts one event against `scope`'s rate, shared across replicas: `per_minute` on average,
+    /// up to `burst` at once. `None` when it is allowed, else how long until one would be.
+    async fn take_rate(&self, scope: &str, per_minute: u32, burst: u32) -> Result<Option<Duration>, StoreError>;
     /// Replaces the session's metadata; `NotFound` when the session is gone.
     async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError>;
     /// Appends `message` unless one with the same `client_message_id` exists; refreshes expiry.

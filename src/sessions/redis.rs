@@ -15,6 +15,8 @@
 //! | `{p}:response:<response_id>` | string | the session of a response, as long as its log |
 //! | `{p}:leases` | sorted set | sessions with a running reply, scored by lease deadline (ms since the epoch) |
 //! | `{p}:alias:<alias>` | string | the session an outside conversation id names (the Chatwoot bot's), with the session TTL |
+//! | `{p}:slots:<scope>` | sorted set | the connection slots a key or client address holds on every replica (`<replica>:<n>`), scored by when each lapses (ms, Redis clock) unless renewed |
+//! | `{p}:rate:<scope>` | string | a shared rate's theoretical arrival time (GCRA, ms, Redis clock), expiring when it is past |
 //! | `{p}:stats` | stream | the timing feed's records of every replica (`r` = JSON), about the newest [`STATS_KEPT`], expiring an hour after the last |
 //!
 //! The session keys carry the session TTL, refreshed on every read and append. Every write that
@@ -43,6 +45,51 @@ use super::{
 
 /// Timing-feed records kept in `{p}:stats` (approximately: `XADD MAXLEN ~`).
 pub const STATS_KEPT: usize = 1000;
+
+/// KEYS[1] the slots; ARGV: holder, max, ttl ms. Frees lapsed slots, then takes one if any is
+/// free. The Redis clock, so replicas with skewed clocks agree.
+const TAKE_SLOT_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"#;
+
+/// KEYS: the slots, one per holder; ARGV: ttl ms, then the holders. A live holder whose slot
+/// lapsed holds it again: the connection it stands for is still open.
+const RENEW_SLOTS_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl)
+end
+return #KEYS
+"#;
+
+/// KEYS[1] the rate; ARGV: ms between events, burst. Generic cell rate algorithm: 0 when the
+/// event is allowed (and counted), else the ms until one would be.
+const TAKE_RATE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return math.ceil(tat - tolerance - now)
+end
+local next = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', next), 'PX', math.ceil(next - now))
+return 0
+"#;
 
 const APPEND_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
@@ -173,6 +220,9 @@ pub struct RedisStore {
     recover: Script,
     cancel: Script,
     set_metadata: Script,
+    take_slot: Script,
+    renew_slots: Script,
+    take_rate: Script,
 }
 
 impl RedisStore {
@@ -219,6 +269,9 @@ impl RedisStore {
             recover: Script::new(&format!("{RECOVER_CHECK}\n{END_REPLY}")),
             cancel: Script::new(CANCEL_SCRIPT),
             set_metadata: Script::new(SET_METADATA_SCRIPT),
+            take_slot: Script::new(TAKE_SLOT_SCRIPT),
+            renew_slots: Script::new(RENEW_SLOTS_SCRIPT),
+            take_rate: Script::new(TAKE_RATE_SCRIPT),
         })
     }
 
@@ -244,6 +297,10 @@ impl RedisStore {
 
     fn leases_key(&self) -> String {
         format!("{}:leases", self.prefix)
+    }
+
+    fn slots_key(&self, scope: &str) -> String {
+        format!("{}:slots:{scope}", self.prefix)
     }
 
     fn stats_key(&self) -> String {
@@ -479,6 +536,53 @@ impl SessionStore for RedisStore {
         let key = format!("{}:ticket:{digest}", self.prefix);
         // GETDEL: of two upgrades with one ticket, exactly one gets the owner.
         Ok(self.within(self.conn.clone().get_del(&key)).await?)
+    }
+
+    async fn take_slot(&self, scope: &str, holder: &str, max: usize, ttl: Duration) -> Result<bool, StoreError> {
+        let taken: i64 = self
+            .within(
+                self.take_slot
+                    .key(self.slots_key(scope))
+                    .arg(holder)
+                    .arg(max)
+                    .arg(ttl.as_millis().max(1) as u64)
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
+        Ok(taken == 1)
+    }
+
+    async fn renew_slots(&self, slots: &[(String, String)], ttl: Duration) -> Result<(), StoreError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.renew_slots.prepare_invoke();
+        invocation.arg(ttl.as_millis().max(1) as u64);
+        for (scope, holder) in slots {
+            invocation.key(self.slots_key(scope)).arg(holder);
+        }
+        let _: i64 = self.within(invocation.invoke_async(&mut self.conn.clone())).await?;
+        Ok(())
+    }
+
+    async fn release_slot(&self, scope: &str, holder: &str) -> Result<(), StoreError> {
+        let _: i64 = self
+            .within(self.conn.clone().zrem(self.slots_key(scope), holder))
+            .await?;
+        Ok(())
+    }
+
+    async fn take_rate(&self, scope: &str, per_minute: u32, burst: u32) -> Result<Option<Duration>, StoreError> {
+        let wait_ms: u64 = self
+            .within(
+                self.take_rate
+                    .key(format!("{}:rate:{scope}", self.prefix))
+                    .arg(60_000.0 / f64::from(per_minute.max(1)))
+                    .arg(burst.max(1))
+                    .invoke_async(&mut self.conn.clone()),
+            )
+            .await?;
+        Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms)))
     }
 
     async fn set_metadata(&self, id: &str, metadata: serde_json::Value) -> Result<(), StoreError> {

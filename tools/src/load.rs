@@ -93,6 +93,12 @@ impl Server {
             // Chatting clients send as fast as they get answers.
             .env("DLLM_LIMITS__MESSAGE_BURST", "1000")
             .env("DLLM_LIMITS__MESSAGES_PER_MINUTE", "6000")
+            // Every client is one loopback address and one key: the shared quotas would
+            // measure themselves, not the replica.
+            .env("DLLM_QUOTAS__IP_CONNECTIONS", "0")
+            .env("DLLM_QUOTAS__IP_REQUESTS_PER_MINUTE", "0")
+            .env("DLLM_QUOTAS__KEY_CONNECTIONS", "0")
+            .env("DLLM_QUOTAS__KEY_MESSAGES_PER_MINUTE", "0")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

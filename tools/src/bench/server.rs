@@ -45,6 +45,10 @@ pub async fn run_concurrent(
     config.server.bind = "127.0.0.1:0".parse().expect("loopback address");
     config.store.url = "memory".into();
     config.server.max_connections = config.server.max_connections.max(level);
+    // One loopback address and one key send every message: the bench measures replies, not
+    // the shared quotas.
+    config.quotas.key_messages_per_minute = 0;
+    config.quotas.ip_requests_per_minute = 0;
     let store = dllm_chat::sessions::open(&config.store)
         .await
         .map_err(|e| ServerBenchError::Start(e.to_string()))?;
