@@ -114,6 +114,10 @@ struct BenchArgs {
     /// Concurrent conversation counts for the throughput table.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     concurrency: Vec<usize>,
+    /// Replies per concurrency level (default: the largest level, so every client starts at
+    /// once); more keep replies arriving while others run, as in a live service.
+    #[arg(long)]
+    concurrent_replies: Option<usize>,
     /// Threshold of the adaptive cases.
     #[arg(long, default_value_t = 0.9)]
     threshold: f32,
@@ -451,13 +455,14 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
+    let replies = args.concurrent_replies.unwrap_or(most);
     for engine in [&reference, &prefix] {
         let mut levels = Vec::new();
         for &level in &args.concurrency {
-            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, most).await?);
+            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, replies).await?);
         }
         println!(
-            "{} engine, threshold {tau}, {} tokens, the same {most} conversations N at a time (engine API):\n{}",
+            "{} engine, threshold {tau}, {} tokens, {replies} replies N at a time (engine API):\n{}",
             engine.info().engine,
             adaptive.max_tokens,
             bench::concurrency_table(&levels)
@@ -466,10 +471,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // The same through the real server: WebSocket clients, sessions and streamed revisions.
     let mut levels = Vec::new();
     for &level in &args.concurrency {
-        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &pool, &adaptive, level, most).await?);
+        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &pool, &adaptive, level, replies).await?);
     }
     println!(
-        "cached engine through the server, the same {most} conversations N at a time (WebSocket clients, \
+        "cached engine through the server, {replies} replies N at a time (WebSocket clients, \
          a new session per conversation, last user message only), threshold {tau}, {} tokens:\n{}",
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
