@@ -26,13 +26,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
-use super::auth::{authenticate, client_address, origin_allowed, widget, Refused, WidgetCheck};
+use super::auth::{authenticate, client_address, origin_allowed, widget, Refused, Widget, WidgetCheck};
 use super::forward::{forward, Source};
 use super::outbox::{write_loop, Outbox};
 use super::{errors, AppState};
 use crate::chat::{ChatEvent, NewMessage, ReplyWatch};
 use crate::protocol::{self, ClientEvent, ErrorCode, MessageCreate, ServerEvent, WireError, WireMessage, WireRunning};
-use crate::quotas::ConnectionSlots;
+use crate::quotas::{ConnectionSlots, QuotaError};
 use crate::sessions::StoredMessage;
 
 /// WebSocket close codes (RFC 6455).
@@ -60,8 +60,8 @@ impl ConnectParams {
 }
 
 /// `GET /v1/chat`: checks the `Origin` (a browser page not in `server.allowed_origins` gets
-/// HTTP 403, before anything else), authenticates, takes a connection permit, upgrades. The
-/// other refusals are sent as an `error` event and a close frame, which browsers can read (an
+/// HTTP 403, before anything else), takes the connection's permit and slots and authenticates
+/// it ([`admit`]), upgrades. The other refusals are sent as an `error` event and a close frame, which browsers can read (an
 /// HTTP 401 on upgrade they cannot).
 pub(super) async fn upgrade(
     ws: WebSocketUpgrade,
@@ -75,50 +75,21 @@ pub(super) async fn upgrade(
         tracing::debug!(%peer, "upgrade from an origin not allowed refused");
         (StatusCode::FORBIDDEN, "origin not allowed\n").into_response()
     };
-    let permit = state.connections.clone().try_acquire_owned().ok();
-    // The address's shared connection slot comes before the key check (and before a ticket is
-    // spent); the key's after it.
-    let address = client_address(&state.config.server.client_address_header, peer, &headers);
-    let slots = match permit {
-        Some(_) => state
-            .quotas
-            .connection(address)
-            .await
-            .map_err(|e| errors::from_quota(&e)),
-        None => Err(errors::too_many_connections()),
-    };
     // A widget key carries its own origins; everything else the server-wide allow-list.
-    let (owner, messages_per_minute) = match widget(&state, params.api_key.as_deref(), &headers) {
+    let widget = match widget(&state, params.api_key.as_deref(), &headers) {
         WidgetCheck::WrongOrigin => return forbidden(),
-        WidgetCheck::Allowed(w) => (Ok(w.owner), w.messages_per_minute),
-        WidgetCheck::NotWidget => {
-            if !origin_allowed(&state.config.server.allowed_origins, &headers) {
-                return forbidden();
-            }
-            let owner = match params.ticket.as_deref() {
-                // Refused anyway: the ticket stays good for another try.
-                Some(_) if slots.is_err() => Err(Denied::Full),
-                Some(ticket) => match state.tickets.redeem(ticket).await {
-                    Ok(Some(owner)) => Ok(owner),
-                    Ok(None) => Err(Denied::Refused(Refused::Ticket)),
-                    Err(e) => Err(Denied::Store(errors::from_ticket_store(&e))),
-                },
-                None => authenticate(&state, &headers, params.api_key.as_deref()).map_err(Denied::Refused),
-            };
-            (owner, None)
+        WidgetCheck::Allowed(w) => Some(w),
+        WidgetCheck::NotWidget if !origin_allowed(&state.config.server.allowed_origins, &headers) => {
+            return forbidden();
         }
+        WidgetCheck::NotWidget => None,
     };
-    let slots = match (slots, &owner) {
-        (Ok(mut slots), Ok(owner)) => match slots.add_key(owner).await {
-            Ok(()) => Ok(slots),
-            Err(e) => {
-                slots.release().await;
-                Err(errors::from_quota(&e))
-            }
-        },
-        (slots, _) => slots,
-    };
-    let messages_per_minute = messages_per_minute.unwrap_or(state.config.limits.messages_per_minute);
+    let messages_per_minute = widget
+        .as_ref()
+        .and_then(|w| w.messages_per_minute)
+        .unwrap_or(state.config.limits.messages_per_minute);
+    let address = client_address(&state.config.server.client_address_header, peer, &headers);
+    let admission = admit(&state, &params, &headers, widget, address).await;
     let hard = state.config.limits.hard_frame_bytes;
     let server = &state.config.server;
     ws.max_message_size(hard)
@@ -131,31 +102,17 @@ pub(super) async fn upgrade(
         .on_upgrade(move |socket| {
             let tasks = state.tasks.clone();
             tasks.track_future(async move {
-                match (owner, permit, slots) {
-                    (Err(Denied::Refused(refused)), ..) => {
+                match admission {
+                    Ok(admitted) => serve(socket, state, admitted, messages_per_minute, peer).await,
+                    Err(Denied::Refused(refused)) => {
                         refuse(socket, errors::from_refused(refused), CLOSE_POLICY, "unauthorized").await;
                     }
-                    (Err(Denied::Store(error)), ..) => {
-                        refuse(socket, error, CLOSE_TRY_AGAIN, "store unavailable").await;
-                    }
-                    (_, _, Err(error)) => {
+                    Err(Denied::TryAgain(error)) => {
                         let reason = match error.code {
                             ErrorCode::StoreUnavailable => "store unavailable",
                             _ => "too many connections",
                         };
                         refuse(socket, error, CLOSE_TRY_AGAIN, reason).await;
-                    }
-                    (Err(Denied::Full), ..) | (_, None, _) => {
-                        refuse(
-                            socket,
-                            errors::too_many_connections(),
-                            CLOSE_TRY_AGAIN,
-                            "too many connections",
-                        )
-                        .await;
-                    }
-                    (Ok(owner), Some(permit), Ok(slots)) => {
-                        serve(socket, state, owner, messages_per_minute, peer, (permit, slots)).await
                     }
                 }
             })
@@ -164,11 +121,53 @@ pub(super) async fn upgrade(
 
 /// Why an upgrade is answered with an error and a close.
 enum Denied {
+    /// Close 1008.
     Refused(Refused),
-    /// The ticket could not be checked.
-    Store(WireError),
-    /// No connection slot, here or shared (checked before a ticket is spent).
-    Full,
+    /// Close 1013: no connection slot (here or shared), or the store did not answer.
+    TryAgain(WireError),
+}
+
+/// A connection let in, and what it holds while it is open.
+struct Admitted {
+    owner: String,
+    _permit: OwnedSemaphorePermit,
+    _slots: ConnectionSlots,
+}
+
+/// This server's connection permit, the address's shared slot, the key (or ticket), then the
+/// key's shared slot: a full server refuses before it authenticates or spends a ticket.
+async fn admit(
+    state: &AppState,
+    params: &ConnectParams,
+    headers: &HeaderMap,
+    widget: Option<Widget>,
+    address: std::net::IpAddr,
+) -> Result<Admitted, Denied> {
+    let quota = |e: QuotaError| Denied::TryAgain(errors::from_quota(&e));
+    let permit = state
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Denied::TryAgain(errors::too_many_connections()))?;
+    let mut slots = state.quotas.connection(address).await.map_err(quota)?;
+    let owner = match (widget, params.ticket.as_deref()) {
+        (Some(w), _) => w.owner,
+        (None, Some(ticket)) => match state.tickets.redeem(ticket).await {
+            Ok(Some(owner)) => owner,
+            Ok(None) => return Err(Denied::Refused(Refused::Ticket)),
+            Err(e) => return Err(Denied::TryAgain(errors::from_ticket_store(&e))),
+        },
+        (None, None) => authenticate(state, headers, params.api_key.as_deref()).map_err(Denied::Refused)?,
+    };
+    if let Err(e) = slots.add_key(&owner).await {
+        slots.release().await;
+        return Err(quota(e));
+    }
+    Ok(Admitted {
+        owner,
+        _permit: permit,
+        _slots: slots,
+    })
 }
 
 pub(super) async fn refuse(mut socket: WebSocket, error: WireError, code: u16, reason: &'static str) {
@@ -201,12 +200,16 @@ struct Connection {
 async fn serve(
     socket: WebSocket,
     state: Arc<AppState>,
-    owner: String,
+    admitted: Admitted,
     messages_per_minute: u32,
     peer: SocketAddr,
-    // Held while the connection is open: this process's permit and the shared slots.
-    _held: (OwnedSemaphorePermit, ConnectionSlots),
 ) {
+    let Admitted {
+        owner,
+        // Held while the connection is open.
+        _permit,
+        _slots,
+    } = admitted;
     crate::metrics::connection_opened();
     tracing::debug!(%peer, %owner, "connection opened");
     let (sink, mut stream) = socket.split();
