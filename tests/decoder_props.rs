@@ -457,3 +457,49 @@ proptest! {
         check_config(&snippet)?;
     }
 }
+
+/// The committed cargo-fuzz corpus of `target` (`fuzz/corpus/`, seeds and what the runs found),
+/// as UTF-8 inputs: the fuzz targets skip the rest too.
+fn fuzz_corpus(target: &str) -> Vec<(String, String)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut inputs: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|entry| {
+            let path = entry.unwrap().path();
+            let text = String::from_utf8(std::fs::read(&path).unwrap()).ok()?;
+            Some((path.file_name().unwrap().to_string_lossy().into_owned(), text))
+        })
+        .collect();
+    inputs.sort();
+    assert!(!inputs.is_empty(), "no corpus in {}", dir.display());
+    inputs
+}
+
+/// Every input the fuzzers kept still holds the properties, on stable, in every test run.
+#[test]
+fn the_committed_fuzz_corpora_hold_the_same_properties() {
+    let mut replayed = 0;
+    for (name, text) in fuzz_corpus("protocol_parse") {
+        check_parse(&text).unwrap_or_else(|e| panic!("protocol_parse/{name}: {e}"));
+        replayed += 1;
+    }
+    for (name, text) in fuzz_corpus("options") {
+        // As the fuzz target reads it: the options' JSON, then after a NUL the content.
+        let (options, content) = text.split_once('\0').unwrap_or((&text, "hi"));
+        let Ok(options) = serde_json::from_str::<Value>(options) else { continue };
+        let frame = json!({"type": "message.create", "session_id": "s", "content": content, "options": options});
+        if let Ok(envelope) = parse(&frame.to_string()) {
+            let ClientEvent::MessageCreate(m) = envelope.event else {
+                panic!("options/{name}: a message.create frame parsed as another event")
+            };
+            check_options(&m.options).unwrap_or_else(|e| panic!("options/{name}: {e}"));
+        }
+        replayed += 1;
+    }
+    for (name, text) in fuzz_corpus("config") {
+        check_config(&text).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+        replayed += 1;
+    }
+    eprintln!("{replayed} committed fuzz inputs replayed");
+    assert!(replayed > 10, "{replayed}");
+}
