@@ -461,7 +461,9 @@ proptest! {
 /// The committed cargo-fuzz corpus of `target` (`fuzz/corpus/`, seeds and what the runs found),
 /// as UTF-8 inputs: the fuzz targets skip the rest too.
 fn fuzz_corpus(target: &str) -> Vec<(String, String)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut inputs: Vec<(String, String)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|entry| {
@@ -486,7 +488,9 @@ fn the_committed_fuzz_corpora_hold_the_same_properties() {
     for (name, text) in fuzz_corpus("options") {
         // As the fuzz target reads it: the options' JSON, then after a NUL the content.
         let (options, content) = text.split_once('\0').unwrap_or((&text, "hi"));
-        let Ok(options) = serde_json::from_str::<Value>(options) else { continue };
+        let Ok(options) = serde_json::from_str::<Value>(options) else {
+            continue;
+        };
         let frame = json!({"type": "message.create", "session_id": "s", "content": content, "options": options});
         if let Ok(envelope) = parse(&frame.to_string()) {
             let ClientEvent::MessageCreate(m) = envelope.event else {
