@@ -200,7 +200,7 @@ impl Quotas {
         Ok(slots)
     }
 
-    /// How many slots this replica holds (for tests and metrics).
+    /// How many slots this replica holds (the unit tests check that refusals hold none).
     pub fn held_slots(&self) -> usize {
         self.held.lock().expect("quota slots poisoned").len()
     }

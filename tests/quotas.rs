@@ -51,13 +51,18 @@ async fn connect(server: &TestServer, key: &str) -> Client {
 /// The connection was refused with `code` and close 1013; returns the error.
 async fn expect_refused(client: &mut Client, code: &str) -> Value {
     let e = client.recv().await;
+    expect_closed_after(client, &e, code).await;
+    e
+}
+
+/// `e`, the event the client got, is the error `code`, and a close 1013 follows it.
+async fn expect_closed_after(client: &mut Client, e: &Value, code: &str) {
     assert_eq!(e["type"], "error", "{e}");
     assert_eq!(e["error"]["code"], code, "{e}");
     match client.next_frame().await {
         Some(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1013, "{f:?}"),
         other => panic!("expected close 1013, got {other:?}"),
     }
-    e
 }
 
 /// Whether a connection with `key` is let in (a session can be made on it); a refused one is
@@ -71,11 +76,7 @@ async fn admitted(server: &TestServer, key: &str) -> Option<Client> {
     if first["type"] == "session.created" {
         return Some(client);
     }
-    assert_eq!(first["error"]["code"], "overloaded", "{first}");
-    match client.next_frame().await {
-        Some(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1013, "{f:?}"),
-        other => panic!("expected close 1013, got {other:?}"),
-    }
+    expect_closed_after(&mut client, &first, "overloaded").await;
     None
 }
 
