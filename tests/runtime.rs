@@ -96,6 +96,7 @@ fn our_full_logits(model: &mut DiffusionModel, tokens: &[i32]) -> Vec<f32> {
         outputs: &rows,
         temperature: 1.0,
         commit: false,
+        chunk_ends: &[],
     }];
     logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
 }
@@ -205,6 +206,7 @@ fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
         outputs: &rows,
         temperature: 1.0,
         commit: false,
+        chunk_ends: &[],
     }];
     let ours = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
     let diff = max_diff(&reference, &ours);
@@ -235,6 +237,7 @@ fn window_logits(
             outputs: r,
             temperature: 1.0,
             commit: false,
+            chunk_ends: &[],
         })
         .collect();
     model
@@ -301,6 +304,64 @@ fn appending_a_turn_equals_a_fresh_chunked_prefill() {
 }
 
 #[test]
+fn a_chunked_prefill_in_one_evaluation_equals_one_evaluation_per_chunk() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let first_turn = &PREFIX[..6];
+    // After the cached first turn: a short chunk, one of 64 tokens and more (ggml's tiled kernel),
+    // and a last one.
+    let rest: Vec<i32> = PREFIX[6..].iter().copied().chain(long_prefix()).collect();
+    let ends = [7, 7 + 70];
+    let mut one_by_one = model.new_cache(256).unwrap();
+    model.prefill(&mut one_by_one, first_turn).unwrap();
+    let mut start = 0;
+    for end in ends.into_iter().chain(std::iter::once(rest.len())) {
+        model.prefill(&mut one_by_one, &rest[start..end]).unwrap();
+        start = end;
+    }
+    let mut together = model.new_cache(256).unwrap();
+    model.prefill(&mut together, first_turn).unwrap();
+    model.prefill_chunks(&mut together, &rest, &ends).unwrap();
+    assert_eq!(together.tokens(), one_by_one.tokens());
+    let a = window_logits(&mut model, std::slice::from_mut(&mut one_by_one), &[&WINDOW]).remove(0);
+    let b = window_logits(&mut model, std::slice::from_mut(&mut together), &[&WINDOW]).remove(0);
+    let diff = max_diff(&a, &b);
+    assert!(diff <= 1e-4, "chunked in one evaluation vs one per chunk: {diff}");
+    // Without the mask every chunk would see the ones after it: a different cache.
+    let mut unmasked = model.new_cache(256).unwrap();
+    model.prefill(&mut unmasked, first_turn).unwrap();
+    model.prefill(&mut unmasked, &rest).unwrap();
+    let c = window_logits(&mut model, std::slice::from_mut(&mut unmasked), &[&WINDOW]).remove(0);
+    assert!(max_diff(&a, &c) > 1e-3, "the chunks change the result");
+}
+
+#[test]
+fn chunk_ends_outside_the_tokens_or_out_of_order_are_refused() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let mut cache = model.new_cache(64).unwrap();
+    for ends in [&[0][..], &[10], &[12], &[5, 3], &[4, 4]] {
+        let err = model.prefill_chunks(&mut cache, &PREFIX[..10], ends).unwrap_err();
+        assert!(err.to_string().contains("chunk ends"), "{ends:?}: {err}");
+    }
+    let err = model
+        .eval(
+            &mut [Segment {
+                cache: &mut cache,
+                tokens: &WINDOW,
+                offset: 0,
+                span: WINDOW.len(),
+                outputs: &[0],
+                temperature: 1.0,
+                commit: false,
+                chunk_ends: &[3],
+            }],
+            Head::Logits,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("committing"), "{err}");
+    assert_eq!(cache.len(), 0);
+}
+
+#[test]
 fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
     let mut cache = model.new_cache(64).unwrap();
@@ -318,6 +379,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
                     outputs: &all_rows,
                     temperature: 1.0,
                     commit: false,
+                    chunk_ends: &[],
                 }],
                 Head::Logits,
             )
@@ -335,6 +397,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         outputs: &rows,
         temperature: 1.0,
         commit: false,
+        chunk_ends: &[],
     }];
     let dual = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
     let n_vocab = model.shape().n_vocab;
@@ -349,6 +412,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         outputs: &rows,
         temperature: 1.0,
         commit: false,
+        chunk_ends: &[],
     }];
     let other = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
     assert!(max_diff(&dual, &other) > 1e-3);
@@ -372,6 +436,7 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         outputs: &rows,
         temperature,
         commit: false,
+        chunk_ends: &[],
     }];
     let Predictions::TopK(tops) = model.eval(&mut seg, Head::TopK(3)).unwrap().remove(0) else {
         panic!("top-k head")

@@ -173,6 +173,7 @@ impl Backend for Worker {
                 outputs: &p.outputs,
                 temperature: r.job.options.temperature,
                 commit: false,
+                chunk_ends: &[],
             })
             .collect();
         let evaluating = Instant::now();
@@ -292,21 +293,20 @@ impl Worker {
         Ok(index)
     }
 
-    /// Commits what `slot` lacks of `tokens`, one chunk per turn boundary. Returns how many tokens
-    /// were already there.
+    /// Commits what `slot` lacks of `tokens`, one chunk per turn boundary, in one evaluation.
+    /// Returns how many tokens were already there.
     fn prefill(&mut self, slot: usize, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
         let s = &mut self.slots[slot];
         let reused = s.cache.len();
-        for end in boundaries.iter().copied().chain(std::iter::once(tokens.len())) {
-            let start = s.cache.len();
-            if end <= start {
-                continue;
-            }
-            if let Err(e) = self.model.prefill(&mut s.cache, &tokens[start..end]) {
-                s.busy = false;
-                return Err(EngineError::Decode(e.to_string()));
-            }
-            s.chunk_ends.push(end);
+        let ends: Vec<usize> = boundaries.iter().copied().filter(|b| *b > reused).collect();
+        let chunk_ends: Vec<usize> = ends.iter().map(|e| e - reused).collect();
+        if let Err(e) = self.model.prefill_chunks(&mut s.cache, &tokens[reused..], &chunk_ends) {
+            s.busy = false;
+            return Err(EngineError::Decode(e.to_string()));
+        }
+        s.chunk_ends.extend(ends);
+        if tokens.len() > reused {
+            s.chunk_ends.push(tokens.len());
         }
         crate::metrics::prompt_tokens(reused, tokens.len() - reused);
         Ok(reused)

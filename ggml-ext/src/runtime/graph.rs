@@ -5,7 +5,8 @@
 //! Per layer and segment, the segment's new keys and values are first copied into its (F16) cache at
 //! the cells the segment computes; attention then reads cells `0..len + span` of the cache, i.e. the
 //! committed prefix, whatever scratch cells earlier evaluations left (the dual cache's suffix) and the
-//! segment itself. There is no attention mask: every query sees every key it is given (non-causal).
+//! segment itself. Attention is non-causal: every query sees every key it is given, except in a
+//! chunked prefill, where a block-causal mask keeps each chunk from seeing the chunks after it.
 //!
 //! The graph ends either in the logits of the requested rows, or, for decoding, in a softmax over
 //! them followed by the top-k token ids, their probabilities and the entropy per row, so only a few
@@ -30,13 +31,15 @@ pub enum Head {
 
 /// Graph nodes an evaluation of `segments` segments may need (views count as nodes in ggml).
 pub(crate) fn graph_size(n_layer: usize, segments: usize) -> usize {
-    256 + n_layer * (48 + 32 * segments.max(1))
+    256 + segments + n_layer * (48 + 32 * segments.max(1))
 }
 
 /// The graph's input and output tensors, filled and read by the caller.
 pub(crate) struct Built {
     pub tokens: *mut sys::ggml_tensor,
     pub positions: *mut sys::ggml_tensor,
+    /// `(segment index, F16 [n_kv, padded queries])` block-causal masks of chunked prefills.
+    pub chunk_masks: Vec<(usize, *mut sys::ggml_tensor)>,
     /// Rows whose outputs are wanted (null when none are).
     pub out_rows: *mut sys::ggml_tensor,
     /// `[n_vocab]` added to the logits (minus infinity on excluded tokens); top-k head only.
@@ -74,6 +77,18 @@ pub(crate) unsafe fn build(
     sys::ggml_set_input(tokens);
     let positions = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_total);
     sys::ggml_set_input(positions);
+    let chunk_masks: Vec<(usize, *mut sys::ggml_tensor)> = segments
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| !g.chunk_ends.is_empty())
+        .map(|(i, g)| {
+            let n_kv = (g.cache.len + g.span) as i64;
+            let rows = g.tokens.len().max(FA_TILE_QUERIES) as i64;
+            let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, n_kv, rows);
+            sys::ggml_set_input(mask);
+            (i, mask)
+        })
+        .collect();
 
     let mut x = sys::ggml_get_rows(ctx, w.token_embd, tokens);
     for (l, layer) in w.layers.iter().enumerate() {
@@ -112,7 +127,7 @@ pub(crate) unsafe fn build(
 
         let mut outs = Vec::with_capacity(segments.len());
         let mut first = 0i64;
-        for g in segments {
+        for (index, g) in segments.iter().enumerate() {
             let n = g.tokens.len() as i64;
             let at = (g.cache.len + g.offset) as i64;
             let n_kv = (g.cache.len + g.span) as i64;
@@ -155,7 +170,11 @@ pub(crate) unsafe fn build(
             }
             let keys = sys::ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
             let values = sys::ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
-            let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, std::ptr::null_mut(), scale, 0.0, 0.0);
+            let mask = chunk_masks
+                .iter()
+                .find(|(i, _)| *i == index)
+                .map_or(std::ptr::null_mut(), |(_, m)| *m);
+            let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, mask, scale, 0.0, 0.0);
             sys::ggml_prec_set_acc(o, sys::GGML_PREC_F32);
             // The output is `[hd, n_head, padded]`; the first `n` tokens are the real ones.
             outs.push(sys::ggml_view_2d(ctx, o, n_embd, n, n_embd as usize * 4, 0));
@@ -178,6 +197,7 @@ pub(crate) unsafe fn build(
     let mut built = Built {
         tokens,
         positions,
+        chunk_masks,
         out_rows: null,
         bias: null,
         inv_temperature: null,

@@ -5,8 +5,10 @@
 //! prefix, attending non-causally to a span of that conversation's cache cells. The same call
 //! covers every use:
 //! - *prefill* (`commit`): the prompt's tokens after the prefix, appended to it. A prompt is
-//!   committed chunk by chunk (one chunk per turn), each chunk seeing the earlier ones and itself, so
-//!   the next turn extends a cached prefix with exactly the result a fresh prefill would give;
+//!   committed in chunks (one per turn), each chunk seeing the prefix, the earlier chunks and
+//!   itself, so the next turn extends a cached prefix with exactly the result a fresh prefill would
+//!   give. All chunks of a prompt go into one evaluation (a block-causal attention mask), so a
+//!   prompt of several turns costs one graph, not one per turn;
 //! - *no cache*: an empty prefix and the whole `[prompt + canvas]` as one segment (llama.cpp's
 //!   reference computation);
 //! - *prefix cache*: the canvas (or the current block and what follows it) over the cached prompt;
@@ -81,11 +83,15 @@ pub struct Segment<'a> {
     pub temperature: f32,
     /// Append `tokens` to the committed prefix afterwards (needs `offset == 0` and `span == tokens.len()`).
     pub commit: bool,
+    /// For a committing segment, where its chunks end inside `tokens` (ascending, each inside
+    /// `1..tokens.len()`; the last chunk ends with `tokens`): a token sees the prefix, the earlier
+    /// chunks and its own chunk, not the chunks after it. Empty: one chunk.
+    pub chunk_ends: &'a [usize],
 }
 
 impl<'a> Segment<'a> {
-    /// A prefill chunk: `tokens` appended to the committed prefix.
-    pub fn prefill(cache: &'a mut KvCache, tokens: &'a [i32]) -> Self {
+    /// A prefill: `tokens` appended to the committed prefix, in chunks ending at `chunk_ends`.
+    pub fn prefill(cache: &'a mut KvCache, tokens: &'a [i32], chunk_ends: &'a [usize]) -> Self {
         Self {
             cache,
             tokens,
@@ -94,6 +100,7 @@ impl<'a> Segment<'a> {
             outputs: &[],
             temperature: 1.0,
             commit: true,
+            chunk_ends,
         }
     }
 }
@@ -172,10 +179,21 @@ impl DiffusionModel {
 
     /// Appends `tokens` to `cache`'s committed prefix as one chunk.
     pub fn prefill(&mut self, cache: &mut KvCache, tokens: &[i32]) -> Result<(), RuntimeError> {
+        self.prefill_chunks(cache, tokens, &[])
+    }
+
+    /// Appends `tokens` to `cache`'s committed prefix in chunks ending at `chunk_ends` (see
+    /// [`Segment::chunk_ends`]), in one evaluation.
+    pub fn prefill_chunks(
+        &mut self,
+        cache: &mut KvCache,
+        tokens: &[i32],
+        chunk_ends: &[usize],
+    ) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Ok(());
         }
-        self.eval(&mut [Segment::prefill(cache, tokens)], Head::Logits)
+        self.eval(&mut [Segment::prefill(cache, tokens, chunk_ends)], Head::Logits)
             .map(drop)
     }
 
@@ -264,6 +282,15 @@ impl DiffusionModel {
             if g.commit && (g.offset != 0 || g.span != n) {
                 return bad("a committing segment starts at the prefix end and spans only itself".into());
             }
+            if !g.chunk_ends.is_empty() {
+                if !g.commit {
+                    return bad("only a committing segment has chunks".into());
+                }
+                let inside = g.chunk_ends.iter().all(|e| (1..n).contains(e));
+                if !inside || !g.chunk_ends.is_sorted_by(|a, b| a < b) {
+                    return bad(format!("chunk ends {:?} are not ascending inside 1..{n}", g.chunk_ends));
+                }
+            }
             if let Some(t) = g.tokens.iter().find(|t| **t < 0 || **t >= n_vocab) {
                 return bad(format!("token id {t} outside the vocabulary of {n_vocab}"));
             }
@@ -292,6 +319,9 @@ impl DiffusionModel {
         }
         set(built.tokens, &tokens);
         set(built.positions, &positions);
+        for (index, mask) in &built.chunk_masks {
+            set(*mask, &chunk_mask(&segments[*index], (**mask).ne[1] as usize));
+        }
         if !built.out_rows.is_null() {
             set(built.out_rows, &rows);
         }
@@ -348,6 +378,25 @@ impl DiffusionModel {
             }
         }
     }
+}
+
+/// The block-causal mask of a chunked prefill, F16 `[n_kv, rows]`: row `j` (a token of chunk `c`)
+/// is 0 on the cells up to the end of chunk `c` and minus infinity after. Rows past the segment's
+/// tokens (the queries' padding) see everything; their outputs are dropped.
+fn chunk_mask(g: &Segment<'_>, rows: usize) -> Vec<u16> {
+    const ZERO: u16 = 0x0000;
+    const MINUS_INFINITY: u16 = 0xFC00;
+    let n = g.tokens.len();
+    let n_kv = g.cache.len + g.span;
+    let mut mask = vec![ZERO; n_kv * rows];
+    let mut start = 0;
+    for end in g.chunk_ends.iter().copied().chain(std::iter::once(n)) {
+        for j in start..end {
+            mask[j * n_kv + g.cache.len + end..(j + 1) * n_kv].fill(MINUS_INFINITY);
+        }
+        start = end;
+    }
+    mask
 }
 
 /// Frees a graph context on drop.
