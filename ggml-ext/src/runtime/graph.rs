@@ -38,8 +38,9 @@ pub(crate) fn graph_size(n_layer: usize, segments: usize) -> usize {
 pub(crate) struct Built {
     pub tokens: *mut sys::ggml_tensor,
     pub positions: *mut sys::ggml_tensor,
-    /// `(segment index, F16 [n_kv, padded queries])` block-causal masks of chunked prefills.
-    pub chunk_masks: Vec<(usize, *mut sys::ggml_tensor)>,
+    /// Per segment, the F16 `[n_kv, padded queries]` block-causal mask of a chunked prefill (null
+    /// for a segment without chunks).
+    pub chunk_masks: Vec<*mut sys::ggml_tensor>,
     /// Rows whose outputs are wanted (null when none are).
     pub out_rows: *mut sys::ggml_tensor,
     /// `[n_vocab]` added to the logits (minus infinity on excluded tokens); top-k head only.
@@ -77,16 +78,17 @@ pub(crate) unsafe fn build(
     sys::ggml_set_input(tokens);
     let positions = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_total);
     sys::ggml_set_input(positions);
-    let chunk_masks: Vec<(usize, *mut sys::ggml_tensor)> = segments
+    let chunk_masks: Vec<*mut sys::ggml_tensor> = segments
         .iter()
-        .enumerate()
-        .filter(|(_, g)| !g.chunk_ends.is_empty())
-        .map(|(i, g)| {
+        .map(|g| {
+            if g.chunk_ends.is_empty() {
+                return std::ptr::null_mut();
+            }
             let n_kv = (g.cache.len + g.span) as i64;
             let rows = g.tokens.len().max(FA_TILE_QUERIES) as i64;
             let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, n_kv, rows);
             sys::ggml_set_input(mask);
-            (i, mask)
+            mask
         })
         .collect();
 
@@ -127,7 +129,7 @@ pub(crate) unsafe fn build(
 
         let mut outs = Vec::with_capacity(segments.len());
         let mut first = 0i64;
-        for (index, g) in segments.iter().enumerate() {
+        for (g, mask) in segments.iter().zip(&chunk_masks) {
             let n = g.tokens.len() as i64;
             let at = (g.cache.len + g.offset) as i64;
             let n_kv = (g.cache.len + g.span) as i64;
@@ -170,11 +172,7 @@ pub(crate) unsafe fn build(
             }
             let keys = sys::ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
             let values = sys::ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, row, hd as usize * elem, 0);
-            let mask = chunk_masks
-                .iter()
-                .find(|(i, _)| *i == index)
-                .map_or(std::ptr::null_mut(), |(_, m)| *m);
-            let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, mask, scale, 0.0, 0.0);
+            let o = sys::ggml_flash_attn_ext(ctx, q_g, keys, values, *mask, scale, 0.0, 0.0);
             sys::ggml_prec_set_acc(o, sys::GGML_PREC_F32);
             // The output is `[hd, n_head, padded]`; the first `n` tokens are the real ones.
             outs.push(sys::ggml_view_2d(ctx, o, n_embd, n, n_embd as usize * 4, 0));

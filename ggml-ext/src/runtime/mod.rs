@@ -319,8 +319,8 @@ impl DiffusionModel {
         }
         set(built.tokens, &tokens);
         set(built.positions, &positions);
-        for (index, mask) in &built.chunk_masks {
-            set(*mask, &chunk_mask(&segments[*index], (**mask).ne[1] as usize));
+        for (g, mask) in segments.iter().zip(&built.chunk_masks).filter(|(_, m)| !m.is_null()) {
+            set(*mask, &chunk_mask(g, (**mask).ne[1] as usize));
         }
         if !built.out_rows.is_null() {
             set(built.out_rows, &rows);
