@@ -5,12 +5,15 @@
 //! logits) and the bookkeeping of the fixed schedule; which positions to unmask is decided by
 //! [`policy`](super::policy). Engines only supply logits for [`Canvas::active_positions`].
 
+use std::sync::Arc;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use ggml_ext::runtime::TopK;
 
 use super::policy::{self, Candidate, Schedule, Selection};
+use super::repeats::Repeats;
 use super::DecodeOptions;
 
 /// A reply being denoised.
@@ -23,6 +26,8 @@ pub struct Canvas {
     schedule: Schedule,
     selection: Selection,
     defer_repeats: bool,
+    /// Each token's bytes, for the repeat rule to read words ([`Repeats`]; empty: tokens only).
+    pieces: Arc<[Vec<u8>]>,
     temperature: f32,
     rng: StdRng,
     /// Block the fixed schedule is counting steps for, and how many it has used there.
@@ -45,12 +50,19 @@ impl Canvas {
             schedule: options.schedule,
             selection: options.selection,
             defer_repeats: options.defer_repeats,
+            pieces: Arc::from(Vec::new()),
             temperature: options.temperature,
             rng: StdRng::seed_from_u64(options.seed),
             block: 0,
             steps_in_block: 0,
             steps: 0,
         }
+    }
+
+    /// Lets the repeat rule (`defer_repeats`) read words through the vocabulary's `pieces`.
+    pub fn with_pieces(mut self, pieces: Arc<[Vec<u8>]>) -> Self {
+        self.pieces = pieces;
+        self
     }
 
     /// All canvas tokens, masked positions holding the mask token.
@@ -99,22 +111,31 @@ impl Canvas {
     /// Runs one denoising step given the logits of each active position (same order as
     /// [`Self::active_positions`]). Returns how many positions were unmasked.
     pub fn step(&mut self, active: &[usize], logits: &[&[f32]]) -> usize {
-        self.step_with(active, logits, |canvas, position, row| canvas.sample(position, row))
+        self.step_with(
+            active,
+            logits,
+            |canvas, position, row| canvas.sample(position, row),
+            |row| ranked_logits(row),
+        )
     }
 
     /// Runs one denoising step given each active position's most likely tokens (probabilities
     /// after temperature, mask token excluded), as the cached engine's graph returns them. With a
     /// temperature the token is sampled among those `k`.
     pub fn step_top_k(&mut self, active: &[usize], tops: &[TopK]) -> usize {
-        self.step_with(active, tops, Self::sample_top_k)
+        self.step_with(active, tops, Self::sample_top_k, |top| {
+            top.tokens.iter().copied().zip(top.probs.iter().copied()).collect()
+        })
     }
 
     /// One step: a candidate per active position from its row, then the policy's choice.
+    /// `ranked` lists a row's likeliest tokens with their probabilities, best first.
     fn step_with<R>(
         &mut self,
         active: &[usize],
         rows: &[R],
         sample: impl Fn(&mut Self, usize, &R) -> Candidate,
+        ranked: impl Fn(&R) -> Vec<(i32, f32)>,
     ) -> usize {
         debug_assert_eq!(active.len(), rows.len());
         if active.is_empty() {
@@ -137,9 +158,35 @@ impl Canvas {
             self.steps_in_block = 0;
         }
         let quota = policy::fixed_quota(active.len(), self.steps_per_block.saturating_sub(self.steps_in_block));
-        let mut chosen = policy::choose(self.schedule, self.selection, candidates, quota);
+        let mut chosen = policy::choose(self.schedule, self.selection, candidates.clone(), quota);
         if self.defer_repeats {
-            chosen = policy::defer_repeats(chosen, &self.tokens, self.mask);
+            let rule = Repeats {
+                mask: self.mask,
+                end_tokens: &self.end_tokens,
+                pieces: &self.pieces,
+            };
+            chosen = rule.defer(chosen, &candidates, &self.tokens);
+            // Nothing else could go first, so a word said twice would be written: the position
+            // takes its likeliest token that repeats nothing instead (an end token only where one
+            // may go).
+            if let [forced] = chosen.as_mut_slice() {
+                if rule.says_word_twice(&self.tokens, forced) {
+                    let row = &rows[active
+                        .iter()
+                        .position(|p| *p == forced.position)
+                        .expect("chosen among active")];
+                    let allowed =
+                        |t: i32| t != self.mask && (forced.position == first_masked || !self.end_tokens.contains(&t));
+                    let other = ranked(row)
+                        .into_iter()
+                        .filter(|(token, _)| *token != forced.token && allowed(*token))
+                        .map(|(token, prob)| Candidate { token, prob, ..*forced })
+                        .find(|c| !rule.completes(&self.tokens, c));
+                    if let Some(other) = other {
+                        *forced = other;
+                    }
+                }
+            }
         }
         for c in &chosen {
             self.tokens[c.position] = c.token;
@@ -239,6 +286,22 @@ impl Canvas {
     }
 }
 
+/// How many of a logits row's tokens [`ranked_logits`] lists.
+const RANKED: usize = 8;
+
+/// The [`RANKED`] likeliest tokens of a logits row with their probabilities, best first.
+fn ranked_logits(logits: &[f32]) -> Vec<(i32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    order
+        .into_iter()
+        .take(RANKED)
+        .map(|i| (i as i32, (logits[i] - max).exp() / sum))
+        .collect()
+}
+
 fn argmax(values: &[f32]) -> usize {
     values
         .iter()
@@ -328,6 +391,40 @@ mod tests {
         // Ties go to the earlier position: 0, 2, 4, 6 and the different token at 7 are kept.
         assert_eq!(run_step(&mut c, every), 5);
         assert_eq!(&c.tokens()[..8], &[7, MASK, 7, MASK, 7, MASK, 7, 0]);
+    }
+
+    #[test]
+    fn a_word_said_twice_that_nothing_can_defer_takes_the_next_best_token() {
+        // Token 7 is " Poles", token 1 " has". " Poles" is decided at 0; position 1 wants it
+        // again and position 2 wants to end the reply, which it may not do before 1 is decided.
+        let pieces: Arc<[Vec<u8>]> = (0..10)
+            .map(|t| match t {
+                7 => b" Poles".to_vec(),
+                1 => b" has".to_vec(),
+                _ => format!(" w{t}").into_bytes(),
+            })
+            .collect();
+        let second = |p: usize| match p {
+            1 => {
+                let mut l = peaked(7, 8.0);
+                l[1] = 5.0;
+                l
+            }
+            _ => peaked(END as usize, 12.0),
+        };
+        for (defer_repeats, expected) in [(false, 7), (true, 1)] {
+            let o = DecodeOptions {
+                defer_repeats,
+                ..options(3, 3, 3, Schedule::Threshold { tau: 0.9 })
+            };
+            let mut c = Canvas::new(&o, MASK, vec![END]).with_pieces(pieces.clone());
+            assert_eq!(
+                run_step(&mut c, |p| if p == 0 { peaked(7, 12.0) } else { vec![0.0; 10] }),
+                1
+            );
+            assert_eq!(run_step(&mut c, second), 1);
+            assert_eq!(c.tokens()[1], expected, "defer_repeats = {defer_repeats}");
+        }
     }
 
     #[test]

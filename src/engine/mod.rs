@@ -27,6 +27,7 @@ pub(crate) mod jobs;
 pub mod policy;
 pub mod prompt;
 pub mod reference;
+pub mod repeats;
 pub(crate) mod scheduler;
 pub mod settings;
 pub mod vocab;
@@ -60,7 +61,7 @@ pub struct DecodeOptions {
     pub schedule: Schedule,
     pub selection: Selection,
     /// A position that would say a piece twice in a row waits a step (see
-    /// [`policy::defer_repeats`]).
+    /// [`repeats`]).
     pub defer_repeats: bool,
     /// 0 is greedy.
     pub temperature: f32,

@@ -106,42 +106,6 @@ pub fn choose(
     candidates
 }
 
-/// The longest span [`defer_repeats`] looks for, in tokens: a word of up to a few pieces.
-pub const REPEAT_SPAN: usize = 4;
-
-/// Of `chosen` (in the order [`choose`] returns them), the ones to unmask now: a candidate that,
-/// written into `tokens` beside the decided tokens and the candidates kept before it, completes a
-/// span said twice in a row (up to [`REPEAT_SPAN`] tokens: "5 5" of "$14.955", "Head lamp Head
-/// lamp") stays masked for now. The first candidate is always kept, so a step makes progress.
-///
-/// Positions unmasked in one step are sampled independently of each other: two neighbours that
-/// both expect the same piece each take it, and the reply says it twice. A step later the model
-/// sees the piece in place and decides the other position again.
-pub fn defer_repeats(chosen: Vec<Candidate>, tokens: &[i32], mask: i32) -> Vec<Candidate> {
-    let mut canvas = tokens.to_vec();
-    let mut kept = Vec::with_capacity(chosen.len());
-    for (i, c) in chosen.into_iter().enumerate() {
-        canvas[c.position] = c.token;
-        if i > 0 && repeats_at(&canvas, c.position, mask) {
-            canvas[c.position] = mask;
-        } else {
-            kept.push(c);
-        }
-    }
-    kept
-}
-
-/// Whether some span of `canvas` said twice in a row, with no masked position, covers `position`.
-fn repeats_at(canvas: &[i32], position: usize, mask: i32) -> bool {
-    (1..=REPEAT_SPAN).any(|k| {
-        let first = (position + 1).saturating_sub(2 * k);
-        (first..=position).filter(|s| s + 2 * k <= canvas.len()).any(|s| {
-            let (a, b) = (&canvas[s..s + k], &canvas[s + k..s + 2 * k]);
-            a == b && !a.contains(&mask)
-        })
-    })
-}
-
 /// How many of `masked_in_block` positions the fixed schedule unmasks when `steps_left` steps
 /// remain for the block: the remainder goes to the earliest steps, as in LLaDA.
 pub fn fixed_quota(masked_in_block: usize, steps_left: usize) -> usize {
@@ -208,62 +172,6 @@ mod tests {
         cs[1].entropy = 0.1;
         let chosen = choose(Schedule::Fixed, Selection::Entropy, cs, 1);
         assert_eq!(chosen[0].position, 1);
-    }
-
-    const M: i32 = -1;
-
-    fn proposing(position: usize, token: i32, prob: f32) -> Candidate {
-        Candidate {
-            token,
-            ..cand(position, prob)
-        }
-    }
-
-    fn kept(chosen: Vec<Candidate>, tokens: &[i32]) -> Vec<usize> {
-        defer_repeats(chosen, tokens, M).iter().map(|c| c.position).collect()
-    }
-
-    #[test]
-    fn a_piece_said_twice_waits_unless_it_is_the_best() {
-        // "$14.95" decided, "5" proposed after it and a "for" after that.
-        let tokens = [10, 11, 12, 5, M, M];
-        assert_eq!(
-            kept(vec![proposing(5, 20, 0.99), proposing(4, 5, 0.95)], &tokens),
-            vec![5]
-        );
-        // Two neighbours proposing the same piece: the better one goes first, the other waits.
-        let tokens = [10, M, M, 12];
-        assert_eq!(
-            kept(vec![proposing(2, 7, 0.99), proposing(1, 7, 0.95)], &tokens),
-            vec![2]
-        );
-        // The best candidate is kept even where it repeats: every step makes progress.
-        assert_eq!(kept(vec![proposing(4, 5, 0.95)], &[10, 11, 12, 5, M]), vec![4]);
-        // A different piece is no repeat.
-        assert_eq!(
-            kept(vec![proposing(2, 7, 0.99), proposing(1, 8, 0.95)], &tokens),
-            vec![2, 1]
-        );
-    }
-
-    #[test]
-    fn a_word_of_several_pieces_said_twice_waits() {
-        // "The Head lamp [ ] [ ] has": "Head lamp" again would say the word twice.
-        let tokens = [1, 30, 31, M, M, 40];
-        assert_eq!(
-            kept(vec![proposing(3, 30, 0.99), proposing(4, 31, 0.97)], &tokens),
-            vec![3]
-        );
-        // Spans past REPEAT_SPAN are not looked for: a long phrase may come back.
-        let long: Vec<i32> = (0..5).chain(0..4).chain([M]).collect();
-        assert_eq!(
-            kept(vec![proposing(0, 0, 0.99), proposing(9, 4, 0.9)], &long),
-            vec![0, 9]
-        );
-        // A masked position between the copies is no repeat (yet).
-        assert!(!repeats_at(&[30, 31, M, 30, 31], 4, M));
-        assert!(repeats_at(&[30, 31, 30, 31, 7], 3, M));
-        assert!(!repeats_at(&[30, 31, 30, 31, 7], 4, M));
     }
 
     #[test]

@@ -146,7 +146,7 @@ fn admit<B: Backend>(backend: &mut B, mut job: Job, chat: &ChatModel) -> Option<
         backend.release(state);
         return None;
     }
-    let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone());
+    let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone()).with_pieces(chat.pieces.clone());
     Some(Running {
         job,
         canvas,

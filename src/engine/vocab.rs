@@ -3,7 +3,7 @@
 //! template that turns a conversation into prompt tokens.
 
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -78,7 +78,7 @@ pub struct ChatModel {
     /// End-of-text and end-of-turn tokens: the first one unmasked ends the reply.
     pub end_tokens: Vec<i32>,
     /// Bytes of every token, so rendering a revision never calls into llama.cpp.
-    pub pieces: Vec<Vec<u8>>,
+    pub pieces: Arc<[Vec<u8>]>,
     /// The model's training context (0 for a vocabulary-only load).
     pub n_ctx_train: usize,
     /// The longest prompt the model was trained on, where the file records it.
@@ -102,7 +102,7 @@ impl ChatModel {
             (Family::Autoregressive, false) => -1,
         };
         let end_tokens = vocab.tokens().filter(|t| vocab.is_eog(*t)).map(|t| t.0).collect();
-        let pieces = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
+        let pieces: Arc<[Vec<u8>]> = vocab.tokens().map(|t| vocab.token_to_piece(t, false, None)).collect();
         let template = model
             .chat_template(None)
             .map_err(|e| EngineError::Template(e.to_string()))?;
