@@ -77,11 +77,16 @@ pub(crate) fn run<B: Backend>(
     let every = backend.steps_per_revision().max(1);
     let mut replies: Vec<Running<B::State>> = Vec::new();
     while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
-        for job in jobs {
-            if let Some(reply) = admit(&mut backend, job, chat) {
-                replies.push(reply);
-            }
+        let mut arrived: Vec<Running<B::State>> = jobs
+            .into_iter()
+            .filter_map(|job| admit(&mut backend, job, chat))
+            .collect();
+        // A reply that arrives while others run takes its first step at once, on its own: its first
+        // revision then waits for its prefill and one small step, not for a step of every reply.
+        if !replies.is_empty() && !arrived.is_empty() {
+            step_all(&mut backend, &mut arrived, chat, placeholder, every);
         }
+        replies.extend(arrived);
         let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut replies)
             .into_iter()
             .partition(|r| r.job.abandoned());
@@ -90,35 +95,46 @@ pub(crate) fn run<B: Backend>(
             backend.release(r.state);
         }
         replies = running;
-        if replies.is_empty() {
-            continue;
+        if !replies.is_empty() {
+            step_all(&mut backend, &mut replies, chat, placeholder, every);
         }
-        let step_started = Instant::now();
-        backend.step(&mut replies, &mut |r, step| {
-            r.job.phases.denoise += step_started.elapsed();
-            r.live = match step {
-                Ok(stepped) => {
-                    r.job.phases.compute += stepped.compute;
-                    let building = Instant::now();
-                    let revise = r.canvas.steps() % every == 0;
-                    let live = r
-                        .job
-                        .report_step(&r.canvas, chat, placeholder, stepped.unmasked, revise);
-                    r.job.phases.revision += building.elapsed();
-                    live
-                }
-                Err(e) => {
-                    r.job.fail(e);
-                    false
-                }
-            };
-        });
-        let (live, ended): (Vec<_>, Vec<_>) = std::mem::take(&mut replies).into_iter().partition(|r| r.live);
-        for r in ended {
-            backend.release(r.state);
-        }
-        replies = live;
     }
+}
+
+/// One step of every reply in `replies`, each revision reported as soon as its step is done;
+/// replies that ended leave `replies` and hand back what they held.
+fn step_all<B: Backend>(
+    backend: &mut B,
+    replies: &mut Vec<Running<B::State>>,
+    chat: &ChatModel,
+    placeholder: &str,
+    every: usize,
+) {
+    let step_started = Instant::now();
+    backend.step(replies, &mut |r, step| {
+        r.job.phases.denoise += step_started.elapsed();
+        r.live = match step {
+            Ok(stepped) => {
+                r.job.phases.compute += stepped.compute;
+                let building = Instant::now();
+                let revise = r.canvas.steps() % every == 0;
+                let live = r
+                    .job
+                    .report_step(&r.canvas, chat, placeholder, stepped.unmasked, revise);
+                r.job.phases.revision += building.elapsed();
+                live
+            }
+            Err(e) => {
+                r.job.fail(e);
+                false
+            }
+        };
+    });
+    let (live, ended): (Vec<_>, Vec<_>) = std::mem::take(replies).into_iter().partition(|r| r.live);
+    for r in ended {
+        backend.release(r.state);
+    }
+    *replies = live;
 }
 
 /// Starts `job` and announces it; `None` when it failed or nobody listens any more.
@@ -153,4 +169,128 @@ fn admit<B: Backend>(backend: &mut B, mut job: Job, chat: &ChatModel) -> Option<
         state,
         live: true,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use ggml_ext::runtime::TopK;
+
+    use super::*;
+    use crate::engine::jobs;
+    use crate::engine::policy::{Schedule, Selection};
+    use crate::engine::vocab::Family;
+    use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineInfo, GenerateRequest, HistoryWindow};
+
+    /// Steps every reply by one position, slowly, and records which replies (by canvas length)
+    /// each step evaluated together.
+    struct Recorder {
+        steps: Arc<Mutex<Vec<Vec<usize>>>>,
+    }
+
+    /// A token of the fixture's vocabulary that neither ends a reply nor masks.
+    const WORD: i32 = 70;
+
+    impl Backend for Recorder {
+        type State = ();
+
+        fn admit(&mut self, _: &Job) -> Result<((), usize), EngineError> {
+            Ok(((), 0))
+        }
+
+        fn step(&mut self, replies: &mut [Running<()>], stepped: &mut dyn FnMut(&mut Running<()>, Step)) {
+            let together = replies.iter().map(|r| r.job.options.max_tokens).collect();
+            self.steps.lock().unwrap().push(together);
+            std::thread::sleep(Duration::from_millis(3));
+            for r in replies.iter_mut() {
+                let active = r.canvas.active_positions();
+                let top = TopK {
+                    tokens: vec![WORD],
+                    probs: vec![1.0],
+                    entropy: 0.0,
+                };
+                let unmasked = r.canvas.step_top_k(&active, &vec![top; active.len()]);
+                let compute = Duration::ZERO;
+                stepped(r, Ok(Stepped { unmasked, compute }));
+            }
+        }
+
+        fn release(&mut self, _: ()) {}
+    }
+
+    fn request(max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            system: "You are a test.".into(),
+            turns: vec![ChatTurn {
+                role: "user".into(),
+                content: "hello".into(),
+            }],
+            options: DecodeOptions {
+                max_tokens,
+                steps: max_tokens,
+                block_length: max_tokens,
+                schedule: Schedule::Fixed,
+                selection: Selection::Confidence,
+                defer_repeats: false,
+                temperature: 0.0,
+                seed: 1,
+            },
+        }
+    }
+
+    fn finished(stream: &mut crate::engine::ReplyStream) {
+        while let Some(event) = stream.events.blocking_recv() {
+            match event {
+                EngineEvent::Finished(_) => return,
+                EngineEvent::Failed(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        panic!("the engine stopped");
+    }
+
+    #[test]
+    fn a_reply_arriving_while_others_run_takes_its_first_step_alone() {
+        let path = crate::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).unwrap();
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder { steps: steps.clone() };
+        let engine = jobs::spawn("scheduler-test", 8, HistoryWindow::Off, move |intake, ready| {
+            let chat = match ChatModel::load(&path, true, Family::Diffusion) {
+                Ok(chat) => Arc::new(chat),
+                Err(e) => return ready(Err(e)),
+            };
+            ready(Ok(jobs::Loaded {
+                info: EngineInfo {
+                    engine: "recorder",
+                    model_path: path.display().to_string(),
+                    architecture: chat.architecture.clone(),
+                    context_length: 1024,
+                    history_window: None,
+                },
+                chat: chat.clone(),
+                boundaries: false,
+            }));
+            run(recorder, intake, &chat, "_", 4);
+        })
+        .unwrap();
+        // A long reply of 40 one-token steps, then a short one of 3 while it runs.
+        let mut long = engine.submit(request(40)).unwrap();
+        assert!(matches!(long.events.blocking_recv(), Some(EngineEvent::Started { .. })));
+        assert!(matches!(long.events.blocking_recv(), Some(EngineEvent::Revision(_))));
+        let mut short = engine.submit(request(3)).unwrap();
+        finished(&mut short);
+        finished(&mut long);
+        let steps = steps.lock().unwrap();
+        let first = steps
+            .iter()
+            .position(|s| s.contains(&3))
+            .expect("the short reply was stepped");
+        assert_eq!(steps[first], vec![3], "its first step is its own: {steps:?}");
+        assert_eq!(steps[first + 1], vec![40, 3], "then it joins the batch: {steps:?}");
+        assert!(
+            steps[first + 2..].iter().any(|s| s == &vec![40]),
+            "the long reply went on"
+        );
+    }
 }
