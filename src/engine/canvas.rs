@@ -166,23 +166,13 @@ impl Canvas {
                 pieces: &self.pieces,
             };
             chosen = rule.defer(chosen, &candidates, &self.tokens);
-            // Nothing else could go first, so a word said twice would be written: the position
-            // takes its likeliest token that repeats nothing instead (an end token only where one
-            // may go).
             if let [forced] = chosen.as_mut_slice() {
                 if rule.says_word_twice(&self.tokens, forced) {
-                    let row = &rows[active
+                    let row = active
                         .iter()
                         .position(|p| *p == forced.position)
-                        .expect("chosen among active")];
-                    let allowed =
-                        |t: i32| t != self.mask && (forced.position == first_masked || !self.end_tokens.contains(&t));
-                    let other = ranked(row)
-                        .into_iter()
-                        .filter(|(token, _)| *token != forced.token && allowed(*token))
-                        .map(|(token, prob)| Candidate { token, prob, ..*forced })
-                        .find(|c| !rule.completes(&self.tokens, c));
-                    if let Some(other) = other {
+                        .expect("chosen among active");
+                    if let Some(other) = self.instead_of_repeat(&rule, forced, ranked(&rows[row]), first_masked) {
                         *forced = other;
                     }
                 }
@@ -194,6 +184,24 @@ impl Canvas {
         self.steps_in_block += 1;
         self.steps += 1;
         chosen.len()
+    }
+
+    /// Nothing else could go first, so `forced` would write a word said twice: the position's
+    /// likeliest token in `ranked` that repeats nothing instead (an end token only where one may
+    /// go), if there is one.
+    fn instead_of_repeat(
+        &self,
+        rule: &Repeats<'_>,
+        forced: &Candidate,
+        ranked: Vec<(i32, f32)>,
+        first_masked: usize,
+    ) -> Option<Candidate> {
+        let allowed = |t: i32| t != self.mask && (forced.position == first_masked || !self.end_tokens.contains(&t));
+        ranked
+            .into_iter()
+            .filter(|(token, _)| *token != forced.token && allowed(*token))
+            .map(|(token, prob)| Candidate { token, prob, ..*forced })
+            .find(|c| !rule.completes(&self.tokens, c))
     }
 
     /// Samples a token for one position. The mask token is never proposed.
