@@ -84,17 +84,13 @@ impl Repeats<'_> {
     /// [`Self::completes`] on `canvas`, which is left as it was.
     fn completes_in(&self, canvas: &mut [i32], c: &Candidate) -> bool {
         let before = std::mem::replace(&mut canvas[c.position], c.token);
-        let repeats = self.tokens_repeat_at(canvas, c.position) || self.words_repeat_at(canvas, c.position);
+        let repeats = self.repeated_span(canvas, c.position).is_some() || self.words_repeat_at(canvas, c.position);
         canvas[c.position] = before;
         repeats
     }
 
-    /// Whether some span of `canvas` said twice in a row, with no masked position, covers `position`.
-    fn tokens_repeat_at(&self, canvas: &[i32], position: usize) -> bool {
-        self.repeated_span(canvas, position).is_some()
-    }
-
-    /// Where the first copy of a span said twice in a row over `position` starts, if there is one.
+    /// Where the first copy of a span said twice in a row (no masked position in it) over
+    /// `position` starts, if there is one.
     fn repeated_span(&self, canvas: &[i32], position: usize) -> Option<usize> {
         (1..=REPEAT_SPAN).find_map(|k| {
             let first = (position + 1).saturating_sub(2 * k);
@@ -255,9 +251,9 @@ mod tests {
             vec![0, 9]
         );
         // A masked position between the copies is no repeat (yet).
-        assert!(!TOKENS_ONLY.tokens_repeat_at(&[30, 31, M, 30, 31], 4));
-        assert!(TOKENS_ONLY.tokens_repeat_at(&[30, 31, 30, 31, 7], 3));
-        assert!(!TOKENS_ONLY.tokens_repeat_at(&[30, 31, 30, 31, 7], 4));
+        assert!(TOKENS_ONLY.repeated_span(&[30, 31, M, 30, 31], 4).is_none());
+        assert!(TOKENS_ONLY.repeated_span(&[30, 31, 30, 31, 7], 3).is_some());
+        assert!(TOKENS_ONLY.repeated_span(&[30, 31, 30, 31, 7], 4).is_none());
     }
 
     /// Token `i` of this vocabulary is `PIECES[i]`.
