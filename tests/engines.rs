@@ -106,6 +106,27 @@ async fn fixed_schedule_takes_exactly_its_steps_unless_an_end_token_comes_first(
     }
 }
 
+/// Each step reports its arithmetic: llama.cpp's full recompute of prompt and canvas costs more
+/// per step than the prefix cache (the block and what follows it), and that more than the dual
+/// cache (the block alone).
+#[tokio::test]
+async fn steps_report_their_arithmetic_and_caching_cuts_it() {
+    let mut per_step = Vec::new();
+    for config in both_engines() {
+        let engine = common::start_engine(&config).await;
+        let (_, done) = run(engine.as_ref(), request("hello", options(16, 16, Schedule::Fixed))).await;
+        let EngineEvent::Finished(c) = done else {
+            panic!("{done:?}")
+        };
+        assert!(c.steps > 2, "{c:?}");
+        per_step.push(c.phases.step_flops / c.steps as f64);
+    }
+    let [reference, prefix, dual] = per_step[..] else {
+        unreachable!("three engines")
+    };
+    assert!(dual > 0.0 && prefix > dual && reference > prefix, "{per_step:?}");
+}
+
 #[tokio::test]
 async fn same_seed_same_reply_and_temperature_changes_it() {
     for config in both_engines() {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ggml_ext::runtime::Arithmetic;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -71,6 +72,7 @@ struct Reply {
 
 struct Worker<'m> {
     info: EngineInfo,
+    arithmetic: Arithmetic,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     sequences: Vec<Sequence>,
@@ -161,9 +163,18 @@ impl Backend for Worker<'_> {
             let logits = self.ctx.get_logits_ith(row as i32);
             let unmasked = r.canvas.step(&[position], &[logits]);
             let fed = r.state.next;
+            let keys = self.sequences[r.state.seq].tokens.len() + 1;
+            let flops = self.arithmetic.flops(1, 1, keys);
             self.sequences[r.state.seq].tokens.push(fed);
             r.state.next = r.canvas.tokens()[position];
-            stepped(r, Ok(Stepped { unmasked, compute }));
+            stepped(
+                r,
+                Ok(Stepped {
+                    unmasked,
+                    compute,
+                    flops,
+                }),
+            );
         }
     }
 
@@ -193,6 +204,10 @@ impl<'m> Worker<'m> {
             .with_kv_unified(false)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        let arithmetic = Arithmetic::of_file(model_path).map_err(|e| EngineError::Load {
+            path: model_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let model_path = model_path.display().to_string();
         let ctx = loaded
             .model
@@ -203,6 +218,7 @@ impl<'m> Worker<'m> {
             })?;
         tracing::info!(sequences, per_sequence, "autoregressive engine loaded");
         Ok(Self {
+            arithmetic,
             info: EngineInfo {
                 engine: "autoregressive",
                 model_path,

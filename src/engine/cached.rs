@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
+use ggml_ext::runtime::{Arithmetic, Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
 use super::jobs::{self, Job, Loaded};
 use super::scheduler::{self, Backend, Running, Step, Stepped};
@@ -125,6 +125,7 @@ struct Planned {
 
 struct Worker {
     model: DiffusionModel,
+    arithmetic: Arithmetic,
     info: EngineInfo,
     settings: EngineSettings,
     context: usize,
@@ -161,6 +162,14 @@ impl Backend for Worker {
     fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
         let started = Instant::now();
         let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
+        let flops: Vec<f64> = replies
+            .iter()
+            .zip(&plans)
+            .map(|(r, p)| {
+                let keys = self.slots[r.state.slot].cache.len() + p.span;
+                self.arithmetic.flops(p.tokens.len(), p.outputs.len(), keys)
+            })
+            .collect();
         let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
         let mut segments: Vec<Segment> = replies
             .iter()
@@ -191,12 +200,19 @@ impl Backend for Worker {
                 return;
             }
         };
-        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
+        for (((r, plan), predicted), flops) in replies.iter_mut().zip(plans).zip(predictions).zip(flops) {
             let Predictions::TopK(tops) = predicted else {
                 unreachable!("the top-k head returns top-k predictions")
             };
             let unmasked = r.canvas.step_top_k(&plan.active, &tops);
-            stepped(r, Ok(Stepped { unmasked, compute }));
+            stepped(
+                r,
+                Ok(Stepped {
+                    unmasked,
+                    compute,
+                    flops,
+                }),
+            );
         }
     }
 
@@ -216,12 +232,14 @@ impl Worker {
             threads: settings.threads,
             max_segments: settings.max_running.max(1),
         };
+        let load_error = |reason: String| EngineError::Load {
+            path: model_path.display().to_string(),
+            reason,
+        };
+        let arithmetic = Arithmetic::of_file(model_path).map_err(|e| load_error(e.to_string()))?;
         let model = DiffusionModel::load(model_path, runtime).map_err(|e| match e {
             ggml_ext::runtime::RuntimeError::Architecture(a) => EngineError::NotDiffusion(a),
-            other => EngineError::Load {
-                path: model_path.display().to_string(),
-                reason: other.to_string(),
-            },
+            other => load_error(other.to_string()),
         })?;
         // A vocabulary-only load has no training context; the runtime read it from the GGUF.
         let context = settings.context_length.min(model.shape().context_length);
@@ -239,6 +257,7 @@ impl Worker {
                 history_window: None,
             },
             model,
+            arithmetic,
             settings,
             context,
             slots: Vec::new(),

@@ -144,6 +144,9 @@ pub struct Phases {
     pub compute: Duration,
     /// Building revisions: detokenizing the canvas and handing the event over.
     pub revision: Duration,
+    /// The arithmetic of the reply's own part of its steps' evaluations, in floating-point
+    /// operations ([`ggml_ext::runtime::Arithmetic`]); over `compute`, the rate its steps reached.
+    pub step_flops: f64,
     /// Inside the engine but in none of the above: other replies' prefills and the scheduler's
     /// bookkeeping between steps.
     pub between_steps: Duration,

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ggml_ext::runtime::Arithmetic;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -63,6 +64,7 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
 struct Worker<'m> {
     loaded: &'m ChatModel,
     info: EngineInfo,
+    arithmetic: Arithmetic,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
 }
@@ -90,7 +92,13 @@ impl Backend for Worker<'_> {
                         .map(|p| self.ctx.get_logits_ith((first_row + p) as i32))
                         .collect();
                     let unmasked = r.canvas.step(&active, &rows);
-                    Ok(Stepped { unmasked, compute })
+                    let tokens = self.batch.n_tokens() as usize;
+                    let flops = self.arithmetic.flops(tokens, active.len(), tokens);
+                    Ok(Stepped {
+                        unmasked,
+                        compute,
+                        flops,
+                    })
                 }
                 Err(e) => Err(EngineError::Decode(e.to_string())),
             };
@@ -113,6 +121,10 @@ impl<'m> Worker<'m> {
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        let arithmetic = Arithmetic::of_file(model_path).map_err(|e| EngineError::Load {
+            path: model_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let model_path = model_path.display().to_string();
         let ctx = loaded
             .model
@@ -122,6 +134,7 @@ impl<'m> Worker<'m> {
                 reason: e.to_string(),
             })?;
         Ok(Self {
+            arithmetic,
             loaded,
             info: EngineInfo {
                 engine: "reference",

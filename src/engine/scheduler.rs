@@ -52,6 +52,8 @@ pub(crate) struct Stepped {
     /// Time the reply's step spent in the model's evaluation (a batched evaluation counts whole
     /// for every reply in it).
     pub compute: Duration,
+    /// The arithmetic of the reply's own part of the evaluation, in floating-point operations.
+    pub flops: f64,
 }
 
 /// A reply in progress.
@@ -116,6 +118,7 @@ fn step_all<B: Backend>(
         r.live = match step {
             Ok(stepped) => {
                 r.job.phases.compute += stepped.compute;
+                r.job.phases.step_flops += stepped.flops;
                 let building = Instant::now();
                 let revise = r.canvas.steps() % every == 0;
                 let live = r
@@ -211,8 +214,15 @@ mod tests {
                     entropy: 0.0,
                 };
                 let unmasked = r.canvas.step_top_k(&active, &vec![top; active.len()]);
-                let compute = Duration::ZERO;
-                stepped(r, Ok(Stepped { unmasked, compute }));
+                let (compute, flops) = (Duration::ZERO, 0.0);
+                stepped(
+                    r,
+                    Ok(Stepped {
+                        unmasked,
+                        compute,
+                        flops,
+                    }),
+                );
             }
         }
 

@@ -2,7 +2,7 @@
 //! revision, `eval` scores held-out dialogs, `bench` measures latency and throughput. The service
 //! itself is the `dllm-chat` binary (`serve`); `load` starts it and puts it under load.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
@@ -332,6 +332,28 @@ async fn eval(config: Config, args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The machine's limit for the model at `path`: ggml's CPU mat-mul rate for its largest layer
+/// matrix, in its own encoding, against as many columns as a long prefill has, and against the 32
+/// of one block's step; printed, and the first returned (FLOP/s).
+fn machine_matmul_rate(path: &Path, threads: usize) -> anyhow::Result<f64> {
+    use ggml_ext::runtime::{matmul_rate, Arithmetic};
+    let largest = Arithmetic::of_file(path)?.largest;
+    let (wide, narrow) = (
+        matmul_rate(&largest, 512, threads, 30)?,
+        matmul_rate(&largest, 32, threads, 200)?,
+    );
+    println!(
+        "ggml's mat-mul rate on this machine ({} weights, {} x {}, {threads} threads, fastest run): \
+         {:.1} GFLOP/s against 512 columns, {:.1} against 32\n",
+        largest.encoding,
+        largest.rows,
+        largest.cols,
+        wide / 1e9,
+        narrow / 1e9
+    );
+    Ok(wide)
+}
+
 async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     use dllm_chat::engine::{CacheMode, DecodeOptions, Schedule, Selection};
     use dllm_tools::bench::{self, Case};
@@ -399,6 +421,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         config.model.threads,
         args.block_length
     );
+    let matmul_rate = machine_matmul_rate(Path::new(&reference.info().model_path), config.model.threads)?;
     for (i, &tokens) in args.reply_tokens.iter().enumerate() {
         // Fresh conversations per reply length, so no engine has seen them.
         let conversations = &pool[i * per_length..(i + 1) * per_length];
@@ -451,7 +474,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::cases_table(&results));
         println!(
             "Where the time goes (mean ms per reply):\n\n{}",
-            bench::phases_table(&results)
+            bench::phases_table(&results, matmul_rate)
         );
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });

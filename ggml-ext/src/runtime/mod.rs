@@ -15,8 +15,12 @@
 //! - *dual cache*: only the current block, over the prompt and the K/V the last full pass left for
 //!   the rest of the canvas.
 //!
+//! [`Arithmetic`] counts what an evaluation costs and [`matmul_rate`] measures how fast this machine
+//! multiplies matrices, so a benchmark can compare the two.
+//!
 //! All `unsafe` code of the runtime is in this module tree.
 
+mod arithmetic;
 mod backend;
 mod graph;
 mod kv_cache;
@@ -27,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use llama_cpp_sys_2 as sys;
 
+pub use arithmetic::{matmul_rate, Arithmetic, Matrix};
 pub use backend::Device;
 pub use graph::Head;
 pub use kv_cache::KvCache;

@@ -366,6 +366,94 @@ pub fn cases_table(results: &[CaseResult]) -> String {
     out
 }
 
+fn mean_phases<'a>(phases: impl Iterator<Item = &'a Phases>) -> Phases {
+    let mut sum = Phases::default();
+    let mut n = 0u32;
+    for p in phases {
+        sum.queue += p.queue;
+        sum.prompt += p.prompt;
+        sum.prefill += p.prefill;
+        sum.denoise += p.denoise;
+        sum.compute += p.compute;
+        sum.revision += p.revision;
+        sum.between_steps += p.between_steps;
+        sum.step_flops += p.step_flops;
+        n += 1;
+    }
+    let n = n.max(1);
+    Phases {
+        queue: sum.queue / n,
+        prompt: sum.prompt / n,
+        prefill: sum.prefill / n,
+        denoise: sum.denoise / n,
+        compute: sum.compute / n,
+        revision: sum.revision / n,
+        between_steps: sum.between_steps / n,
+        step_flops: sum.step_flops / f64::from(n),
+    }
+}
+
+/// Markdown table of where each case's reply time goes (means per reply, ms): the engine's
+/// phases, and what is left of the reply's latency outside them (hand-off to and from the
+/// engine's threads). Then the rate the steps' evaluations reached (their arithmetic over their
+/// compute time) and its share of `matmul_rate`, the machine's mat-mul rate (FLOP/s).
+pub fn phases_table(results: &[CaseResult], matmul_rate: f64) -> String {
+    let mut out = String::from(
+        "| case | mean latency | queue | prompt | prefill | denoise | of which compute | host per step | revisions | between steps | hand-off | step GFLOP/s | of mat-mul rate |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for r in results {
+        let Some(p) = &r.mean_phases else {
+            continue;
+        };
+        let engine = p.queue + p.prompt + p.prefill + p.denoise + p.revision + p.between_steps;
+        let host_per_step = ms(p.denoise.saturating_sub(p.compute)) / r.steps_per_reply.max(1.0);
+        let step_rate = p.step_flops / p.compute.as_secs_f64().max(1e-9);
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% |\n",
+            r.name,
+            ms(r.mean_latency),
+            ms(p.queue),
+            ms(p.prompt),
+            ms(p.prefill),
+            ms(p.denoise),
+            ms(p.compute),
+            host_per_step,
+            ms(p.revision),
+            ms(p.between_steps),
+            ms(r.mean_latency.saturating_sub(engine)),
+            step_rate / 1e9,
+            100.0 * step_rate / matmul_rate.max(1.0),
+        ));
+    }
+    out
+}
+
+/// Markdown table of concurrency results, with aggregate throughput relative to the first row.
+pub fn concurrency_table(results: &[ConcurrencyResult]) -> String {
+    let mut out = String::from(
+        "| conversations | aggregate tokens/s | vs first | first revision p50/p99 ms | reply p50/p99 ms | peak RSS MiB |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let base = results.first().map(|r| r.aggregate_tokens_per_second).unwrap_or(1.0);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for r in results {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |\n",
+            r.conversations,
+            r.aggregate_tokens_per_second,
+            r.aggregate_tokens_per_second / base.max(1e-9),
+            ms(r.first_revision_p50),
+            ms(r.first_revision_p99),
+            ms(r.reply_p50),
+            ms(r.reply_p99),
+            r.peak_rss_mib
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,86 +496,4 @@ mod tests {
         );
         assert_eq!(long[0].turns[0].content, "question 0.0");
     }
-}
-
-fn mean_phases<'a>(phases: impl Iterator<Item = &'a Phases>) -> Phases {
-    let mut sum = Phases::default();
-    let mut n = 0u32;
-    for p in phases {
-        sum.queue += p.queue;
-        sum.prompt += p.prompt;
-        sum.prefill += p.prefill;
-        sum.denoise += p.denoise;
-        sum.compute += p.compute;
-        sum.revision += p.revision;
-        sum.between_steps += p.between_steps;
-        n += 1;
-    }
-    let n = n.max(1);
-    Phases {
-        queue: sum.queue / n,
-        prompt: sum.prompt / n,
-        prefill: sum.prefill / n,
-        denoise: sum.denoise / n,
-        compute: sum.compute / n,
-        revision: sum.revision / n,
-        between_steps: sum.between_steps / n,
-    }
-}
-
-/// Markdown table of where each case's reply time goes (means per reply, ms): the engine's
-/// phases, and what is left of the reply's latency outside them (hand-off to and from the
-/// engine's threads).
-pub fn phases_table(results: &[CaseResult]) -> String {
-    let mut out = String::from(
-        "| case | mean latency | queue | prompt | prefill | denoise | of which compute | host per step | revisions | between steps | hand-off |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-    );
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    for r in results {
-        let Some(p) = &r.mean_phases else {
-            continue;
-        };
-        let engine = p.queue + p.prompt + p.prefill + p.denoise + p.revision + p.between_steps;
-        let host_per_step = ms(p.denoise.saturating_sub(p.compute)) / r.steps_per_reply.max(1.0);
-        out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} |\n",
-            r.name,
-            ms(r.mean_latency),
-            ms(p.queue),
-            ms(p.prompt),
-            ms(p.prefill),
-            ms(p.denoise),
-            ms(p.compute),
-            host_per_step,
-            ms(p.revision),
-            ms(p.between_steps),
-            ms(r.mean_latency.saturating_sub(engine)),
-        ));
-    }
-    out
-}
-
-/// Markdown table of concurrency results, with aggregate throughput relative to the first row.
-pub fn concurrency_table(results: &[ConcurrencyResult]) -> String {
-    let mut out = String::from(
-        "| conversations | aggregate tokens/s | vs first | first revision p50/p99 ms | reply p50/p99 ms | peak RSS MiB |\n\
-         | --- | --- | --- | --- | --- | --- |\n",
-    );
-    let base = results.first().map(|r| r.aggregate_tokens_per_second).unwrap_or(1.0);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    for r in results {
-        out.push_str(&format!(
-            "| {} | {:.1} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |\n",
-            r.conversations,
-            r.aggregate_tokens_per_second,
-            r.aggregate_tokens_per_second / base.max(1e-9),
-            ms(r.first_revision_p50),
-            ms(r.first_revision_p99),
-            ms(r.reply_p50),
-            ms(r.reply_p99),
-            r.peak_rss_mib
-        ));
-    }
-    out
 }
