@@ -127,6 +127,24 @@ async fn steps_report_their_arithmetic_and_caching_cuts_it() {
     assert!(dual > 0.0 && prefix > dual && reference > prefix, "{per_step:?}");
 }
 
+/// The cached engine's head computes entropies only when a reply selects by them; one that does
+/// gets them (the canvas checks in debug builds), and the order differs from confidence's.
+#[tokio::test]
+async fn selection_by_entropy_gets_the_heads_entropies() {
+    let engine = common::start_engine(&cached_config()).await;
+    let mut replies = Vec::new();
+    for selection in [Selection::Confidence, Selection::Entropy] {
+        let options = DecodeOptions {
+            selection,
+            ..options(16, 16, Schedule::Fixed)
+        };
+        let (revisions, done) = run(engine.as_ref(), request("hello", options)).await;
+        assert!(matches!(done, EngineEvent::Finished(_)), "{done:?}");
+        replies.push(revisions.into_iter().map(|r| r.text).collect::<Vec<_>>());
+    }
+    assert_ne!(replies[0], replies[1], "the two selections unmask in different orders");
+}
+
 #[tokio::test]
 async fn same_seed_same_reply_and_temperature_changes_it() {
     for config in both_engines() {

@@ -438,7 +438,11 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         commit: false,
         chunk_ends: &[],
     }];
-    let Predictions::TopK(tops) = model.eval(&mut seg, Head::TopK(3)).unwrap().remove(0) else {
+    let Predictions::TopK(tops) = model
+        .eval(&mut seg, Head::TopK { k: 3, entropy: true })
+        .unwrap()
+        .remove(0)
+    else {
         panic!("top-k head")
     };
     assert_eq!(tops.len(), rows.len());
@@ -472,6 +476,25 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         }
         let entropy: f32 = -p.iter().filter(|x| **x > 0.0).map(|x| x * x.ln()).sum::<f32>();
         assert!((entropy - top.entropy).abs() <= 1e-3, "{entropy} vs {}", top.entropy);
+    }
+    // Without entropies the head skips them and returns the same tokens and probabilities.
+    let mut seg = [Segment {
+        cache: &mut cache,
+        tokens: &seq,
+        offset: 0,
+        span: seq.len(),
+        outputs: &rows,
+        temperature,
+        commit: false,
+        chunk_ends: &[],
+    }];
+    let head = Head::TopK { k: 3, entropy: false };
+    let Predictions::TopK(plain) = model.eval(&mut seg, head).unwrap().remove(0) else {
+        panic!("top-k head")
+    };
+    for (a, b) in plain.iter().zip(&tops) {
+        assert_eq!((&a.tokens, &a.probs), (&b.tokens, &b.probs));
+        assert!(a.entropy.is_nan(), "{}", a.entropy);
     }
 }
 

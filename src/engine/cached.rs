@@ -28,6 +28,7 @@ use std::time::Instant;
 use ggml_ext::runtime::{Arithmetic, Device, DiffusionModel, Head, KvCache, Predictions, RuntimeConfig, Segment};
 
 use super::jobs::{self, Job, Loaded};
+use super::policy::Selection;
 use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::{ChatModel, Family};
@@ -185,8 +186,12 @@ impl Backend for Worker {
                 chunk_ends: &[],
             })
             .collect();
+        let head = Head::TopK {
+            k: self.settings.top_k,
+            entropy: replies.iter().any(|r| r.job.options.selection == Selection::Entropy),
+        };
         let evaluating = Instant::now();
-        let evaluated = self.model.eval(&mut segments, Head::TopK(self.settings.top_k));
+        let evaluated = self.model.eval(&mut segments, head);
         let compute = evaluating.elapsed();
         drop(segments);
         crate::metrics::engine_step(started.elapsed(), replies.len());

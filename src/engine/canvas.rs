@@ -258,6 +258,10 @@ impl Canvas {
     }
 
     fn sample_top_k(&mut self, position: usize, top: &TopK) -> Candidate {
+        debug_assert!(
+            self.selection != Selection::Entropy || top.entropy.is_finite(),
+            "selection by entropy needs the head's entropies"
+        );
         let pick = if self.temperature > 0.0 && top.probs.len() > 1 {
             let mut r = self.rng.random::<f32>() * top.probs.iter().sum::<f32>();
             top.probs

@@ -25,8 +25,10 @@ const FA_TILE_QUERIES: usize = 64;
 pub enum Head {
     /// Raw logits of every output row.
     Logits,
-    /// Softmax, then the `k` most likely tokens per row (the mask token excluded).
-    TopK(usize),
+    /// Softmax, then the `k` most likely tokens per row (the mask token excluded), and with
+    /// `entropy` each row's entropy: a logarithm per vocabulary entry, about a twentieth of a
+    /// small model's step, so only when a policy reads it.
+    TopK { k: usize, entropy: bool },
 }
 
 /// Graph nodes an evaluation of `segments` segments may need (views count as nodes in ggml).
@@ -50,6 +52,7 @@ pub(crate) struct Built {
     pub logits: *mut sys::ggml_tensor,
     pub top_ids: *mut sys::ggml_tensor,
     pub top_probs: *mut sys::ggml_tensor,
+    /// Null unless the head was asked for entropies.
     pub neg_entropy: *mut sys::ggml_tensor,
 }
 
@@ -222,7 +225,7 @@ pub(crate) unsafe fn build(
             sys::ggml_build_forward_expand(gf, logits);
             built.logits = logits;
         }
-        Head::TopK(k) => {
+        Head::TopK { k, entropy } => {
             let n_vocab = s.n_vocab as i64;
             let bias = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_F32, n_vocab);
             sys::ggml_set_input(bias);
@@ -232,17 +235,21 @@ pub(crate) unsafe fn build(
             let probs = sys::ggml_soft_max(ctx, scaled);
             let ids = sys::ggml_cont(ctx, sys::ggml_top_k(ctx, probs, k as i32));
             let picked = sys::ggml_get_rows(ctx, sys::ggml_reshape_3d(ctx, probs, 1, n_vocab, n_out as i64), ids);
-            let logp = sys::ggml_log(ctx, sys::ggml_clamp(ctx, probs, 1e-30, 1.0));
-            let neg_entropy = sys::ggml_sum_rows(ctx, sys::ggml_mul(ctx, probs, logp));
-            for t in [ids, picked, neg_entropy] {
+            for t in [ids, picked] {
                 sys::ggml_set_output(t);
                 sys::ggml_build_forward_expand(gf, t);
+            }
+            if entropy {
+                let logp = sys::ggml_log(ctx, sys::ggml_clamp(ctx, probs, 1e-30, 1.0));
+                let neg_entropy = sys::ggml_sum_rows(ctx, sys::ggml_mul(ctx, probs, logp));
+                sys::ggml_set_output(neg_entropy);
+                sys::ggml_build_forward_expand(gf, neg_entropy);
+                built.neg_entropy = neg_entropy;
             }
             built.bias = bias;
             built.inv_temperature = inv_t;
             built.top_ids = ids;
             built.top_probs = picked;
-            built.neg_entropy = neg_entropy;
         }
     }
     built

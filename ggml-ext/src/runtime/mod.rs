@@ -117,7 +117,7 @@ pub struct TopK {
     pub tokens: Vec<i32>,
     /// Their probabilities (after temperature), same order.
     pub probs: Vec<f32>,
-    /// Entropy of the row's distribution, in nats.
+    /// Entropy of the row's distribution, in nats; NaN unless the head was asked for it.
     pub entropy: f32,
 }
 
@@ -256,7 +256,7 @@ impl DiffusionModel {
                 self.config.max_segments
             ));
         }
-        if let Head::TopK(k) = head {
+        if let Head::TopK { k, .. } = head {
             if k == 0 || k > self.weights.shape.n_vocab {
                 return bad(format!("top-k of {k} over {} tokens", self.weights.shape.n_vocab));
             }
@@ -357,14 +357,18 @@ impl DiffusionModel {
                     .map(|c| Predictions::Logits(rows.by_ref().take(c).collect()))
                     .collect()
             }
-            Head::TopK(k) => {
+            Head::TopK { k, .. } => {
                 // SAFETY: ids `[k, n_out]` I32, probabilities `[1, k, n_out]` F32 and the negated
                 // entropies `[1, n_out]` F32 are computed, contiguous outputs.
                 let (ids, probs, neg_h): (Vec<i32>, Vec<f32>, Vec<f32>) = unsafe {
                     (
                         get(built.top_ids, k * n_out),
                         get(built.top_probs, k * n_out),
-                        get(built.neg_entropy, n_out),
+                        if built.neg_entropy.is_null() {
+                            vec![f32::NAN; n_out]
+                        } else {
+                            get(built.neg_entropy, n_out)
+                        },
                     )
                 };
                 let mut rows = (0..n_out).map(|r| {

@@ -1,0 +1,106 @@
+//! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, and steps of
+//! 8-64 masked tokens over a 126-token prompt, each with the top-k head with and without
+//! entropies, the two measured in alternating rounds so the machine's noise hits both alike.
+//!
+//! `cargo run --example step_cost -- MODEL.gguf [THREADS]`; prints the median and the 10th
+//! percentile of each in milliseconds.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, RuntimeConfig, Segment};
+
+/// Rounds per case; each runs every variant `PER_ROUND` times after one unmeasured run.
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 15;
+const PROMPT: usize = 126;
+
+type Run<'a> = Box<dyn FnMut(&mut DiffusionModel, &mut KvCache) + 'a>;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().expect("usage: step_cost MODEL.gguf [THREADS]");
+    let threads = args.next().map_or(2, |t| t.parse().expect("THREADS is a number"));
+    let config = RuntimeConfig {
+        device: Device::Cpu,
+        threads,
+        max_segments: 1,
+    };
+    let mut model = DiffusionModel::load(Path::new(&path), config).expect("a llada or dream GGUF");
+    let mask = model.shape().mask_token.expect("the model has a mask token");
+    let n_vocab = model.shape().n_vocab as i32;
+    let mut cache = model.new_cache(PROMPT + 64).expect("a cache");
+    let prompt: Vec<i32> = (0..PROMPT as i32).map(|i| (i * 7 + 3) % (n_vocab - 1)).collect();
+    println!("{path}, {threads} threads; ms per evaluation, median (10th percentile)");
+
+    for len in [32usize, PROMPT] {
+        let tokens = &prompt[..len];
+        let ends = [len / 2];
+        let run: Run = Box::new(move |m, c| {
+            c.truncate(0);
+            m.prefill_chunks(c, tokens, &ends).expect("prefill");
+        });
+        report(
+            &format!("prefill of {len} tokens in 2 chunks"),
+            &mut model,
+            &mut cache,
+            vec![("", run)],
+        );
+    }
+    cache.truncate(0);
+    model.prefill(&mut cache, &prompt).expect("prefill");
+    for n in [8usize, 16, 32, 64] {
+        let tokens = vec![mask; n];
+        let outputs: Vec<usize> = (0..n.min(32)).collect();
+        let variants: Vec<(&str, Run)> = [("with entropies", true), ("without", false)]
+            .into_iter()
+            .map(|(name, entropy)| {
+                let (tokens, outputs) = (tokens.clone(), outputs.clone());
+                let run: Run = Box::new(move |m, c| {
+                    let mut segments = [Segment {
+                        cache: c,
+                        tokens: &tokens,
+                        offset: 0,
+                        span: 64,
+                        outputs: &outputs,
+                        temperature: 1.0,
+                        commit: false,
+                        chunk_ends: &[],
+                    }];
+                    m.eval(&mut segments, Head::TopK { k: 4, entropy }).expect("step");
+                });
+                (name, run)
+            })
+            .collect();
+        let label = format!("step of {n} tokens, {} outputs", outputs.len());
+        report(&label, &mut model, &mut cache, variants);
+    }
+}
+
+fn report(label: &str, model: &mut DiffusionModel, cache: &mut KvCache, mut variants: Vec<(&str, Run)>) {
+    let mut times = vec![Vec::new(); variants.len()];
+    for _ in 0..ROUNDS {
+        for ((_, run), times) in variants.iter_mut().zip(&mut times) {
+            run(model, cache);
+            for _ in 0..PER_ROUND {
+                let started = Instant::now();
+                run(model, cache);
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let figures: Vec<String> = variants
+        .iter()
+        .zip(&mut times)
+        .map(|((name, _), t)| {
+            t.sort_by(f64::total_cmp);
+            format!(
+                "{name}{}{:.3} ({:.3})",
+                if name.is_empty() { "" } else { " " },
+                t[t.len() / 2],
+                t[t.len() / 10]
+            )
+        })
+        .collect();
+    println!("- {label}: {}", figures.join(", "));
+}
