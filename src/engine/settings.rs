@@ -34,9 +34,10 @@ pub enum DeviceKind {
 #[serde(rename_all = "snake_case")]
 pub enum CacheMode {
     /// The current block and the rest of the canvas after it.
-    #[default]
     Prefix,
-    /// Only the current block; the rest of the canvas comes from the cache.
+    /// Only the current block; the rest of the canvas comes from the cache. The default: it
+    /// scores as the prefix cache does on the held-out dialogs, with less work per step.
+    #[default]
     Dual,
 }
 

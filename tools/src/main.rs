@@ -390,11 +390,12 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         },
         ..config.clone()
     };
-    // Only case (e) keeps conversation caches across turns; the others prefill every prompt.
+    // Only case (e) keeps conversation caches across turns; the others prefill every prompt. The
+    // dual cache is the service's default, so it also serves the concurrency and server runs.
     let reference = start_engine(&with_engine(EngineKind::Reference, CacheMode::Prefix, false)).await?;
     let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
     let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
-    let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, true)).await?;
+    let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, true)).await?;
     let twin = match &args.twin {
         Some(path) => {
             let mut twin = with_engine(EngineKind::Autoregressive, CacheMode::Prefix, true);
@@ -432,7 +433,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             ("(c) cached: prefix cache, threshold", &prefix, threshold, false),
             ("(d) cached: dual cache, threshold", &dual, threshold, false),
             (
-                "(e) cached: prefix cache, threshold, history cached by the previous turn",
+                "(e) cached: dual cache, threshold, history cached by the previous turn",
                 &reused,
                 threshold,
                 true,
@@ -479,14 +480,19 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
     let replies = args.concurrent_replies.unwrap_or(most);
-    for engine in [&reference, &prefix] {
+    for engine in [&reference, &dual] {
         let mut levels = Vec::new();
         for &level in &args.concurrency {
             levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, replies).await?);
         }
         println!(
-            "{} engine, threshold {tau}, {} tokens, {replies} replies N at a time (engine API):\n{}",
+            "{} engine{}, threshold {tau}, {} tokens, {replies} replies N at a time (engine API):\n{}",
             engine.info().engine,
+            if engine.info().engine == "cached" {
+                " (dual cache)"
+            } else {
+                ""
+            },
             adaptive.max_tokens,
             bench::concurrency_table(&levels)
         );
@@ -494,10 +500,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // The same through the real server: WebSocket clients, sessions and streamed revisions.
     let mut levels = Vec::new();
     for &level in &args.concurrency {
-        levels.push(bench::server::run_concurrent(&config, prefix.clone(), &pool, &adaptive, level, replies).await?);
+        levels.push(bench::server::run_concurrent(&config, dual.clone(), &pool, &adaptive, level, replies).await?);
     }
     println!(
-        "cached engine through the server, {replies} replies N at a time (WebSocket clients, \
+        "cached engine (dual cache) through the server, {replies} replies N at a time (WebSocket clients, \
          a new session per conversation, last user message only), threshold {tau}, {} tokens:\n{}",
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
@@ -505,13 +511,13 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if let Some((twin, _)) = &twin {
         // Side by side through the server: the same single questions, one at a time.
         let mut rows = Vec::new();
-        for engine in [&prefix, twin] {
+        for engine in [&dual, twin] {
             let mut r = bench::server::run_concurrent(&config, engine.clone(), &pool, &adaptive, 1, most).await?;
             r.conversations = 1;
             rows.push((engine.info().engine, r));
         }
         println!(
-            "diffusion (cached, threshold {tau}) and its autoregressive twin through the server, the same {most} \
+            "diffusion (cached, dual cache, threshold {tau}) and its autoregressive twin through the server, the same {most} \
              single questions one at a time, up to {} tokens:",
             adaptive.max_tokens
         );
