@@ -94,8 +94,19 @@ pub(crate) unsafe fn build(
         })
         .collect();
 
+    let out_rows = if n_out > 0 {
+        let rows = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_out as i64);
+        sys::ggml_set_input(rows);
+        rows
+    } else {
+        std::ptr::null_mut()
+    };
+
     let mut x = sys::ggml_get_rows(ctx, w.token_embd, tokens);
     for (l, layer) in w.layers.iter().enumerate() {
+        // After the last layer's keys and values only the output rows matter: a prefill stops at
+        // the cache copies, a step carries on with its output rows alone (as llama.cpp does).
+        let last = l + 1 == w.layers.len();
         let mut cur = sys::ggml_rms_norm(ctx, x, s.rms_eps);
         cur = sys::ggml_mul(ctx, cur, layer.attn_norm);
         let project = |wt, bias: Option<*mut sys::ggml_tensor>| {
@@ -153,6 +164,10 @@ pub(crate) unsafe fn build(
                 sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, new, cells));
             }
 
+            if last && n_out == 0 {
+                first += n;
+                continue;
+            }
             // Attention over cells 0..n_kv (the copies above were expanded first, so they run first),
             // with the same flash-attention kernel and F32 accumulation llama.cpp uses.
             let q_g = sys::ggml_view_3d(
@@ -171,7 +186,14 @@ pub(crate) unsafe fn build(
             outs.push(attention(ctx, q_g, keys, values, *mask, scale));
             first += n;
         }
-        let attn = concat_columns(ctx, outs);
+        if last && n_out == 0 {
+            break;
+        }
+        let mut attn = concat_columns(ctx, outs);
+        if last {
+            attn = sys::ggml_get_rows(ctx, attn, out_rows);
+            x = sys::ggml_get_rows(ctx, x, out_rows);
+        }
         let attn = sys::ggml_mul_mat(ctx, layer.wo, attn);
         let ffn_in = sys::ggml_add(ctx, attn, x);
 
@@ -198,15 +220,12 @@ pub(crate) unsafe fn build(
         neg_entropy: null,
     };
     if n_out == 0 {
-        // Prefill only: the cache copies are the result.
-        sys::ggml_build_forward_expand(gf, x);
+        // Prefill only: the cache copies are the result (expanded with the last layer).
         return built;
     }
-    let out_rows = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I32, n_out as i64);
-    sys::ggml_set_input(out_rows);
     built.out_rows = out_rows;
-    let mut cur = sys::ggml_get_rows(ctx, x, out_rows);
-    cur = sys::ggml_rms_norm(ctx, cur, s.rms_eps);
+    // `x` holds the output rows alone since the last layer's attention.
+    let mut cur = sys::ggml_rms_norm(ctx, x, s.rms_eps);
     cur = sys::ggml_mul(ctx, cur, w.output_norm);
     let logits = sys::ggml_mul_mat(ctx, w.output, cur);
     match head {
