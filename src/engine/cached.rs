@@ -122,6 +122,8 @@ struct Planned {
     span: usize,
     active: Vec<usize>,
     outputs: Vec<usize>,
+    /// The arithmetic of evaluating it.
+    flops: f64,
 }
 
 struct Worker {
@@ -163,14 +165,6 @@ impl Backend for Worker {
     fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
         let started = Instant::now();
         let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();
-        let flops: Vec<f64> = replies
-            .iter()
-            .zip(&plans)
-            .map(|(r, p)| {
-                let keys = self.slots[r.state.slot].cache.len() + p.span;
-                self.arithmetic.flops(p.tokens.len(), p.outputs.len(), keys)
-            })
-            .collect();
         let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
         let mut segments: Vec<Segment> = replies
             .iter()
@@ -205,7 +199,7 @@ impl Backend for Worker {
                 return;
             }
         };
-        for (((r, plan), predicted), flops) in replies.iter_mut().zip(plans).zip(predictions).zip(flops) {
+        for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
             let Predictions::TopK(tops) = predicted else {
                 unreachable!("the top-k head returns top-k predictions")
             };
@@ -215,7 +209,7 @@ impl Backend for Worker {
                 Ok(Stepped {
                     unmasked,
                     compute,
-                    flops,
+                    flops: plan.flops,
                 }),
             );
         }
@@ -356,7 +350,9 @@ impl Worker {
                 CacheMode::Dual => block.start..block.end + r.state.lead.len(),
             }
         };
+        let keys = self.slots[r.state.slot].cache.len() + cells.len();
         Planned {
+            flops: self.arithmetic.flops(window.len(), active.len(), keys),
             tokens: cells[window.clone()].to_vec(),
             offset: window.start,
             span: cells.len(),
