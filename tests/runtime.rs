@@ -478,16 +478,6 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         assert!((entropy - top.entropy).abs() <= 1e-3, "{entropy} vs {}", top.entropy);
     }
     // Without entropies the head skips them and returns the same tokens and probabilities.
-    let mut seg = [Segment {
-        cache: &mut cache,
-        tokens: &seq,
-        offset: 0,
-        span: seq.len(),
-        outputs: &rows,
-        temperature,
-        commit: false,
-        chunk_ends: &[],
-    }];
     let head = Head::TopK { k: 3, entropy: false };
     let Predictions::TopK(plain) = model.eval(&mut seg, head).unwrap().remove(0) else {
         panic!("top-k head")
