@@ -40,7 +40,7 @@ pub(crate) fn graph_size(n_layer: usize, segments: usize) -> usize {
 pub(crate) struct Built {
     pub tokens: *mut sys::ggml_tensor,
     pub positions: *mut sys::ggml_tensor,
-    /// Per segment, the F16 `[n_kv, padded queries]` block-causal mask of a chunked prefill (null
+    /// Per segment, the F16 `[n_kv, queries]` block-causal mask of a chunked prefill (null
     /// for a segment without chunks).
     pub chunk_masks: Vec<*mut sys::ggml_tensor>,
     /// Rows whose outputs are wanted (null when none are).
@@ -87,8 +87,7 @@ pub(crate) unsafe fn build(
                 return std::ptr::null_mut();
             }
             let n_kv = (g.cache.len + g.span) as i64;
-            let rows = g.tokens.len().max(FA_TILE_QUERIES) as i64;
-            let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, n_kv, rows);
+            let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, n_kv, g.tokens.len() as i64);
             sys::ggml_set_input(mask);
             mask
         })
@@ -168,8 +167,7 @@ pub(crate) unsafe fn build(
                 first += n;
                 continue;
             }
-            // Attention over cells 0..n_kv (the copies above were expanded first, so they run first),
-            // with the same flash-attention kernel and F32 accumulation llama.cpp uses.
+            // Attention over cells 0..n_kv (the copies above were expanded first, so they run first).
             let q_g = sys::ggml_view_3d(
                 ctx,
                 q,
@@ -270,7 +268,7 @@ pub(crate) unsafe fn build(
 /// From [`FA_TILE_QUERIES`] queries on, ggml's CPU flash attention with F32 accumulation, as
 /// llama.cpp runs it. Below that its per-key loop is about ten times slower than its tiled kernel,
 /// and padding the queries up to the tile wastes the padded rows' work, so a denoising step of a
-/// few tokens multiplies the scores and values out instead (an 8-token step: 2.3 -> 1.3 ms on the
+/// few tokens multiplies the scores and values out instead (an 8-token step: 1.8 -> 1.1-1.2 ms on the
 /// bundled model, 2 threads).
 unsafe fn attention(
     ctx: *mut sys::ggml_context,

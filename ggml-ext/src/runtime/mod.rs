@@ -325,7 +325,7 @@ impl DiffusionModel {
         set(built.tokens, &tokens);
         set(built.positions, &positions);
         for (g, mask) in segments.iter().zip(&built.chunk_masks).filter(|(_, m)| !m.is_null()) {
-            set(*mask, &chunk_mask(g, (**mask).ne[1] as usize));
+            set(*mask, &chunk_mask(g));
         }
         if !built.out_rows.is_null() {
             set(built.out_rows, &rows);
@@ -389,15 +389,14 @@ impl DiffusionModel {
     }
 }
 
-/// The block-causal mask of a chunked prefill, F16 `[n_kv, rows]`: row `j` (a token of chunk `c`)
-/// is 0 on the cells up to the end of chunk `c` and minus infinity after. Rows past the segment's
-/// tokens (the queries' padding) see everything; their outputs are dropped.
-fn chunk_mask(g: &Segment<'_>, rows: usize) -> Vec<u16> {
+/// The block-causal mask of a chunked prefill, F16 `[n_kv, tokens]`: row `j` (a token of chunk `c`)
+/// is 0 on the cells up to the end of chunk `c` and minus infinity after.
+fn chunk_mask(g: &Segment<'_>) -> Vec<u16> {
     const ZERO: u16 = 0x0000;
     const MINUS_INFINITY: u16 = 0xFC00;
     let n = g.tokens.len();
     let n_kv = g.cache.len + g.span;
-    let mut mask = vec![ZERO; n_kv * rows];
+    let mut mask = vec![ZERO; n_kv * n];
     let mut start = 0;
     for end in g.chunk_ends.iter().copied().chain(std::iter::once(n)) {
         for j in start..end {
