@@ -132,6 +132,10 @@ struct BenchArgs {
     /// autoregressive engine, llama.cpp's raw decode loop on it, and both kinds through the server.
     #[arg(long)]
     twin: Option<String>,
+    /// Threads of the twin's engine [default: model.threads]: one decode token is too little work
+    /// to share between threads that the server's own threads preempt.
+    #[arg(long)]
+    twin_threads: Option<usize>,
 }
 
 /// Decode options on the command line; unset ones come from `[decode]`.
@@ -400,6 +404,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         Some(path) => {
             let mut twin = with_engine(EngineKind::Autoregressive, CacheMode::Prefix, true);
             twin.model.path = path.clone();
+            twin.model.threads = args.twin_threads.unwrap_or(twin.model.threads);
             let file = dllm_chat::models::resolve(path)?;
             Some((start_engine(&twin).await?, file))
         }
@@ -417,9 +422,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     };
     let tau = args.threshold;
     println!(
-        "model: {}  threads: {}  conversations per reply length: {per_length}  block: {}",
+        "model: {}  threads: {} (twin: {})  conversations per reply length: {per_length}  block: {}",
         reference.info().model_path,
         config.model.threads,
+        args.twin_threads.unwrap_or(config.model.threads),
         args.block_length
     );
     let matmul_rate = machine_matmul_rate(Path::new(&reference.info().model_path), config.model.threads)?;
@@ -462,7 +468,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         let mut results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
         if let Some((_, file)) = &twin {
             let (file, system, owned) = (file.clone(), system.clone(), conversations.to_vec());
-            let model = config.model.clone();
+            let model = ModelConfig {
+                threads: args.twin_threads.unwrap_or(config.model.threads),
+                ..config.model.clone()
+            };
             let classifier = classifier.clone();
             let name = format!("(t0) llama.cpp's raw decode loop on the twin, up to {tokens} tokens");
             results.push(
