@@ -95,7 +95,7 @@ fn our_full_logits(model: &mut DiffusionModel, tokens: &[i32]) -> Vec<f32> {
         span: tokens.len(),
         outputs: &rows,
         temperature: 1.0,
-        commit: 0,
+        commit: false,
         chunk_ends: &[],
     }];
     logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
@@ -205,7 +205,7 @@ fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
         span: window.len(),
         outputs: &rows,
         temperature: 1.0,
-        commit: 0,
+        commit: false,
         chunk_ends: &[],
     }];
     let ours = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
@@ -236,7 +236,7 @@ fn window_logits(
             span: w.len(),
             outputs: r,
             temperature: 1.0,
-            commit: 0,
+            commit: false,
             chunk_ends: &[],
         })
         .collect();
@@ -335,83 +335,6 @@ fn a_chunked_prefill_in_one_evaluation_equals_one_evaluation_per_chunk() {
 }
 
 #[test]
-fn a_prefill_and_the_first_full_pass_share_one_evaluation() {
-    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
-    let first_turn = &PREFIX[..6];
-    let rest = &PREFIX[6..];
-    let ends = [7];
-    let rows: Vec<usize> = (0..WINDOW.len()).collect();
-    // Apart: the rest of the prompt committed in two chunks, then a full pass over the canvas.
-    let mut apart = model.new_cache(64).unwrap();
-    model.prefill(&mut apart, first_turn).unwrap();
-    model.prefill_chunks(&mut apart, rest, &ends).unwrap();
-    let separate = window_logits(&mut model, std::slice::from_mut(&mut apart), &[&WINDOW]).remove(0);
-    // Together: the prompt's chunks and the canvas as the last chunk of one segment, the prompt
-    // alone committed.
-    let mut together = model.new_cache(64).unwrap();
-    model.prefill(&mut together, first_turn).unwrap();
-    let tokens: Vec<i32> = rest.iter().chain(&WINDOW).copied().collect();
-    let outputs: Vec<usize> = rows.iter().map(|r| rest.len() + r).collect();
-    let chunk_ends = [ends[0], rest.len()];
-    let mut seg = [Segment {
-        cache: &mut together,
-        tokens: &tokens,
-        offset: 0,
-        span: tokens.len(),
-        outputs: &outputs,
-        temperature: 1.0,
-        commit: rest.len(),
-        chunk_ends: &chunk_ends,
-    }];
-    let joint = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
-    assert_eq!(together.tokens(), apart.tokens());
-    let diff = max_diff(&separate, &joint);
-    assert!(diff <= 1e-4, "one evaluation vs prefill then full pass: {diff}");
-    // The canvas cells it left serve a dual-cache block step as the separate full pass's do.
-    let block_step = |model: &mut DiffusionModel, cache| {
-        let mut seg = [Segment {
-            cache,
-            tokens: &WINDOW[4..7],
-            offset: 4,
-            span: WINDOW.len(),
-            outputs: &[0, 1, 2],
-            temperature: 1.0,
-            commit: 0,
-            chunk_ends: &[],
-        }];
-        logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
-    };
-    let a = block_step(&mut model, &mut apart);
-    let b = block_step(&mut model, &mut together);
-    assert!(max_diff(&a, &b) <= 1e-4);
-    // Committing the canvas's rows too would let the prompt's last chunk see it: refused.
-    for (commit, ends) in [
-        (rest.len() + 2, &chunk_ends[..]),
-        (rest.len(), &ends[..]),
-        (tokens.len() + 1, &chunk_ends[..]),
-    ] {
-        let before = together.len();
-        let err = model
-            .eval(
-                &mut [Segment {
-                    cache: &mut together,
-                    tokens: &tokens,
-                    offset: 0,
-                    span: tokens.len(),
-                    outputs: &outputs,
-                    temperature: 1.0,
-                    commit,
-                    chunk_ends: ends,
-                }],
-                Head::Logits,
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("not at a chunk end"), "{commit}: {err}");
-        assert_eq!(together.len(), before);
-    }
-}
-
-#[test]
 fn chunk_ends_outside_the_tokens_or_out_of_order_are_refused() {
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
     let mut cache = model.new_cache(64).unwrap();
@@ -428,7 +351,7 @@ fn chunk_ends_outside_the_tokens_or_out_of_order_are_refused() {
                 span: WINDOW.len(),
                 outputs: &[0],
                 temperature: 1.0,
-                commit: 0,
+                commit: false,
                 chunk_ends: &[3],
             }],
             Head::Logits,
@@ -455,7 +378,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
                     span: WINDOW.len(),
                     outputs: &all_rows,
                     temperature: 1.0,
-                    commit: 0,
+                    commit: false,
                     chunk_ends: &[],
                 }],
                 Head::Logits,
@@ -473,7 +396,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         span: WINDOW.len(),
         outputs: &rows,
         temperature: 1.0,
-        commit: 0,
+        commit: false,
         chunk_ends: &[],
     }];
     let dual = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
@@ -488,7 +411,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         span: WINDOW.len(),
         outputs: &rows,
         temperature: 1.0,
-        commit: 0,
+        commit: false,
         chunk_ends: &[],
     }];
     let other = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
@@ -512,7 +435,7 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         span: seq.len(),
         outputs: &rows,
         temperature,
-        commit: 0,
+        commit: false,
         chunk_ends: &[],
     }];
     let Predictions::TopK(tops) = model

@@ -1,8 +1,6 @@
-//! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, steps of
+//! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, and steps of
 //! 8-64 masked tokens over a 126-token prompt, each with the top-k head with and without
-//! entropies, and a reply's start (a 126-token prompt and the first pass over a 64-cell canvas)
-//! as two evaluations and as one. Variants are measured in alternating rounds so the machine's
-//! noise hits them alike.
+//! entropies, the two measured in alternating rounds so the machine's noise hits both alike.
 //!
 //! `cargo run --example step_cost -- MODEL.gguf [THREADS]`; prints the median and the 10th
 //! percentile of each in milliseconds.
@@ -49,54 +47,6 @@ fn main() {
             vec![("", run)],
         );
     }
-    let start: Vec<(&str, Run)> = [("prefill then pass", false), ("in one evaluation", true)]
-        .into_iter()
-        .map(|(name, together)| {
-            let prompt = prompt.clone();
-            let joint: Vec<i32> = prompt.iter().copied().chain(std::iter::repeat_n(mask, 64)).collect();
-            let run: Run = Box::new(move |m, c| {
-                c.truncate(0);
-                let block: Vec<usize> = (0..32).collect();
-                let ends = [PROMPT / 2, PROMPT];
-                if together {
-                    let outputs: Vec<usize> = block.iter().map(|o| PROMPT + o).collect();
-                    let mut segments = [Segment {
-                        cache: c,
-                        tokens: &joint,
-                        offset: 0,
-                        span: joint.len(),
-                        outputs: &outputs,
-                        temperature: 1.0,
-                        commit: PROMPT,
-                        chunk_ends: &ends,
-                    }];
-                    m.eval(&mut segments, Head::TopK { k: 4, entropy: false })
-                        .expect("start");
-                } else {
-                    m.prefill_chunks(c, &prompt, &ends[..1]).expect("prefill");
-                    let mut segments = [Segment {
-                        cache: c,
-                        tokens: &joint[PROMPT..],
-                        offset: 0,
-                        span: 64,
-                        outputs: &block,
-                        temperature: 1.0,
-                        commit: 0,
-                        chunk_ends: &[],
-                    }];
-                    m.eval(&mut segments, Head::TopK { k: 4, entropy: false })
-                        .expect("pass");
-                }
-            });
-            (name, run)
-        })
-        .collect();
-    report(
-        "a reply's start, 126-token prompt and 64-cell canvas",
-        &mut model,
-        &mut cache,
-        start,
-    );
     cache.truncate(0);
     model.prefill(&mut cache, &prompt).expect("prefill");
     for n in [8usize, 16, 32, 64] {
@@ -114,7 +64,7 @@ fn main() {
                         span: 64,
                         outputs: &outputs,
                         temperature: 1.0,
-                        commit: 0,
+                        commit: false,
                         chunk_ends: &[],
                     }];
                     m.eval(&mut segments, Head::TopK { k: 4, entropy }).expect("step");

@@ -5,8 +5,6 @@
 //! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
 //!    ([`prompt::turn_boundaries`](super::prompt::turn_boundaries)). A cache left by an earlier turn of the same conversation (its
 //!    tokens a prefix of the new prompt, ending on a boundary) is extended instead of refilled.
-//!    The prefill is no evaluation of its own: the prompt's new chunks go into the reply's first
-//!    step, ahead of the canvas, so one larger graph does what two smaller ones did.
 //! 2. *Refresh* at the start of every block: the whole canvas is computed over the prompt, leaving
 //!    the K/V of every canvas cell in the cache.
 //! 3. *Steps* inside the block: with [`CacheMode::Prefix`] the block and everything after it are
@@ -85,10 +83,6 @@ struct Reply {
     /// Prompt tokens kept out of the committed prefix (Dream: the last one, whose row predicts the
     /// first canvas position).
     lead: Vec<i32>,
-    /// The prompt tokens the cache lacks, committed by the reply's first step.
-    pending: Vec<i32>,
-    /// Where the pending tokens' chunks end inside them (one per turn boundary), ascending.
-    pending_ends: Vec<usize>,
 }
 
 /// The cache a new reply gets.
@@ -128,9 +122,6 @@ struct Planned {
     span: usize,
     active: Vec<usize>,
     outputs: Vec<usize>,
-    /// Leading tokens the evaluation commits (the pending prompt), with its chunk ends.
-    commit: usize,
-    chunk_ends: Vec<usize>,
     /// The arithmetic of evaluating it.
     flops: f64,
 }
@@ -148,7 +139,7 @@ struct Worker {
 impl Backend for Worker {
     type State = Reply;
 
-    /// Picks a conversation cache for the prompt; what it lacks waits for the first step.
+    /// Picks a conversation cache for the prompt and prefills what it lacks.
     fn admit(&mut self, job: &Job) -> Result<(Reply, usize), EngineError> {
         let tokens = &job.prompt.tokens;
         let shift = self.model.shape().logit_shift;
@@ -161,16 +152,13 @@ impl Backend for Worker {
             .filter(|b| *b < committed.len())
             .collect();
         let slot = self.pick_slot(committed, &boundaries)?;
-        let reused = self.slots[slot].cache.len();
-        crate::metrics::prompt_tokens(reused, committed.len() - reused);
+        let cached_tokens = self.prefill(slot, committed, &boundaries)?;
         let reply = Reply {
             slot,
             refreshed: None,
             lead: tokens[committed.len()..].to_vec(),
-            pending: committed[reused..].to_vec(),
-            pending_ends: boundaries.iter().filter(|b| **b > reused).map(|b| b - reused).collect(),
         };
-        Ok((reply, reused))
+        Ok((reply, cached_tokens))
     }
 
     /// One denoising step of every running reply, in one graph evaluation.
@@ -188,8 +176,8 @@ impl Backend for Worker {
                 span: p.span,
                 outputs: &p.outputs,
                 temperature: r.job.options.temperature,
-                commit: p.commit,
-                chunk_ends: &p.chunk_ends,
+                commit: false,
+                chunk_ends: &[],
             })
             .collect();
         let head = Head::TopK {
@@ -211,18 +199,6 @@ impl Backend for Worker {
                 return;
             }
         };
-        for r in replies.iter_mut().filter(|r| !r.state.pending.is_empty()) {
-            let slot = &mut self.slots[r.state.slot];
-            let committed = slot.cache.len();
-            slot.chunk_ends.extend(
-                r.state
-                    .pending_ends
-                    .iter()
-                    .map(|e| committed - r.state.pending.len() + e),
-            );
-            slot.chunk_ends.push(committed);
-            r.state.pending.clear();
-        }
         for ((r, plan), predicted) in replies.iter_mut().zip(plans).zip(predictions) {
             let Predictions::TopK(tops) = predicted else {
                 unreachable!("the top-k head returns top-k predictions")
@@ -335,6 +311,25 @@ impl Worker {
         Ok(index)
     }
 
+    /// Commits what `slot` lacks of `tokens`, one chunk per turn boundary, in one evaluation.
+    /// Returns how many tokens were already there.
+    fn prefill(&mut self, slot: usize, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
+        let s = &mut self.slots[slot];
+        let reused = s.cache.len();
+        let ends: Vec<usize> = boundaries.iter().copied().filter(|b| *b > reused).collect();
+        let chunk_ends: Vec<usize> = ends.iter().map(|e| e - reused).collect();
+        if let Err(e) = self.model.prefill_chunks(&mut s.cache, &tokens[reused..], &chunk_ends) {
+            s.busy = false;
+            return Err(EngineError::Decode(e.to_string()));
+        }
+        s.chunk_ends.extend(ends);
+        if tokens.len() > reused {
+            s.chunk_ends.push(tokens.len());
+        }
+        crate::metrics::prompt_tokens(reused, tokens.len() - reused);
+        Ok(reused)
+    }
+
     /// What `r` computes this step: the whole canvas at a block's start, then the block and what
     /// follows it (prefix cache) or the block alone (dual cache).
     ///
@@ -355,23 +350,13 @@ impl Worker {
                 CacheMode::Dual => block.start..block.end + r.state.lead.len(),
             }
         };
-        let pending = &r.state.pending;
-        let keys = self.slots[r.state.slot].cache.len() + pending.len() + cells.len();
-        // A pending prompt comes with the first step, a full pass: its chunks, then the canvas
-        // as one more chunk that sees them all.
-        let chunk_ends = if pending.is_empty() {
-            Vec::new()
-        } else {
-            r.state.pending_ends.iter().copied().chain([pending.len()]).collect()
-        };
+        let keys = self.slots[r.state.slot].cache.len() + cells.len();
         Planned {
-            flops: self.arithmetic.flops(pending.len() + window.len(), active.len(), keys),
-            tokens: pending.iter().chain(&cells[window.clone()]).copied().collect(),
+            flops: self.arithmetic.flops(window.len(), active.len(), keys),
+            tokens: cells[window.clone()].to_vec(),
             offset: window.start,
-            span: pending.len() + cells.len(),
-            outputs: active.iter().map(|p| pending.len() + p - window.start).collect(),
-            commit: pending.len(),
-            chunk_ends,
+            span: cells.len(),
+            outputs: active.iter().map(|p| p - window.start).collect(),
             active,
         }
     }

@@ -8,8 +8,7 @@
 //!   committed in chunks (one per turn), each chunk seeing the prefix, the earlier chunks and
 //!   itself, so the next turn extends a cached prefix with exactly the result a fresh prefill would
 //!   give. All chunks of a prompt go into one evaluation (a block-causal attention mask), so a
-//!   prompt of several turns costs one graph, not one per turn. A reply's first full pass over
-//!   its canvas can ride along as the last chunk, committing only the prompt;
+//!   prompt of several turns costs one graph, not one per turn;
 //! - *no cache*: an empty prefix and the whole `[prompt + canvas]` as one segment (llama.cpp's
 //!   reference computation);
 //! - *prefix cache*: the canvas (or the current block and what follows it) over the cached prompt;
@@ -87,11 +86,8 @@ pub struct Segment<'a> {
     pub outputs: &'a [usize],
     /// Softmax temperature for the top-k head (values <= 0 mean 1).
     pub temperature: f32,
-    /// How many of `tokens`, from the first, are appended to the committed prefix afterwards; 0
-    /// for none. Committing needs `offset == 0` and `span == tokens.len()`, and a count short of
-    /// `tokens.len()` must end a chunk, so the committed rows never saw the rest: a prefill and a
-    /// reply's first full pass then share one evaluation, the canvas after the new prefix.
-    pub commit: usize,
+    /// Append `tokens` to the committed prefix afterwards (needs `offset == 0` and `span == tokens.len()`).
+    pub commit: bool,
     /// For a committing segment, where its chunks end inside `tokens` (ascending, each inside
     /// `1..tokens.len()`; the last chunk ends with `tokens`): a token sees the prefix, the earlier
     /// chunks and its own chunk, not the chunks after it. Empty: one chunk.
@@ -108,7 +104,7 @@ impl<'a> Segment<'a> {
             span: tokens.len(),
             outputs: &[],
             temperature: 1.0,
-            commit: tokens.len(),
+            commit: true,
             chunk_ends,
         }
     }
@@ -241,9 +237,9 @@ impl DiffusionModel {
             built
         };
         let predictions = self.read_outputs(&built, segments, n_out, head);
-        for g in segments.iter_mut().filter(|g| g.commit > 0) {
-            g.cache.len += g.commit;
-            g.cache.tokens.extend_from_slice(&g.tokens[..g.commit]);
+        for g in segments.iter_mut().filter(|g| g.commit) {
+            g.cache.len += g.tokens.len();
+            g.cache.tokens.extend_from_slice(g.tokens);
         }
         Ok(predictions)
     }
@@ -288,17 +284,11 @@ impl DiffusionModel {
                     g.cache.len, g.span, g.cache.capacity
                 ));
             }
-            if g.commit > 0 && (g.offset != 0 || g.span != n) {
+            if g.commit && (g.offset != 0 || g.span != n) {
                 return bad("a committing segment starts at the prefix end and spans only itself".into());
             }
-            if g.commit > n || (g.commit > 0 && g.commit < n && !g.chunk_ends.contains(&g.commit)) {
-                return bad(format!(
-                    "committing {} of {n} tokens, not at a chunk end {:?}",
-                    g.commit, g.chunk_ends
-                ));
-            }
             if !g.chunk_ends.is_empty() {
-                if g.commit == 0 {
+                if !g.commit {
                     return bad("only a committing segment has chunks".into());
                 }
                 let inside = g.chunk_ends.iter().all(|e| (1..n).contains(e));
