@@ -92,6 +92,7 @@ fn our_full_logits(model: &mut DiffusionModel, tokens: &[i32]) -> Vec<f32> {
         cache: &mut cache,
         tokens,
         offset: 0,
+        cells: &[],
         span: tokens.len(),
         outputs: &rows,
         temperature: 1.0,
@@ -202,6 +203,7 @@ fn prefix_cache_logits_equal_the_llama_twin_with_a_cached_prefix() {
         cache: &mut cache,
         tokens: &window,
         offset: 0,
+        cells: &[],
         span: window.len(),
         outputs: &rows,
         temperature: 1.0,
@@ -233,6 +235,7 @@ fn window_logits(
             cache,
             tokens: w,
             offset: 0,
+            cells: &[],
             span: w.len(),
             outputs: r,
             temperature: 1.0,
@@ -348,6 +351,7 @@ fn chunk_ends_outside_the_tokens_or_out_of_order_are_refused() {
                 cache: &mut cache,
                 tokens: &WINDOW,
                 offset: 0,
+                cells: &[],
                 span: WINDOW.len(),
                 outputs: &[0],
                 temperature: 1.0,
@@ -375,6 +379,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
                     cache: &mut cache,
                     tokens: &WINDOW,
                     offset: 0,
+                    cells: &[],
                     span: WINDOW.len(),
                     outputs: &all_rows,
                     temperature: 1.0,
@@ -393,6 +398,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         cache: &mut cache,
         tokens: block,
         offset: 4,
+        cells: &[],
         span: WINDOW.len(),
         outputs: &rows,
         temperature: 1.0,
@@ -408,6 +414,7 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
         cache: &mut cache,
         tokens: &changed,
         offset: 4,
+        cells: &[],
         span: WINDOW.len(),
         outputs: &rows,
         temperature: 1.0,
@@ -416,6 +423,74 @@ fn dual_cache_block_step_reuses_the_suffix_of_the_last_full_pass() {
     }];
     let other = logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0));
     assert!(max_diff(&dual, &other) > 1e-3);
+}
+
+/// A step over some cells of the canvas, one by one.
+fn picked_step(
+    model: &mut DiffusionModel,
+    cache: &mut ggml_ext::runtime::KvCache,
+    cells: &[usize],
+    tokens: &[i32],
+) -> Vec<f32> {
+    let rows: Vec<usize> = (0..cells.len()).collect();
+    let mut seg = [Segment {
+        cache,
+        tokens,
+        offset: cells[0],
+        cells,
+        span: WINDOW.len(),
+        outputs: &rows,
+        temperature: 1.0,
+        commit: false,
+        chunk_ends: &[],
+    }];
+    logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
+}
+
+#[test]
+fn a_step_over_picked_cells_reuses_the_others_and_writes_its_own() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let n_vocab = model.shape().n_vocab;
+    let mut cache = model.new_cache(64).unwrap();
+    model.prefill(&mut cache, &PREFIX).unwrap();
+    let full = window_logits(&mut model, std::slice::from_mut(&mut cache), &[&WINDOW]).remove(0);
+    // Cells 1, 4 and 8 with their own tokens, over the others' cached keys and values: the full
+    // pass's rows.
+    let cells = [1, 4, 8];
+    let same: Vec<i32> = cells.iter().map(|c| WINDOW[*c]).collect();
+    let picked = picked_step(&mut model, &mut cache, &cells, &same);
+    for (i, c) in cells.iter().enumerate() {
+        let diff = max_diff(
+            &full[c * n_vocab..(c + 1) * n_vocab],
+            &picked[i * n_vocab..(i + 1) * n_vocab],
+        );
+        assert!(diff <= 1e-5, "cell {c}: {diff}");
+    }
+    // New tokens in cells 1 and 4 change every row, and their keys and values stay in the cache:
+    // a later step over cell 8 alone sees them.
+    let changed = [70, 71, WINDOW[8]];
+    let after = picked_step(&mut model, &mut cache, &cells, &changed);
+    assert!(max_diff(&picked, &after) > 1e-3);
+    let alone = picked_step(&mut model, &mut cache, &[8], &[WINDOW[8]]);
+    assert!(max_diff(&after[2 * n_vocab..], &alone) <= 1e-5);
+    assert!(max_diff(&full[8 * n_vocab..9 * n_vocab], &alone) > 1e-3);
+    // Cells out of order, outside the span or not one per token are refused.
+    for (cells, tokens) in [(&[4, 1][..], &[70, 71][..]), (&[1, 10], &[70, 71]), (&[1, 2], &[70])] {
+        let rows = [0];
+        let mut seg = [Segment {
+            cache: &mut cache,
+            tokens,
+            offset: cells[0],
+            cells,
+            span: WINDOW.len(),
+            outputs: &rows,
+            temperature: 1.0,
+            commit: false,
+            chunk_ends: &[],
+        }];
+        let err = model.eval(&mut seg, Head::Logits).unwrap_err();
+        assert!(err.to_string().contains("cells"), "{cells:?}: {err}");
+    }
 }
 
 #[test]
@@ -432,6 +507,7 @@ fn top_k_head_agrees_with_a_softmax_of_the_logits() {
         cache: &mut cache,
         tokens: &seq,
         offset: 0,
+        cells: &[],
         span: seq.len(),
         outputs: &rows,
         temperature,

@@ -1,6 +1,7 @@
 //! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, and steps of
 //! 8-64 masked tokens over a 126-token prompt, each with the top-k head with and without
-//! entropies, the two measured in alternating rounds so the machine's noise hits both alike.
+//! entropies, and a dual-cache block step over its whole block or only the cells it needs;
+//! variants are measured in alternating rounds so the machine's noise hits them alike.
 //!
 //! `cargo run --example step_cost -- MODEL.gguf [THREADS]`; prints the median and the 10th
 //! percentile of each in milliseconds.
@@ -61,6 +62,7 @@ fn main() {
                         cache: c,
                         tokens: &tokens,
                         offset: 0,
+                        cells: &[],
                         span: 64,
                         outputs: &outputs,
                         temperature: 1.0,
@@ -75,6 +77,38 @@ fn main() {
         let label = format!("step of {n} tokens, {} outputs", outputs.len());
         report(&label, &mut model, &mut cache, variants);
     }
+    // A dual-cache block step over a 32-cell block, whole or only 22 of its cells (every third
+    // settled), 12 outputs either way.
+    let picked: Vec<usize> = (0..32).filter(|c| c % 3 != 2).collect();
+    let block: Vec<(&str, Run)> = [("whole block", false), ("22 picked cells", true)]
+        .into_iter()
+        .map(|(name, gathered)| {
+            let picked = picked.clone();
+            let tokens = vec![mask; if gathered { picked.len() } else { 32 }];
+            let outputs: Vec<usize> = if gathered {
+                (0..12).collect()
+            } else {
+                picked[..12].to_vec()
+            };
+            let run: Run = Box::new(move |m, c| {
+                let mut segments = [Segment {
+                    cache: c,
+                    tokens: &tokens,
+                    offset: 0,
+                    cells: if gathered { &picked } else { &[] },
+                    span: 64,
+                    outputs: &outputs,
+                    temperature: 1.0,
+                    commit: false,
+                    chunk_ends: &[],
+                }];
+                m.eval(&mut segments, Head::TopK { k: 4, entropy: false })
+                    .expect("step");
+            });
+            (name, run)
+        })
+        .collect();
+    report("a block step, 12 outputs", &mut model, &mut cache, block);
 }
 
 fn report(label: &str, model: &mut DiffusionModel, cache: &mut KvCache, mut variants: Vec<(&str, Run)>) {

@@ -43,6 +43,9 @@ pub(crate) struct Built {
     /// Per segment, the F16 `[n_kv, queries]` block-causal mask of a chunked prefill (null
     /// for a segment without chunks).
     pub chunk_masks: Vec<*mut sys::ggml_tensor>,
+    /// Per segment, the I64 cache cells of its tokens when they are not one run (null when
+    /// they are).
+    pub cell_rows: Vec<*mut sys::ggml_tensor>,
     /// Rows whose outputs are wanted (null when none are).
     pub out_rows: *mut sys::ggml_tensor,
     /// `[n_vocab]` added to the logits (minus infinity on excluded tokens); top-k head only.
@@ -90,6 +93,18 @@ pub(crate) unsafe fn build(
             let mask = sys::ggml_new_tensor_2d(ctx, sys::GGML_TYPE_F16, n_kv, g.tokens.len() as i64);
             sys::ggml_set_input(mask);
             mask
+        })
+        .collect();
+
+    let cell_rows: Vec<*mut sys::ggml_tensor> = segments
+        .iter()
+        .map(|g| {
+            if g.cells.is_empty() {
+                return std::ptr::null_mut();
+            }
+            let rows = sys::ggml_new_tensor_1d(ctx, sys::GGML_TYPE_I64, g.tokens.len() as i64);
+            sys::ggml_set_input(rows);
+            rows
         })
         .collect();
 
@@ -141,7 +156,7 @@ pub(crate) unsafe fn build(
 
         let mut outs = Vec::with_capacity(segments.len());
         let mut first = 0i64;
-        for (g, mask) in segments.iter().zip(&chunk_masks) {
+        for ((g, mask), cell_rows) in segments.iter().zip(&chunk_masks).zip(&cell_rows) {
             let n = g.tokens.len() as i64;
             let at = (g.cache.len + g.offset) as i64;
             let n_kv = (g.cache.len + g.span) as i64;
@@ -159,8 +174,14 @@ pub(crate) unsafe fn build(
                     n_embd_kv as usize * 4,
                     first as usize * n_embd_kv as usize * 4,
                 );
-                let cells = sys::ggml_view_2d(ctx, dst, n_embd_kv, n, row, at as usize * row);
-                sys::ggml_build_forward_expand(gf, sys::ggml_cpy(ctx, new, cells));
+                let written = if cell_rows.is_null() {
+                    let cells = sys::ggml_view_2d(ctx, dst, n_embd_kv, n, row, at as usize * row);
+                    sys::ggml_cpy(ctx, new, cells)
+                } else {
+                    // Scattered cells: one row each, converted to the cache's F16.
+                    sys::ggml_set_rows(ctx, dst, new, *cell_rows)
+                };
+                sys::ggml_build_forward_expand(gf, written);
             }
 
             if last && n_out == 0 {
@@ -209,6 +230,7 @@ pub(crate) unsafe fn build(
         tokens,
         positions,
         chunk_masks,
+        cell_rows,
         out_rows: null,
         bias: null,
         inv_temperature: null,

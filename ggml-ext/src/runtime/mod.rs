@@ -80,6 +80,10 @@ pub struct Segment<'a> {
     pub tokens: &'a [i32],
     /// Cell of `tokens[0]`, counted from the end of the committed prefix.
     pub offset: usize,
+    /// Cells of the tokens one by one (ascending, counted like `offset`) when they are not the
+    /// run from `offset` on: a step that recomputes only some cells of a block, the others'
+    /// keys and values staying as cached. Empty: `offset, offset + 1, ...`.
+    pub cells: &'a [usize],
     /// Cells after the prefix the segment attends to; at least `offset + tokens.len()`.
     pub span: usize,
     /// Indexes into `tokens` whose predictions are wanted.
@@ -101,6 +105,7 @@ impl<'a> Segment<'a> {
             cache,
             tokens,
             offset: 0,
+            cells: &[],
             span: tokens.len(),
             outputs: &[],
             temperature: 1.0,
@@ -270,7 +275,7 @@ impl DiffusionModel {
             if n == 0 {
                 return bad("a segment has no tokens".into());
             }
-            if g.span < g.offset + n {
+            if g.cells.is_empty() && g.span < g.offset + n {
                 return bad(format!(
                     "span {} does not cover cells {}..{}",
                     g.span,
@@ -283,6 +288,20 @@ impl DiffusionModel {
                     "{} cached + {} cells exceed the cache's {} cells",
                     g.cache.len, g.span, g.cache.capacity
                 ));
+            }
+            if !g.cells.is_empty() {
+                if g.cells.len() != n || g.commit {
+                    return bad(format!(
+                        "{} cells for {n} tokens (a committing segment has none)",
+                        g.cells.len()
+                    ));
+                }
+                if !g.cells.is_sorted_by(|a, b| a < b) || g.cells[n - 1] >= g.span {
+                    return bad(format!(
+                        "cells {:?} are not ascending inside the span {}",
+                        g.cells, g.span
+                    ));
+                }
             }
             if g.commit && (g.offset != 0 || g.span != n) {
                 return bad("a committing segment starts at the prefix end and spans only itself".into());
@@ -316,14 +335,22 @@ impl DiffusionModel {
         for g in segments {
             let first = tokens.len();
             tokens.extend_from_slice(g.tokens);
-            let at = (g.cache.len + g.offset) as i32;
-            positions.extend((0..g.tokens.len() as i32).map(|j| at + j));
+            if g.cells.is_empty() {
+                let at = (g.cache.len + g.offset) as i32;
+                positions.extend((0..g.tokens.len() as i32).map(|j| at + j));
+            } else {
+                positions.extend(g.cells.iter().map(|c| (g.cache.len + c) as i32));
+            }
             rows.extend(g.outputs.iter().map(|o| (first + o) as i32));
             let t = if g.temperature > 0.0 { g.temperature } else { 1.0 };
             inv_t.extend(std::iter::repeat_n(1.0 / t, g.outputs.len()));
         }
         set(built.tokens, &tokens);
         set(built.positions, &positions);
+        for (g, rows) in segments.iter().zip(&built.cell_rows).filter(|(_, r)| !r.is_null()) {
+            let cells: Vec<i64> = g.cells.iter().map(|c| (g.cache.len + c) as i64).collect();
+            set(*rows, &cells);
+        }
         for (g, mask) in segments.iter().zip(&built.chunk_masks).filter(|(_, m)| !m.is_null()) {
             set(*mask, &chunk_mask(g));
         }
