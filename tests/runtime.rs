@@ -431,8 +431,8 @@ fn picked_step(
     cache: &mut ggml_ext::runtime::KvCache,
     cells: &[usize],
     tokens: &[i32],
-) -> Vec<f32> {
-    let rows: Vec<usize> = (0..cells.len()).collect();
+) -> Result<Vec<f32>, ggml_ext::runtime::RuntimeError> {
+    let rows: Vec<usize> = (0..tokens.len()).collect();
     let mut seg = [Segment {
         cache,
         tokens,
@@ -444,7 +444,7 @@ fn picked_step(
         commit: false,
         chunk_ends: &[],
     }];
-    logits(model.eval(&mut seg, Head::Logits).unwrap().remove(0))
+    Ok(logits(model.eval(&mut seg, Head::Logits)?.remove(0)))
 }
 
 #[test]
@@ -458,7 +458,7 @@ fn a_step_over_picked_cells_reuses_the_others_and_writes_its_own() {
     // pass's rows.
     let cells = [1, 4, 8];
     let same: Vec<i32> = cells.iter().map(|c| WINDOW[*c]).collect();
-    let picked = picked_step(&mut model, &mut cache, &cells, &same);
+    let picked = picked_step(&mut model, &mut cache, &cells, &same).unwrap();
     for (i, c) in cells.iter().enumerate() {
         let diff = max_diff(
             &full[c * n_vocab..(c + 1) * n_vocab],
@@ -469,26 +469,14 @@ fn a_step_over_picked_cells_reuses_the_others_and_writes_its_own() {
     // New tokens in cells 1 and 4 change every row, and their keys and values stay in the cache:
     // a later step over cell 8 alone sees them.
     let changed = [70, 71, WINDOW[8]];
-    let after = picked_step(&mut model, &mut cache, &cells, &changed);
+    let after = picked_step(&mut model, &mut cache, &cells, &changed).unwrap();
     assert!(max_diff(&picked, &after) > 1e-3);
-    let alone = picked_step(&mut model, &mut cache, &[8], &[WINDOW[8]]);
+    let alone = picked_step(&mut model, &mut cache, &[8], &[WINDOW[8]]).unwrap();
     assert!(max_diff(&after[2 * n_vocab..], &alone) <= 1e-5);
     assert!(max_diff(&full[8 * n_vocab..9 * n_vocab], &alone) > 1e-3);
     // Cells out of order, outside the span or not one per token are refused.
     for (cells, tokens) in [(&[4, 1][..], &[70, 71][..]), (&[1, 10], &[70, 71]), (&[1, 2], &[70])] {
-        let rows = [0];
-        let mut seg = [Segment {
-            cache: &mut cache,
-            tokens,
-            offset: cells[0],
-            cells,
-            span: WINDOW.len(),
-            outputs: &rows,
-            temperature: 1.0,
-            commit: false,
-            chunk_ends: &[],
-        }];
-        let err = model.eval(&mut seg, Head::Logits).unwrap_err();
+        let err = picked_step(&mut model, &mut cache, cells, tokens).unwrap_err();
         assert!(err.to_string().contains("cells"), "{cells:?}: {err}");
     }
 }
