@@ -400,11 +400,12 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
     let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
     let reused = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, true)).await?;
+    let twin_threads = args.twin_threads.unwrap_or(config.model.threads);
     let twin = match &args.twin {
         Some(path) => {
             let mut twin = with_engine(EngineKind::Autoregressive, CacheMode::Prefix, true);
             twin.model.path = path.clone();
-            twin.model.threads = args.twin_threads.unwrap_or(twin.model.threads);
+            twin.model.threads = twin_threads;
             let file = dllm_chat::models::resolve(path)?;
             Some((start_engine(&twin).await?, file))
         }
@@ -425,7 +426,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         "model: {}  threads: {} (twin: {})  conversations per reply length: {per_length}  block: {}",
         reference.info().model_path,
         config.model.threads,
-        args.twin_threads.unwrap_or(config.model.threads),
+        twin_threads,
         args.block_length
     );
     let matmul_rate = machine_matmul_rate(Path::new(&reference.info().model_path), config.model.threads)?;
@@ -469,7 +470,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         if let Some((_, file)) = &twin {
             let (file, system, owned) = (file.clone(), system.clone(), conversations.to_vec());
             let model = ModelConfig {
-                threads: args.twin_threads.unwrap_or(config.model.threads),
+                threads: twin_threads,
                 ..config.model.clone()
             };
             let classifier = classifier.clone();
