@@ -353,6 +353,7 @@ impl Worker {
         let block_index = block.start / r.job.options.block_length.max(1);
         let cells: Vec<i32> = r.state.lead.iter().chain(r.canvas.tokens()).copied().collect();
         let lead = r.state.lead.len();
+        let keys = self.slots[r.state.slot].cache.len() + cells.len();
         let refresh = r.state.refreshed != Some(block_index);
         let last_active = std::mem::replace(&mut r.state.last_active, active.clone());
         if !refresh && self.settings.cache_mode == CacheMode::Dual {
@@ -364,7 +365,6 @@ impl Worker {
                 .collect();
             picked.sort_unstable();
             picked.dedup();
-            let keys = self.slots[r.state.slot].cache.len() + cells.len();
             return Planned {
                 flops: self.arithmetic.flops(picked.len(), active.len(), keys),
                 tokens: picked.iter().map(|c| cells[*c]).collect(),
@@ -384,7 +384,6 @@ impl Worker {
         } else {
             block.start..cells.len()
         };
-        let keys = self.slots[r.state.slot].cache.len() + cells.len();
         Planned {
             flops: self.arithmetic.flops(window.len(), active.len(), keys),
             tokens: cells[window.clone()].to_vec(),

@@ -82,7 +82,7 @@ pub struct Segment<'a> {
     pub offset: usize,
     /// Cells of the tokens one by one (ascending, counted like `offset`) when they are not the
     /// run from `offset` on: a step that recomputes only some cells of a block, the others'
-    /// keys and values staying as cached. Empty: `offset, offset + 1, ...`.
+    /// keys and values staying as cached; `offset` is then unused. Empty: `offset, offset + 1, ...`.
     pub cells: &'a [usize],
     /// Cells after the prefix the segment attends to; at least `offset + tokens.len()`.
     pub span: usize,
