@@ -11,7 +11,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow, PolicyKind, Selection};
+use crate::engine::{
+    CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow, Lookahead, PolicyKind, Selection,
+};
 
 /// The built-in defaults, also the documented reference of every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -144,6 +146,8 @@ pub struct ModelConfig {
     pub path: String,
     pub engine: EngineKind,
     pub cache: CacheMode,
+    /// Canvas cells past the current block the cached engine computes: `"all"` or a count.
+    pub lookahead: Lookahead,
     pub reuse_history: bool,
     pub device: DeviceKind,
     pub top_k: usize,
@@ -593,6 +597,7 @@ impl Config {
             kind: m.engine,
             device: m.device,
             cache_mode: m.cache,
+            lookahead: m.lookahead,
             reuse_history: m.reuse_history,
             top_k: m.top_k,
             threads: m.threads,

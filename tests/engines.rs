@@ -10,7 +10,7 @@ use std::time::Duration;
 use dllm_chat::config::Config;
 use dllm_chat::engine::{
     CacheMode, Capacity, ChatTurn, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineKind,
-    GenerateRequest, HistoryWindow, Revision, Schedule, Selection, StopReason,
+    GenerateRequest, HistoryWindow, Lookahead, Revision, Schedule, Selection, StopReason,
 };
 
 fn request(content: &str, options: DecodeOptions) -> GenerateRequest {
@@ -493,6 +493,65 @@ async fn cached_replies_batched_with_others_equal_replies_alone() {
     assert_eq!(text(a.1), alone);
     assert_ne!(text(b.1), alone, "other prompts give other replies");
     assert!(matches!(c.1, EngineEvent::Finished(_)));
+}
+
+/// The lookahead bounds what a block's first step computes and what the block attends to (on the
+/// bundled model, whose replies vary from cell to cell): one past the canvas replies exactly as the
+/// whole canvas does, in both cache modes; none at all computes less per step, and its first block
+/// says what a canvas of that block alone says.
+#[tokio::test]
+async fn the_lookahead_bounds_the_canvas_a_block_computes() {
+    let question = || request("how do returns work?", options(32, 32, Schedule::Fixed));
+    let bundled = dllm_chat::models::resolve(dllm_chat::models::BUILTIN_NORTHWIND)
+        .unwrap()
+        .display()
+        .to_string();
+    for cache in [CacheMode::Prefix, CacheMode::Dual] {
+        let engine_with = |lookahead| {
+            let mut config = cached_config();
+            config.model.path = bundled.clone();
+            config.model.cache = cache;
+            config.model.lookahead = lookahead;
+            // One cache, so each reply writes over the cells of the one before it: a step that
+            // attended to cells its block did not compute would read another conversation's.
+            config.limits.max_running_replies = 1;
+            config.limits.kept_conversation_caches = 1;
+            async move {
+                let engine = common::start_engine(&config).await;
+                let other = request(
+                    "where is my order NW-55555? it has not arrived",
+                    options(32, 32, Schedule::Fixed),
+                );
+                text(run(engine.as_ref(), other).await.1);
+                engine
+            }
+        };
+        let mut by_lookahead = Vec::new();
+        for lookahead in [Lookahead::All, Lookahead::Cells(64), Lookahead::Cells(0)] {
+            let engine = engine_with(lookahead).await;
+            let EngineEvent::Finished(c) = run(engine.as_ref(), question()).await.1 else {
+                panic!("the reply did not finish")
+            };
+            by_lookahead.push((c.text, c.steps, c.phases.step_flops));
+        }
+        let [all, past_the_canvas, none] = &by_lookahead[..] else {
+            unreachable!("three lookaheads")
+        };
+        assert_eq!(all, past_the_canvas, "{cache:?}");
+        assert!(
+            none.2 / (none.1 as f64) < all.2 / (all.1 as f64),
+            "{cache:?}: {by_lookahead:?}"
+        );
+        let engine = engine_with(Lookahead::All).await;
+        let mut first_block_alone = question();
+        first_block_alone.options = options(8, 8, Schedule::Fixed);
+        let first_block = text(run(engine.as_ref(), first_block_alone).await.1);
+        assert!(
+            first_block.split_whitespace().count() > 1 && none.0.starts_with(&first_block),
+            "{cache:?}: {first_block:?} then {:?}",
+            none.0
+        );
+    }
 }
 
 /// The next turn extends the conversation's cache (reported as cached prompt tokens) and replies

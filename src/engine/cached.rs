@@ -5,8 +5,9 @@
 //! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
 //!    ([`prompt::turn_boundaries`](super::prompt::turn_boundaries)). A cache left by an earlier turn of the same conversation (its
 //!    tokens a prefix of the new prompt, ending on a boundary) is extended instead of refilled.
-//! 2. *Refresh* at the start of every block: the whole canvas is computed over the prompt, leaving
-//!    the K/V of every canvas cell in the cache.
+//! 2. *Refresh* at the start of every block: the canvas up to the lookahead past the block
+//!    ([`Lookahead`](super::settings::Lookahead)) is computed over the prompt, leaving the K/V of
+//!    those cells in the cache; the masks further out join at a later block's refresh.
 //! 3. *Steps* inside the block: with [`CacheMode::Prefix`] the block and everything after it are
 //!    recomputed; with [`CacheMode::Dual`] only the block's cells that the previous step
 //!    predicted, attending to the cached K/V of the rest of the canvas from the last refresh
@@ -86,6 +87,9 @@ struct Reply {
     lead: Vec<i32>,
     /// The positions the previous step predicted: still masked, or unmasked by it.
     last_active: Vec<usize>,
+    /// The cells the current block's steps attend to, from the block's first step
+    /// ([`EngineSettings::lookahead`]); those after them are not in the cache.
+    visible: usize,
 }
 
 /// The cache a new reply gets.
@@ -163,6 +167,7 @@ impl Backend for Worker {
             refreshed: None,
             lead: tokens[committed.len()..].to_vec(),
             last_active: Vec::new(),
+            visible: 0,
         };
         Ok((reply, cached_tokens))
     }
@@ -337,12 +342,12 @@ impl Worker {
         Ok(reused)
     }
 
-    /// What `r` computes this step: the whole canvas at a block's start, then the block and what
-    /// follows it (prefix cache) or, with the dual cache, only the block's cells the previous step
-    /// predicted: those still masked, and those it unmasked, whose keys and values were computed
-    /// with the mask and now get their token's. A cell settled before that keeps the keys and
-    /// values of the step after it settled, so a block step shrinks as the block fills (about 22
-    /// of a 32-token block's cells on the held-out questions).
+    /// What `r` computes this step: the canvas up to the lookahead at a block's start, then the
+    /// block and what follows it up to there (prefix cache) or, with the dual cache, only the
+    /// block's cells the previous step predicted: those still masked, and those it unmasked, whose
+    /// keys and values were computed with the mask and now get their token's. A cell settled
+    /// before that keeps the keys and values of the step after it settled, so a block step shrinks
+    /// as the block fills (about 22 of a 32-token block's cells on the held-out questions).
     ///
     /// The cells after the committed prompt hold `lead ++ canvas`: with Dream's shifted logits the
     /// prompt's last token stays uncommitted, so the row predicting canvas position `p` is cell `p`
@@ -353,15 +358,19 @@ impl Worker {
         let block_index = block.start / r.job.options.block_length.max(1);
         let cells: Vec<i32> = r.state.lead.iter().chain(r.canvas.tokens()).copied().collect();
         let lead = r.state.lead.len();
-        let keys = self.slots[r.state.slot].cache.len() + cells.len();
         let refresh = r.state.refreshed != Some(block_index);
+        if refresh {
+            r.state.visible = lead + self.settings.lookahead.end(block.end, r.canvas.tokens().len());
+        }
+        let visible = r.state.visible;
+        let keys = self.slots[r.state.slot].cache.len() + visible;
         let last_active = std::mem::replace(&mut r.state.last_active, active.clone());
         if !refresh && self.settings.cache_mode == CacheMode::Dual {
             // Cell `p` predicts position `p`; the token at `p` sits in cell `p + lead`.
             let mut picked: Vec<usize> = last_active
                 .iter()
                 .flat_map(|p| [*p, p + lead])
-                .filter(|c| *c < cells.len())
+                .filter(|c| *c < visible)
                 .collect();
             picked.sort_unstable();
             picked.dedup();
@@ -369,7 +378,7 @@ impl Worker {
                 flops: self.arithmetic.flops(picked.len(), active.len(), keys),
                 tokens: picked.iter().map(|c| cells[*c]).collect(),
                 offset: picked[0],
-                span: cells.len(),
+                span: visible,
                 outputs: active
                     .iter()
                     .map(|p| picked.binary_search(p).expect("an active position was active before"))
@@ -380,15 +389,15 @@ impl Worker {
         }
         let window = if refresh {
             r.state.refreshed = Some(block_index);
-            0..cells.len()
+            0..visible
         } else {
-            block.start..cells.len()
+            block.start..visible
         };
         Planned {
             flops: self.arithmetic.flops(window.len(), active.len(), keys),
             tokens: cells[window.clone()].to_vec(),
             offset: window.start,
-            span: cells.len(),
+            span: visible,
             outputs: active.iter().map(|p| p - window.start).collect(),
             cells: Vec::new(),
             active,

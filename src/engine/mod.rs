@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use policy::{PolicyKind, Schedule, Selection};
-pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow};
+pub use settings::{CacheMode, DeviceKind, EngineKind, EngineSettings, HistoryWindow, Lookahead};
 
 /// One message of the conversation as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
