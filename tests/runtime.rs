@@ -338,49 +338,6 @@ fn a_chunked_prefill_in_one_evaluation_equals_one_evaluation_per_chunk() {
 }
 
 #[test]
-fn prefills_of_several_caches_in_one_evaluation_equal_one_evaluation_each() {
-    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
-    // A chunked prompt, a turn appended to a cached one, and a long prompt (ggml's tiled kernel).
-    let long = long_prefix();
-    let prompts: [(&[i32], &[i32], &[usize]); 3] = [
-        (&[], &PREFIX, &[9]),
-        (&PREFIX[..6], &PREFIX[6..], &[]),
-        (&[], &long, &[]),
-    ];
-    let fresh_caches = |model: &mut DiffusionModel| -> Vec<ggml_ext::runtime::KvCache> {
-        prompts
-            .iter()
-            .map(|(cached, _, _)| {
-                let mut c = model.new_cache(256).unwrap();
-                model.prefill(&mut c, cached).unwrap();
-                c
-            })
-            .collect()
-    };
-    let mut alone = fresh_caches(&mut model);
-    for (cache, (_, tokens, ends)) in alone.iter_mut().zip(&prompts) {
-        model.prefill_chunks(cache, tokens, ends).unwrap();
-    }
-    let mut together = fresh_caches(&mut model);
-    let mut segments: Vec<Segment> = together
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(cache, (_, tokens, ends))| Segment::prefill(cache, tokens, ends))
-        .collect();
-    model.eval(&mut segments, Head::Logits).unwrap();
-    drop(segments);
-    let windows = [&WINDOW[..]; 3];
-    let a = window_logits(&mut model, &mut alone, &windows);
-    let b = window_logits(&mut model, &mut together, &windows);
-    for i in 0..3 {
-        assert_eq!(alone[i].tokens(), together[i].tokens(), "prompt {i}");
-        let diff = max_diff(&a[i], &b[i]);
-        assert!(diff <= 1e-4, "prompt {i}: {diff}");
-    }
-    assert!(max_diff(&a[0], &a[2]) > 1e-3, "different prompts differ");
-}
-
-#[test]
 fn chunk_ends_outside_the_tokens_or_out_of_order_are_refused() {
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
     let mut cache = model.new_cache(64).unwrap();

@@ -122,16 +122,6 @@ fn choose_slot(idle: &[Option<(usize, u64)>], limit: usize) -> Result<Choice, En
     }
 }
 
-/// The turn boundaries of `job`'s prompt inside its committed part (`committed` tokens).
-fn committed_boundaries(job: &Job, committed: usize) -> Vec<usize> {
-    job.prompt
-        .boundaries
-        .iter()
-        .copied()
-        .filter(|b| *b < committed)
-        .collect()
-}
-
 /// One reply's part of a step's evaluation.
 struct Planned {
     tokens: Vec<i32>,
@@ -160,44 +150,28 @@ impl Backend for Worker {
 
     /// Picks a conversation cache for the prompt and prefills what it lacks.
     fn admit(&mut self, job: &Job) -> Result<(Reply, usize), EngineError> {
-        self.admit_all(&[job]).pop().expect("one result per job")
+        let tokens = &job.prompt.tokens;
+        let shift = self.model.shape().logit_shift;
+        let committed = &tokens[..tokens.len().saturating_sub(shift)];
+        let boundaries: Vec<usize> = job
+            .prompt
+            .boundaries
+            .iter()
+            .copied()
+            .filter(|b| *b < committed.len())
+            .collect();
+        let slot = self.pick_slot(committed, &boundaries)?;
+        let cached_tokens = self.prefill(slot, committed, &boundaries)?;
+        let reply = Reply {
+            slot,
+            refreshed: None,
+            lead: tokens[committed.len()..].to_vec(),
+            last_active: Vec::new(),
+            visible: 0,
+        };
+        Ok((reply, cached_tokens))
     }
 
-    /// Picks a conversation cache for each prompt and prefills what they lack together, in one
-    /// evaluation per context length of new tokens: a burst of arrivals prefills at the rate of
-    /// one long prompt instead of one short prompt after another.
-    fn admit_all(&mut self, jobs: &[&Job]) -> Vec<Result<(Reply, usize), EngineError>> {
-        let shift = self.model.shape().logit_shift;
-        let mut admitted: Vec<Result<(Reply, usize), EngineError>> = Vec::with_capacity(jobs.len());
-        // The prefills of one evaluation: (job index, slot, new tokens).
-        let mut group: Vec<(usize, usize, usize)> = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
-            let tokens = &job.prompt.tokens;
-            let committed = &tokens[..tokens.len().saturating_sub(shift)];
-            let boundaries = committed_boundaries(job, committed.len());
-            match self.pick_slot(committed, &boundaries) {
-                Ok(slot) => {
-                    let reply = Reply {
-                        slot,
-                        refreshed: None,
-                        lead: tokens[committed.len()..].to_vec(),
-                        last_active: Vec::new(),
-                        visible: 0,
-                    };
-                    let new = committed.len() - self.slots[slot].cache.len();
-                    if group.iter().map(|(_, _, n)| n).sum::<usize>() + new > self.context {
-                        self.prefill(jobs, &group, shift, &mut admitted);
-                        group.clear();
-                    }
-                    group.push((i, slot, new));
-                    admitted.push(Ok((reply, 0)));
-                }
-                Err(e) => admitted.push(Err(e)),
-            }
-        }
-        self.prefill(jobs, &group, shift, &mut admitted);
-        admitted
-    }
     /// One denoising step of every running reply, in one graph evaluation.
     fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
         let started = Instant::now();
@@ -349,67 +323,23 @@ impl Worker {
         Ok(index)
     }
 
-    /// Commits what each slot of `group` (job index, slot, new tokens) lacks of its job's prompt,
-    /// one chunk per turn boundary, all in one evaluation, and records in `admitted` how many
-    /// tokens each had cached, or the error that failed them all.
-    fn prefill(
-        &mut self,
-        jobs: &[&Job],
-        group: &[(usize, usize, usize)],
-        shift: usize,
-        admitted: &mut [Result<(Reply, usize), EngineError>],
-    ) {
-        let committed = |i: usize| {
-            let tokens = &jobs[i].prompt.tokens;
-            &tokens[..tokens.len().saturating_sub(shift)]
-        };
-        let reused: Vec<usize> = group.iter().map(|(_, slot, _)| self.slots[*slot].cache.len()).collect();
-        let ends: Vec<Vec<usize>> = group
-            .iter()
-            .zip(&reused)
-            .map(|((i, _, _), reused)| {
-                let boundaries = committed_boundaries(jobs[*i], committed(*i).len());
-                boundaries.into_iter().filter(|b| b > reused).collect()
-            })
-            .collect();
-        let relative: Vec<Vec<usize>> = ends
-            .iter()
-            .zip(&reused)
-            .map(|(ends, reused)| ends.iter().map(|e| e - reused).collect())
-            .collect();
-        let mut caches: Vec<Option<&mut KvCache>> = self.slots.iter_mut().map(|s| Some(&mut s.cache)).collect();
-        let mut segments: Vec<Segment> = group
-            .iter()
-            .zip(&reused)
-            .zip(&relative)
-            .filter(|(((_, _, new), _), _)| *new > 0)
-            .map(|(((i, slot, _), reused), chunk_ends)| {
-                let cache = caches[*slot].take().expect("one prompt per cache");
-                Segment::prefill(cache, &committed(*i)[*reused..], chunk_ends)
-            })
-            .collect();
-        let evaluated = if segments.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.model.eval(&mut segments, Head::Logits)
-        };
-        drop(segments);
-        for (((i, slot, new), reused), ends) in group.iter().zip(reused).zip(ends) {
-            let s = &mut self.slots[*slot];
-            if let Err(e) = &evaluated {
-                s.busy = false;
-                admitted[*i] = Err(EngineError::Decode(e.to_string()));
-                continue;
-            }
-            s.chunk_ends.extend(ends);
-            if *new > 0 {
-                s.chunk_ends.push(reused + new);
-            }
-            crate::metrics::prompt_tokens(reused, *new);
-            if let Ok((_, cached)) = &mut admitted[*i] {
-                *cached = reused;
-            }
+    /// Commits what `slot` lacks of `tokens`, one chunk per turn boundary, in one evaluation.
+    /// Returns how many tokens were already there.
+    fn prefill(&mut self, slot: usize, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
+        let s = &mut self.slots[slot];
+        let reused = s.cache.len();
+        let ends: Vec<usize> = boundaries.iter().copied().filter(|b| *b > reused).collect();
+        let chunk_ends: Vec<usize> = ends.iter().map(|e| e - reused).collect();
+        if let Err(e) = self.model.prefill_chunks(&mut s.cache, &tokens[reused..], &chunk_ends) {
+            s.busy = false;
+            return Err(EngineError::Decode(e.to_string()));
         }
+        s.chunk_ends.extend(ends);
+        if tokens.len() > reused {
+            s.chunk_ends.push(tokens.len());
+        }
+        crate::metrics::prompt_tokens(reused, tokens.len() - reused);
+        Ok(reused)
     }
 
     /// What `r` computes this step: the canvas up to the lookahead at a block's start, then the

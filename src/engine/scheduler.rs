@@ -32,12 +32,6 @@ pub(crate) trait Backend {
     /// prompt tokens were already cached.
     fn admit(&mut self, job: &Job) -> Result<(Self::State, usize), EngineError>;
 
-    /// Starts the jobs that arrived together, one result per job in their order. One by one
-    /// unless the backend can do better (the cached engine prefills them in one evaluation).
-    fn admit_all(&mut self, jobs: &[&Job]) -> Vec<Result<(Self::State, usize), EngineError>> {
-        jobs.iter().map(|job| self.admit(job)).collect()
-    }
-
     /// Advances every reply in `replies` by one denoising step and calls `stepped` for each,
     /// as soon as its step is done, with the positions the step unmasked or the error that ends
     /// the reply.
@@ -85,7 +79,10 @@ pub(crate) fn run<B: Backend>(
     let every = backend.steps_per_revision().max(1);
     let mut replies: Vec<Running<B::State>> = Vec::new();
     while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
-        let mut arrived = admit(&mut backend, jobs, chat);
+        let mut arrived: Vec<Running<B::State>> = jobs
+            .into_iter()
+            .filter_map(|job| admit(&mut backend, job, chat))
+            .collect();
         // A reply that arrives while others run takes its first step at once, on its own: its first
         // revision then waits for its prefill and one small step, not for a step of every reply.
         if !replies.is_empty() && !arrived.is_empty() {
@@ -143,51 +140,38 @@ fn step_all<B: Backend>(
     *replies = live;
 }
 
-/// Starts the jobs that arrived together and announces each; those that failed or that nobody
-/// listens to any more are left out.
-fn admit<B: Backend>(backend: &mut B, mut jobs: Vec<Job>, chat: &ChatModel) -> Vec<Running<B::State>> {
-    if jobs.is_empty() {
-        return Vec::new();
-    }
+/// Starts `job` and announces it; `None` when it failed or nobody listens any more.
+fn admit<B: Backend>(backend: &mut B, mut job: Job, chat: &ChatModel) -> Option<Running<B::State>> {
     let admitting = Instant::now();
-    for job in &mut jobs {
-        job.phases.queue = admitting
-            .duration_since(job.queued_at)
-            .saturating_sub(job.phases.prompt);
-        job.admitted_at = Some(admitting);
-    }
-    let admitted = backend.admit_all(&jobs.iter().collect::<Vec<_>>());
-    // Jobs admitted together start together: each one's prefill lasts until all are done.
-    let prefill = admitting.elapsed();
-    let mut running = Vec::with_capacity(jobs.len());
-    for (mut job, admitted) in jobs.into_iter().zip(admitted) {
-        let (state, cached_tokens) = match admitted {
-            Ok(admitted) => admitted,
-            Err(e) => {
-                job.fail(e);
-                continue;
-            }
-        };
-        job.phases.prefill = prefill;
-        let started = EngineEvent::Started {
-            prompt_tokens: job.prompt.tokens.len(),
-            cached_tokens,
-            dropped_turns: job.prompt.dropped_turns,
-            queue_wait: job.phases.queue,
-        };
-        if job.events.send(started).is_err() {
-            backend.release(state);
-            continue;
+    job.phases.queue = admitting
+        .duration_since(job.queued_at)
+        .saturating_sub(job.phases.prompt);
+    job.admitted_at = Some(admitting);
+    let (state, cached_tokens) = match backend.admit(&job) {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            job.fail(e);
+            return None;
         }
-        let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone()).with_pieces(chat.pieces.clone());
-        running.push(Running {
-            job,
-            canvas,
-            state,
-            live: true,
-        });
+    };
+    job.phases.prefill = admitting.elapsed();
+    let started = EngineEvent::Started {
+        prompt_tokens: job.prompt.tokens.len(),
+        cached_tokens,
+        dropped_turns: job.prompt.dropped_turns,
+        queue_wait: job.phases.queue,
+    };
+    if job.events.send(started).is_err() {
+        backend.release(state);
+        return None;
     }
-    running
+    let canvas = Canvas::new(&job.options, chat.mask, chat.end_tokens.clone()).with_pieces(chat.pieces.clone());
+    Some(Running {
+        job,
+        canvas,
+        state,
+        live: true,
+    })
 }
 
 #[cfg(test)]
@@ -203,13 +187,9 @@ mod tests {
     use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineInfo, GenerateRequest, HistoryWindow};
 
     /// Steps every reply by one position, slowly, and records which replies (by canvas length)
-    /// each step evaluated together and which were admitted together. With a gate, the first step
-    /// waits for it to open.
-    #[derive(Default)]
+    /// each step evaluated together.
     struct Recorder {
         steps: Arc<Mutex<Vec<Vec<usize>>>>,
-        admitted: Arc<Mutex<Vec<Vec<usize>>>>,
-        gate: Option<std::sync::mpsc::Receiver<()>>,
     }
 
     /// A token of the fixture's vocabulary that neither ends a reply nor masks.
@@ -222,16 +202,7 @@ mod tests {
             Ok(((), 0))
         }
 
-        fn admit_all(&mut self, jobs: &[&Job]) -> Vec<Result<((), usize), EngineError>> {
-            let together = jobs.iter().map(|j| j.options.max_tokens).collect();
-            self.admitted.lock().unwrap().push(together);
-            jobs.iter().map(|job| self.admit(job)).collect()
-        }
-
         fn step(&mut self, replies: &mut [Running<()>], stepped: &mut dyn FnMut(&mut Running<()>, Step)) {
-            if let Some(gate) = self.gate.take() {
-                gate.recv().unwrap();
-            }
             let together = replies.iter().map(|r| r.job.options.max_tokens).collect();
             self.steps.lock().unwrap().push(together);
             std::thread::sleep(Duration::from_millis(3));
@@ -289,10 +260,12 @@ mod tests {
         panic!("the engine stopped");
     }
 
-    /// An engine running `recorder` with up to 4 replies at once.
-    fn start(recorder: Recorder) -> impl Engine {
+    #[test]
+    fn a_reply_arriving_while_others_run_takes_its_first_step_alone() {
         let path = crate::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).unwrap();
-        jobs::spawn("scheduler-test", 8, HistoryWindow::Off, move |intake, ready| {
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder { steps: steps.clone() };
+        let engine = jobs::spawn("scheduler-test", 8, HistoryWindow::Off, move |intake, ready| {
             let chat = match ChatModel::load(&path, true, Family::Diffusion) {
                 Ok(chat) => Arc::new(chat),
                 Err(e) => return ready(Err(e)),
@@ -310,16 +283,7 @@ mod tests {
             }));
             run(recorder, intake, &chat, "_", 4);
         })
-        .unwrap()
-    }
-
-    #[test]
-    fn a_reply_arriving_while_others_run_takes_its_first_step_alone() {
-        let steps = Arc::new(Mutex::new(Vec::new()));
-        let engine = start(Recorder {
-            steps: steps.clone(),
-            ..Recorder::default()
-        });
+        .unwrap();
         // A long reply of 40 one-token steps, then a short one of 3 while it runs.
         let mut long = engine.submit(request(40)).unwrap();
         assert!(matches!(long.events.blocking_recv(), Some(EngineEvent::Started { .. })));
@@ -338,32 +302,5 @@ mod tests {
             steps[first + 2..].iter().any(|s| s == &vec![40]),
             "the long reply went on"
         );
-    }
-
-    #[test]
-    fn replies_arriving_together_are_admitted_together_and_take_their_first_step_together() {
-        let (open, gate) = std::sync::mpsc::channel();
-        let (steps, admitted) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        let engine = start(Recorder {
-            steps: steps.clone(),
-            admitted: admitted.clone(),
-            gate: Some(gate),
-        });
-        // The long reply's first step waits at the gate until both short ones are queued.
-        let mut long = engine.submit(request(20)).unwrap();
-        assert!(matches!(long.events.blocking_recv(), Some(EngineEvent::Started { .. })));
-        let mut shorts = [engine.submit(request(3)).unwrap(), engine.submit(request(4)).unwrap()];
-        open.send(()).unwrap();
-        for short in &mut shorts {
-            finished(short);
-        }
-        finished(&mut long);
-        assert_eq!(*admitted.lock().unwrap(), vec![vec![20], vec![3, 4]]);
-        let steps = steps.lock().unwrap();
-        let first = steps
-            .iter()
-            .position(|s| s.contains(&3))
-            .expect("the short replies were stepped");
-        assert_eq!(steps[first], vec![3, 4], "their first step is theirs alone: {steps:?}");
     }
 }
