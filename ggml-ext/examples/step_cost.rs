@@ -1,7 +1,8 @@
-//! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, and steps of
-//! 8-64 masked tokens over a 126-token prompt, each with the top-k head with and without
-//! entropies, and a dual-cache block step over its whole block or only the cells it needs;
-//! variants are measured in alternating rounds so the machine's noise hits them alike.
+//! What one evaluation of a model costs by its size: prefills of 32 and 126 tokens, a burst of
+//! short prompts prefilled one after another or in one evaluation, steps of 8-64 masked tokens
+//! over a 126-token prompt, each with the top-k head with and without entropies, and a dual-cache
+//! block step over its whole block or only the cells it needs; variants are measured in
+//! alternating rounds so the machine's noise hits them alike.
 //!
 //! `cargo run --example step_cost -- MODEL.gguf [THREADS]`; prints the median and the 10th
 //! percentile of each in milliseconds.
@@ -15,6 +16,9 @@ use ggml_ext::runtime::{Device, DiffusionModel, Head, KvCache, RuntimeConfig, Se
 const ROUNDS: usize = 20;
 const PER_ROUND: usize = 15;
 const PROMPT: usize = 126;
+/// A burst: this many single questions (a system prompt and one message) arriving together.
+const BURST: usize = 8;
+const QUESTION: usize = 45;
 
 type Run<'a> = Box<dyn FnMut(&mut DiffusionModel, &mut KvCache) + 'a>;
 
@@ -25,7 +29,7 @@ fn main() {
     let config = RuntimeConfig {
         device: Device::Cpu,
         threads,
-        max_segments: 1,
+        max_segments: BURST,
     };
     let mut model = DiffusionModel::load(Path::new(&path), config).expect("a llada or dream GGUF");
     let mask = model.shape().mask_token.expect("the model has a mask token");
@@ -48,6 +52,37 @@ fn main() {
             vec![("", run)],
         );
     }
+    let burst: Vec<(&str, Run)> = [("one evaluation each", false), ("all in one evaluation", true)]
+        .into_iter()
+        .map(|(name, together)| {
+            let mut caches: Vec<KvCache> = (0..BURST)
+                .map(|_| model.new_cache(QUESTION).expect("a cache"))
+                .collect();
+            let prompts: Vec<Vec<i32>> = (0..BURST).map(|b| prompt[b..b + QUESTION].to_vec()).collect();
+            let run: Run = Box::new(move |m, _| {
+                caches.iter_mut().for_each(|c| c.truncate(0));
+                if together {
+                    let mut segments: Vec<Segment> = caches
+                        .iter_mut()
+                        .zip(&prompts)
+                        .map(|(c, p)| Segment::prefill(c, p, &[]))
+                        .collect();
+                    m.eval(&mut segments, Head::Logits).expect("prefill");
+                } else {
+                    for (c, p) in caches.iter_mut().zip(&prompts) {
+                        m.prefill(c, p).expect("prefill");
+                    }
+                }
+            });
+            (name, run)
+        })
+        .collect();
+    report(
+        &format!("prefills of {BURST} prompts of {QUESTION} tokens"),
+        &mut model,
+        &mut cache,
+        burst,
+    );
     cache.truncate(0);
     model.prefill(&mut cache, &prompt).expect("prefill");
     for n in [8usize, 16, 32, 64] {
