@@ -411,7 +411,8 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             twin.model.path = path.clone();
             twin.model.threads = twin_threads;
             let file = dllm_chat::models::resolve(path)?;
-            Some((start_engine(&twin).await?, file))
+            // (t') warms each conversation's history on an engine of its own.
+            Some((start_engine(&twin).await?, start_engine(&twin).await?, file))
         }
         None => None,
     };
@@ -457,10 +458,14 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             warm,
         });
         let mut cases = cases.to_vec();
-        if let Some((engine, _)) = &twin {
-            for (name, warm) in [
-                ("(t) autoregressive twin", false),
-                ("(t') autoregressive twin, history cached by the previous turn", true),
+        if let Some((cold, warmed, _)) = &twin {
+            for (name, engine, warm) in [
+                ("(t) autoregressive twin", cold, false),
+                (
+                    "(t') autoregressive twin, history cached by the previous turn",
+                    warmed,
+                    true,
+                ),
             ] {
                 cases.push(Case {
                     name: format!("{name}, up to {tokens} tokens"),
@@ -471,7 +476,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         let mut results = bench::run_cases(&system, conversations, &cases, classifier.as_ref()).await?;
-        if let Some((_, file)) = &twin {
+        if let Some((_, _, file)) = &twin {
             let (file, system, owned) = (file.clone(), system.clone(), conversations.to_vec());
             let model = ModelConfig {
                 threads: twin_threads,
@@ -522,7 +527,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         adaptive.max_tokens,
         bench::concurrency_table(&levels)
     );
-    if let Some((twin, _)) = &twin {
+    if let Some((twin, _, _)) = &twin {
         // Side by side through the server: the same single questions, one at a time, in
         // alternating rounds; the median round is reported.
         println!(

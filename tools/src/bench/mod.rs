@@ -174,20 +174,21 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// Runs every case over the same conversations, one reply at a time. With `warm`, each
-/// conversation's previous turn is replied to first (unmeasured), so an engine that keeps
-/// conversation caches starts from the cached history.
+/// Runs every case over the same conversations, one reply at a time, conversation by
+/// conversation (each one through every case before the next), so the machine's drift hits the
+/// cases alike. With `warm`, each conversation's previous turn is replied to first (unmeasured),
+/// so an engine that keeps conversation caches starts from the cached history; such a case needs
+/// an engine of its own, or it would find the whole prompt cached by another case.
 pub async fn run_cases(
     system: &str,
     conversations: &[Conversation],
     cases: &[Case],
     classifier: Option<&IntentClassifier>,
 ) -> Result<Vec<CaseResult>, EngineError> {
-    let mut results = Vec::new();
-    for case in cases {
-        let mut measured = Vec::new();
-        let mut correct = 0;
-        for c in conversations {
+    let mut measured: Vec<Vec<Measured>> = cases.iter().map(|_| Vec::new()).collect();
+    let mut correct = vec![0usize; cases.len()];
+    for c in conversations {
+        for ((case, measured), correct) in cases.iter().zip(&mut measured).zip(&mut correct) {
             if case.warm {
                 if let Some(previous) = c.previous_turn() {
                     measure(case.engine.as_ref(), system, previous.turns, &case.options).await?;
@@ -195,29 +196,35 @@ pub async fn run_cases(
             }
             let m = measure(case.engine.as_ref(), system, c.turns.clone(), &case.options).await?;
             if let (Some(classifier), Some(intent)) = (classifier, &c.intent) {
-                correct += usize::from(classifier.matches(&m.text, &c.slots, intent));
+                *correct += usize::from(classifier.matches(&m.text, &c.slots, intent));
             }
             measured.push(m);
         }
-        let mut latencies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
-        latencies.sort();
-        let total_time: f64 = measured.iter().map(|m| m.latency.as_secs_f64()).sum();
-        let tokens: usize = measured.iter().map(|m| m.tokens).sum();
-        let n = measured.len().max(1) as f64;
-        let scored = conversations.iter().filter(|c| c.intent.is_some()).count();
-        results.push(CaseResult {
-            name: case.name.clone(),
-            replies: measured.len(),
-            median_latency: percentile(&latencies, 0.5),
-            tokens_per_second: tokens as f64 / total_time.max(1e-9),
-            steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
-            prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
-            intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
-            mean_phases: Some(mean_phases(measured.iter().map(|m| &m.phases))),
-            mean_latency: Duration::from_secs_f64(total_time / n),
-        });
     }
-    Ok(results)
+    let scored = conversations.iter().filter(|c| c.intent.is_some()).count();
+    Ok(cases
+        .iter()
+        .zip(measured)
+        .zip(correct)
+        .map(|((case, measured), correct)| {
+            let mut latencies: Vec<Duration> = measured.iter().map(|m| m.latency).collect();
+            latencies.sort();
+            let total_time: f64 = measured.iter().map(|m| m.latency.as_secs_f64()).sum();
+            let tokens: usize = measured.iter().map(|m| m.tokens).sum();
+            let n = measured.len().max(1) as f64;
+            CaseResult {
+                name: case.name.clone(),
+                replies: measured.len(),
+                median_latency: percentile(&latencies, 0.5),
+                tokens_per_second: tokens as f64 / total_time.max(1e-9),
+                steps_per_reply: measured.iter().map(|m| m.steps).sum::<usize>() as f64 / n,
+                prompt_tokens: measured.iter().map(|m| m.prompt_tokens).sum::<usize>() as f64 / n,
+                intent_accuracy: (classifier.is_some() && scored > 0).then(|| correct as f64 / scored as f64),
+                mean_phases: Some(mean_phases(measured.iter().map(|m| &m.phases))),
+                mean_latency: Duration::from_secs_f64(total_time / n),
+            }
+        })
+        .collect())
 }
 
 /// The figures of llama.cpp's raw decode loop ([`crate::raw_decode`]) on `conversations`, as a
