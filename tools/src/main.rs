@@ -530,13 +530,14 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     if let Some((twin, _, _)) = &twin {
         // Side by side through the server: the same single questions, one at a time, in
         // alternating rounds; the median round is reported.
+        let n_rounds = args.side_by_side_rounds.max(1);
         println!(
             "diffusion (cached, dual cache, threshold {tau}) and its autoregressive twin through the server, the same {most} \
              single questions one at a time, up to {} tokens, {} alternating rounds (reply p50 ms, diffusion / twin):",
-            adaptive.max_tokens, args.side_by_side_rounds
+            adaptive.max_tokens, n_rounds
         );
         let mut rounds = Vec::new();
-        for _ in 0..args.side_by_side_rounds.max(1) {
+        for _ in 0..n_rounds {
             let mut pair = Vec::new();
             for engine in [&dual, twin] {
                 pair.push(bench::server::run_concurrent(&config, engine.clone(), &pool, &adaptive, 1, most).await?);
