@@ -307,6 +307,52 @@ fn appending_a_turn_equals_a_fresh_chunked_prefill() {
 }
 
 #[test]
+fn a_copied_prefix_equals_its_own_prefill() {
+    let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
+    let (system, turn) = PREFIX.split_at(9);
+    // The source holds the shared start and a turn of its own, and has denoised a reply (scratch).
+    let mut source = model.new_cache(64).unwrap();
+    model.prefill(&mut source, system).unwrap();
+    model.prefill(&mut source, &[40, 41, 42, 43]).unwrap();
+    window_logits(&mut model, std::slice::from_mut(&mut source), &[&WINDOW]);
+    // The copy takes the shared start over cells that held other tokens' keys and values, and
+    // appends its own turn.
+    let mut copied = model.new_cache(64).unwrap();
+    model.prefill(&mut copied, &[7; 12]).unwrap();
+    copied.copy_prefix_from(&source, system.len()).unwrap();
+    assert_eq!(copied.tokens(), system);
+    model.prefill(&mut copied, turn).unwrap();
+    let mut fresh = model.new_cache(64).unwrap();
+    model.prefill(&mut fresh, system).unwrap();
+    model.prefill(&mut fresh, turn).unwrap();
+    assert_eq!(copied.tokens(), fresh.tokens());
+    let a = window_logits(&mut model, std::slice::from_mut(&mut copied), &[&WINDOW]).remove(0);
+    let b = window_logits(&mut model, std::slice::from_mut(&mut fresh), &[&WINDOW]).remove(0);
+    assert_eq!(max_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn copying_more_than_a_cache_holds_or_across_models_is_refused() {
+    let path = common::fixture_model();
+    let mut model = DiffusionModel::load(&path, config()).unwrap();
+    let other = DiffusionModel::load(&path, config()).unwrap();
+    let mut source = model.new_cache(64).unwrap();
+    model.prefill(&mut source, &PREFIX[..10]).unwrap();
+    let mut small = model.new_cache(8).unwrap();
+    let mut foreign = other.new_cache(64).unwrap();
+    for (cache, len) in [(&mut small, 9), (&mut foreign, 4)] {
+        let err = cache.copy_prefix_from(&source, len).unwrap_err();
+        assert!(matches!(err, ggml_ext::runtime::RuntimeError::Cache(_)), "{err}");
+        assert!(cache.is_empty(), "a refused copy leaves the cache alone");
+    }
+    let mut fits = model.new_cache(64).unwrap();
+    let err = fits.copy_prefix_from(&source, 11).unwrap_err();
+    assert!(err.to_string().contains("the source holds 10"), "{err}");
+    fits.copy_prefix_from(&source, 10).unwrap();
+    assert_eq!(fits.tokens(), &PREFIX[..10]);
+}
+
+#[test]
 fn a_chunked_prefill_in_one_evaluation_equals_one_evaluation_per_chunk() {
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();
     let first_turn = &PREFIX[..6];

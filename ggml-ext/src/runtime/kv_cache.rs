@@ -109,6 +109,38 @@ impl KvCache {
         self.len = self.len.min(len);
         self.tokens.truncate(self.len);
     }
+
+    /// Makes this cache's committed prefix `source`'s first `len` cells: their keys, values and
+    /// tokens, copied exactly. Conversations that start alike (the same system prompt) then
+    /// compute that start once.
+    pub fn copy_prefix_from(&mut self, source: &KvCache, len: usize) -> Result<(), RuntimeError> {
+        if source.model_id != self.model_id {
+            return Err(RuntimeError::Cache("the source cache belongs to another model".into()));
+        }
+        if len > source.len || len > self.capacity {
+            return Err(RuntimeError::Cache(format!(
+                "{len} cells do not fit: the source holds {}, this cache {} at most",
+                source.len, self.capacity
+            )));
+        }
+        let mut staging: Vec<u8> = Vec::new();
+        for (to, from) in self.k.iter().zip(&source.k).chain(self.v.iter().zip(&source.v)) {
+            // SAFETY: both tensors are allocated in backend buffers, F16 `[n_embd_kv, capacity]`
+            // of the same model (same `model_id`, so the same row size `nb[1]`); the first `len`
+            // cells are the first `len * nb[1]` bytes of each, inside both capacities (checked
+            // above), and `staging` holds that many bytes.
+            unsafe {
+                let bytes = (**from).nb[1] * len;
+                staging.resize(bytes, 0);
+                sys::ggml_backend_tensor_get(*from, staging.as_mut_ptr().cast(), 0, bytes);
+                sys::ggml_backend_tensor_set(*to, staging.as_ptr().cast(), 0, bytes);
+            }
+        }
+        self.len = len;
+        self.tokens.clear();
+        self.tokens.extend_from_slice(&source.tokens[..len]);
+        Ok(())
+    }
 }
 
 impl Drop for KvCache {

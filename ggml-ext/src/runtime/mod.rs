@@ -50,6 +50,8 @@ pub enum RuntimeError {
     Alloc(String),
     #[error("invalid segment: {0}")]
     Segment(String),
+    #[error("invalid cache copy: {0}")]
+    Cache(String),
     #[error("the graph failed to compute (ggml status {0})")]
     Compute(i32),
 }
