@@ -149,6 +149,8 @@ pub struct ModelConfig {
     /// Canvas cells past the current block the cached engine computes: `"all"` or a count.
     pub lookahead: Lookahead,
     pub reuse_history: bool,
+    /// The system prompt is a prompt chunk of its own, shared by every conversation.
+    pub share_system_prompt: bool,
     pub device: DeviceKind,
     pub top_k: usize,
     pub threads: usize,
@@ -599,6 +601,7 @@ impl Config {
             cache_mode: m.cache,
             lookahead: m.lookahead,
             reuse_history: m.reuse_history,
+            share_system_prompt: m.share_system_prompt,
             top_k: m.top_k,
             threads: m.threads,
             context_length: m.context_length,

@@ -554,6 +554,24 @@ async fn the_lookahead_bounds_the_canvas_a_block_computes() {
     }
 }
 
+/// Runs one reply to the end: its (prompt tokens, cached prompt tokens) and its text.
+async fn started(engine: &dyn Engine, req: GenerateRequest) -> ((usize, usize), String) {
+    let mut stream = engine.submit(req).unwrap();
+    let mut first = None;
+    loop {
+        match stream.events.recv().await.expect("event") {
+            EngineEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+                ..
+            } => first = Some((prompt_tokens, cached_tokens)),
+            EngineEvent::Finished(c) => return (first.expect("started"), c.text),
+            EngineEvent::Revision(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// The next turn extends the conversation's cache (reported as cached prompt tokens) and replies
 /// exactly as an engine that prefills the whole history.
 #[tokio::test]
@@ -574,34 +592,55 @@ async fn next_turn_reuses_the_cached_history_exactly() {
         turns: turns.clone(),
         options: o.clone(),
     };
-    let started = |engine: std::sync::Arc<dyn Engine>, req: GenerateRequest| async move {
-        let mut stream = engine.submit(req).unwrap();
-        let mut first = None;
-        loop {
-            match stream.events.recv().await.expect("event") {
-                EngineEvent::Started {
-                    prompt_tokens,
-                    cached_tokens,
-                    ..
-                } => first = Some((prompt_tokens, cached_tokens)),
-                EngineEvent::Finished(c) => return (first.expect("started"), c.text),
-                EngineEvent::Revision(_) => {}
-                other => panic!("{other:?}"),
-            }
-        }
-    };
-    let ((p1, c1), _) = started(reuse.clone(), with_turns(&first)).await;
+    let ((p1, c1), _) = started(&*reuse, with_turns(&first)).await;
     assert_eq!(c1, 0, "nothing cached yet");
-    let ((p2, c2), reused_text) = started(reuse.clone(), with_turns(&second)).await;
+    let ((p2, c2), reused_text) = started(&*reuse, with_turns(&second)).await;
     assert_eq!(c2, p1, "the first turn's whole prompt came from the cache");
     assert!(p2 > p1);
-    let ((_, c3), fresh_text) = started(fresh, with_turns(&second)).await;
+    let ((_, c3), fresh_text) = started(&*fresh, with_turns(&second)).await;
     assert_eq!(c3, 0);
     assert_eq!(reused_text, fresh_text);
     // Asking the same again reuses the whole prompt.
-    let ((_, c4), again) = started(reuse, with_turns(&second)).await;
+    let ((_, c4), again) = started(&*reuse, with_turns(&second)).await;
     assert_eq!(c4, p2);
     assert_eq!(again, fresh_text);
+}
+
+/// A new conversation copies the system prompt's chunk from another conversation's cache and
+/// replies exactly as it does with nothing cached; without the shared chunk nothing is copied.
+#[tokio::test]
+async fn a_new_conversation_copies_the_shared_system_prompt_exactly() {
+    let shared = common::start_engine(&cached_config()).await;
+    let cold = common::start_engine(&cached_config()).await;
+    let mut unshared_config = cached_config();
+    unshared_config.model.share_system_prompt = false;
+    let unshared = common::start_engine(&unshared_config).await;
+    let request = |question: &str| GenerateRequest {
+        system: "You are a test assistant for the shop.".into(),
+        turns: vec![turn("user", question)],
+        options: options(16, 16, Schedule::Fixed),
+    };
+    let ask = request("Where is my order NW-12345?");
+    let other = request("Do you ship to Canada?");
+    // Another conversation leaves its cache behind.
+    let ((first_prompt, _), _) = started(&*shared, request("Tell me everything about returns.")).await;
+    let ((p, copied), text) = started(&*shared, ask.clone()).await;
+    assert!(copied > 0 && copied < p, "the system prompt is copied: {copied} of {p}");
+    assert!(
+        copied < first_prompt,
+        "only the shared start: {copied} of {first_prompt}"
+    );
+    let ((_, none), cold_text) = started(&*cold, ask.clone()).await;
+    assert_eq!(none, 0, "nothing cached yet");
+    assert_eq!(text, cold_text);
+    // The same start from an idle cache, for a second conversation on the cold engine.
+    let ((_, again), other_text) = started(&*cold, other.clone()).await;
+    assert_eq!(again, copied);
+    let (_, fresh_other) = started(&*common::start_engine(&cached_config()).await, other.clone()).await;
+    assert_eq!(other_text, fresh_other);
+    let _ = started(&*unshared, ask).await;
+    let ((_, nothing), _) = started(&*unshared, other).await;
+    assert_eq!(nothing, 0, "without its own chunk the system prompt is not shared");
 }
 
 /// The fixture with `key = value` set, written into `dir`.

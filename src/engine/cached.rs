@@ -31,6 +31,7 @@ use ggml_ext::runtime::{Arithmetic, Device, DiffusionModel, Head, KvCache, Predi
 
 use super::jobs::{self, Job, Loaded};
 use super::policy::Selection;
+use super::prompt::Chunking;
 use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::{CacheMode, DeviceKind, EngineSettings};
 use super::vocab::{ChatModel, Family};
@@ -56,7 +57,11 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
                     ready(Ok(Loaded {
                         info: worker.info.clone(),
                         chat: chat.clone(),
-                        boundaries: true,
+                        chunking: if worker.settings.share_system_prompt {
+                            Chunking::SystemAndTurns
+                        } else {
+                            Chunking::Turns
+                        },
                     }));
                     let (placeholder, max_running) =
                         (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
@@ -101,24 +106,40 @@ enum Choice {
     New,
 }
 
-/// Picks a cache for a new reply. `idle` has an entry per existing cache: `None` while a running
-/// reply holds it, else how many of the new prompt's tokens it holds exactly and when it was last
-/// used. The idle cache with the longest reusable prefix wins (ties go to the least recently used
-/// one); without any reuse a new cache is made while fewer than `limit` exist, else the least
-/// recently used idle one is overwritten. With every cache busy at the limit there is no room: a
-/// capacity error, not a failure, so the service reports it as overload. The scheduler admits at
-/// most `max_running` replies and `limit` is at least that, so this is a guard rather than a
-/// state the engine reaches.
-fn choose_slot(idle: &[Option<(usize, u64)>], limit: usize) -> Result<Choice, EngineError> {
-    let best = idle
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.map(|(reuse, last_used)| (reuse, std::cmp::Reverse(last_used), i)))
-        .max();
-    match best {
-        Some((reuse, _, index)) if reuse > 0 || idle.len() >= limit => Ok(Choice::Idle { index, reuse }),
-        _ if idle.len() < limit => Ok(Choice::New),
-        _ => Err(EngineError::Overloaded(Capacity::Caches { caches: idle.len() })),
+/// What an existing cache offers a new prompt.
+#[derive(Debug, Clone, Copy)]
+struct Offer {
+    /// Tokens of the new prompt it holds exactly, ending on a chunk end of both.
+    held: usize,
+    /// Whether that is all it holds, so taking it for the prompt loses nothing.
+    whole: bool,
+    busy: bool,
+    last_used: u64,
+}
+
+/// Picks a cache for a new reply from what the existing ones offer. The idle cache that holds the
+/// longest start of the prompt and nothing more wins (the conversation's own cache from its
+/// previous turn; ties go to the least recently used one). Otherwise a new cache is made while
+/// fewer than `limit` exist, so other conversations keep theirs; at the limit the least recently
+/// used idle one is overwritten, keeping what it holds of the prompt. A start that another cache
+/// holds is copied from it afterwards ([`Worker::pick_slot`]). With every cache busy at the limit
+/// there is no room: a capacity error, not a failure, so the service reports it as overload. The
+/// scheduler admits at most `max_running` replies and `limit` is at least that, so this is a guard
+/// rather than a state the engine reaches.
+fn choose_slot(offers: &[Offer], limit: usize) -> Result<Choice, EngineError> {
+    let idle = || offers.iter().enumerate().filter(|(_, o)| !o.busy);
+    let extended = idle()
+        .filter(|(_, o)| o.whole && o.held > 0)
+        .max_by_key(|(i, o)| (o.held, std::cmp::Reverse(o.last_used), *i));
+    if let Some((index, o)) = extended {
+        return Ok(Choice::Idle { index, reuse: o.held });
+    }
+    if offers.len() < limit {
+        return Ok(Choice::New);
+    }
+    match idle().min_by_key(|(i, o)| (o.last_used, *i)) {
+        Some((index, o)) => Ok(Choice::Idle { index, reuse: o.held }),
+        None => Err(EngineError::Overloaded(Capacity::Caches { caches: offers.len() })),
     }
 }
 
@@ -277,10 +298,12 @@ impl Worker {
     }
 
     /// The cache [`choose_slot`] picks for `tokens`, created when it is a new one. Marks it busy and
-    /// cuts it back to the prefix it shares exactly with `tokens`.
+    /// cuts it back to the prefix it shares exactly with `tokens`; when another cache (running or
+    /// idle) holds a longer start of `tokens`, such as the system prompt every conversation begins
+    /// with, copies that start from it.
     fn pick_slot(&mut self, tokens: &[i32], boundaries: &[usize]) -> Result<usize, EngineError> {
         let reuse_history = self.settings.reuse_history;
-        let reusable = |slot: &Slot| {
+        let held = |slot: &Slot| {
             if !reuse_history {
                 return 0;
             }
@@ -292,13 +315,21 @@ impl Worker {
                 .copied()
                 .unwrap_or(0)
         };
-        let idle: Vec<Option<(usize, u64)>> = self
+        let offers: Vec<Offer> = self
             .slots
             .iter()
-            .map(|s| (!s.busy).then(|| (reusable(s), s.last_used)))
+            .map(|s| {
+                let held = held(s);
+                Offer {
+                    held,
+                    whole: held == s.cache.len(),
+                    busy: s.busy,
+                    last_used: s.last_used,
+                }
+            })
             .collect();
         let limit = self.settings.kept_caches.max(self.settings.max_running);
-        let (index, reuse) = match choose_slot(&idle, limit)? {
+        let (index, reuse) = match choose_slot(&offers, limit)? {
             Choice::Idle { index, reuse } => (index, reuse),
             Choice::New => {
                 let cache = self
@@ -320,6 +351,19 @@ impl Worker {
         slot.last_used = self.clock;
         slot.cache.truncate(reuse);
         slot.chunk_ends.retain(|e| *e <= reuse);
+        let donor = offers
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| *i != index && o.held > reuse)
+            .max_by_key(|(_, o)| o.held);
+        if let Some((from, offer)) = donor {
+            let (to, from) = two_slots(&mut self.slots, index, from);
+            if let Err(e) = to.cache.copy_prefix_from(&from.cache, offer.held) {
+                to.busy = false;
+                return Err(EngineError::Decode(e.to_string()));
+            }
+            to.chunk_ends = from.chunk_ends.iter().copied().filter(|e| *e <= offer.held).collect();
+        }
         Ok(index)
     }
 
@@ -405,28 +449,64 @@ impl Worker {
     }
 }
 
+/// `slots[to]` to write and `slots[from]` to read, `to != from`.
+fn two_slots(slots: &mut [Slot], to: usize, from: usize) -> (&mut Slot, &Slot) {
+    if to < from {
+        let (low, high) = slots.split_at_mut(from);
+        (&mut low[to], &high[0])
+    } else {
+        let (low, high) = slots.split_at_mut(to);
+        (&mut high[0], &low[from])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn offer(held: usize, whole: bool, busy: bool, last_used: u64) -> Offer {
+        Offer {
+            held,
+            whole,
+            busy,
+            last_used,
+        }
+    }
+
     #[test]
-    fn caches_are_reused_by_prefix_then_least_recently_used() {
-        // The longest reusable prefix wins; among equal ones, the least recently used.
-        let idle = [Some((10, 5)), None, Some((30, 9)), Some((30, 2))];
-        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::Idle { index: 3, reuse: 30 });
-        // Nothing to reuse: a new cache below the limit, else the least recently used idle one.
-        let idle = [Some((0, 5)), None, Some((0, 2))];
-        assert_eq!(choose_slot(&idle, 8).unwrap(), Choice::New);
-        assert_eq!(choose_slot(&idle, 3).unwrap(), Choice::Idle { index: 2, reuse: 0 });
+    fn a_conversation_extends_its_own_cache_else_gets_a_new_one_then_the_least_recently_used() {
+        // The longest start held by an idle cache that holds nothing more wins; among equal
+        // ones, the least recently used. A busy cache is never taken.
+        let offers = [
+            offer(10, true, false, 5),
+            offer(40, true, true, 1),
+            offer(30, true, false, 9),
+            offer(30, true, false, 2),
+            offer(35, false, false, 1),
+        ];
+        assert_eq!(choose_slot(&offers, 8).unwrap(), Choice::Idle { index: 3, reuse: 30 });
+        // Caches that hold more than the start they share (another conversation after the same
+        // system prompt) are kept while there is room for a new one ...
+        let offers = [
+            offer(12, false, false, 5),
+            offer(0, true, true, 1),
+            offer(12, false, false, 2),
+        ];
+        assert_eq!(choose_slot(&offers, 8).unwrap(), Choice::New);
+        // ... and at the limit the least recently used idle one is overwritten, keeping the start.
+        assert_eq!(choose_slot(&offers, 3).unwrap(), Choice::Idle { index: 2, reuse: 12 });
+        let offers = [offer(0, false, false, 5), offer(0, true, false, 7)];
+        assert_eq!(choose_slot(&offers, 2).unwrap(), Choice::Idle { index: 0, reuse: 0 });
     }
 
     #[test]
     fn every_cache_busy_at_the_limit_is_a_capacity_error() {
-        let err = choose_slot(&[None, None], 2).unwrap_err();
+        let busy = [offer(12, true, true, 1), offer(0, true, true, 2)];
+        let err = choose_slot(&busy, 2).unwrap_err();
         assert!(
             matches!(err, EngineError::Overloaded(Capacity::Caches { caches: 2 })),
             "{err:?}"
         );
-        assert_eq!(choose_slot(&[None, None], 3).unwrap(), Choice::New);
+        assert_eq!(choose_slot(&busy, 3).unwrap(), Choice::New);
     }
 }

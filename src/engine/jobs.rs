@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::canvas::Canvas;
-use super::prompt::{self, Prompt};
+use super::prompt::{self, Chunking, Prompt};
 use super::vocab::ChatModel;
 use super::{
     Capacity, Completion, DecodeOptions, Engine, EngineError, EngineEvent, EngineInfo, GenerateRequest, HistoryWindow,
@@ -111,8 +111,8 @@ pub(crate) struct Loaded {
     pub info: EngineInfo,
     /// The template and tokenizer the prompt thread prepares prompts with.
     pub chat: Arc<ChatModel>,
-    /// Whether the engine wants the turn boundaries of its prompts (it caches them chunk by chunk).
-    pub boundaries: bool,
+    /// The chunk boundaries the engine wants in its prompts (it caches them chunk by chunk).
+    pub chunking: Chunking,
 }
 
 /// An engine running on its own thread, fed by the queue.
@@ -167,7 +167,7 @@ where
     let Loaded {
         mut info,
         chat,
-        boundaries,
+        chunking,
     } = ready_rx.recv().map_err(|_| EngineError::Stopped)??;
     let context = info.context_length;
     // A window as large as the context changes nothing.
@@ -185,7 +185,7 @@ where
     let prompts_waiting = waiting.clone();
     std::thread::Builder::new()
         .name(format!("{name}-prompts"))
-        .spawn(move || prepare_prompts(pending, jobs, &chat, context, window, boundaries, &prompts_waiting))
+        .spawn(move || prepare_prompts(pending, jobs, &chat, context, window, chunking, &prompts_waiting))
         .map_err(no_thread)?;
     Ok(EngineThread {
         submitter: Submitter {
@@ -213,12 +213,12 @@ fn prepare_prompts(
     chat: &ChatModel,
     context: usize,
     window: Option<usize>,
-    boundaries: bool,
+    chunking: Chunking,
     waiting: &AtomicUsize,
 ) {
     for p in pending {
         let preparing = Instant::now();
-        match prompt::prepare(chat, &p.request, context, window, boundaries) {
+        match prompt::prepare(chat, &p.request, context, window, chunking) {
             Ok(prompt) => {
                 let job = Job {
                     prompt,

@@ -22,6 +22,18 @@ pub trait Renderer {
     fn tokenize(&self, text: &str) -> Vec<i32>;
 }
 
+/// Where an engine that caches prompts chunk by chunk wants them cut ([`turn_boundaries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunking {
+    /// Not at all: the engine does not cache by chunk.
+    None,
+    /// After each earlier user turn's prompt, which a later turn's prompt extends.
+    Turns,
+    /// After the system prompt too, so conversations with the same system prompt share their
+    /// first chunk.
+    SystemAndTurns,
+}
+
 /// A prompt ready for an engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
@@ -33,14 +45,14 @@ pub struct Prompt {
 }
 
 /// The prompt of `request`, fitted beside its canvas into a `context`-token window and into
-/// `window` prompt tokens when given (see [`fit_window`]), with its turn boundaries when
-/// `with_boundaries` (engines that cache prompts chunk by chunk want them).
+/// `window` prompt tokens when given (see [`fit_window`]), with the chunk boundaries `chunking`
+/// asks for.
 pub fn prepare(
     renderer: &impl Renderer,
     request: &GenerateRequest,
     context: usize,
     window: Option<usize>,
-    with_boundaries: bool,
+    chunking: Chunking,
 ) -> Result<Prompt, EngineError> {
     let canvas = request.options.max_tokens;
     let budget = context.checked_sub(canvas).ok_or(EngineError::ContextOverflow {
@@ -51,10 +63,10 @@ pub fn prepare(
         Some(window) => fit_window(renderer, &request.system, &request.turns, window, budget)?,
         None => fit(renderer, &request.system, &request.turns, budget)?,
     };
-    let boundaries = if with_boundaries {
-        turn_boundaries(renderer, &fitted.chat, &fitted.tokens)?
-    } else {
-        Vec::new()
+    let boundaries = match chunking {
+        Chunking::None => Vec::new(),
+        Chunking::Turns => turn_boundaries(renderer, &fitted.chat, &fitted.tokens, false)?,
+        Chunking::SystemAndTurns => turn_boundaries(renderer, &fitted.chat, &fitted.tokens, true)?,
     };
     Ok(Prompt {
         tokens: fitted.tokens,
@@ -176,25 +188,34 @@ pub fn fit(
 }
 
 /// Where the prompts of the earlier user turns of `chat` end inside `tokens` (the prompt of the
-/// whole `chat`), ascending. These are the chunk boundaries of a cached prefill: the prompt a turn
-/// had is a prefix of every later turn's prompt, so a conversation's cache can be extended turn by
-/// turn. A rendering that is not a token prefix of `tokens` (the tokenizer merged across the
-/// boundary) is skipped, so the boundaries depend only on the conversation, not on what is cached.
+/// whole `chat`), ascending; with `after_system`, where the system prompt's message ends as well.
+/// These are the chunk boundaries of a cached prefill: the prompt a turn had is a prefix of every
+/// later turn's prompt, so a conversation's cache can be extended turn by turn, and the system
+/// prompt's chunk is the same in every conversation. A rendering that is not a token prefix of
+/// `tokens` (the tokenizer merged across the boundary) is skipped, so the boundaries depend only
+/// on the conversation, not on what is cached.
 ///
 /// Each earlier prompt is rendered as text, but only the text it adds to the previous boundary's
 /// prompt is tokenized and compared with `tokens` there, so each token is tokenized once. Only
 /// where that part does not line up (a tokenizer that treats the start of a text specially) is the
 /// whole earlier prompt tokenized.
-pub fn turn_boundaries(renderer: &impl Renderer, chat: &[ChatTurn], tokens: &[i32]) -> Result<Vec<usize>, EngineError> {
+pub fn turn_boundaries(
+    renderer: &impl Renderer,
+    chat: &[ChatTurn],
+    tokens: &[i32],
+    after_system: bool,
+) -> Result<Vec<usize>, EngineError> {
     let mut boundaries = Vec::new();
     // The text of the last earlier prompt found in `tokens`, and where its tokens end.
     let mut anchor = (String::new(), 0);
     let last = chat.len().saturating_sub(1);
     for (i, turn) in chat.iter().enumerate().take(last) {
-        if turn.role != "user" {
+        // The system prompt's chunk is its message alone; a user turn's ends with the reply's opening.
+        let system = after_system && i == 0 && turn.role == "system";
+        if turn.role != "user" && !system {
             continue;
         }
-        let earlier = renderer.apply_template(&chat[..=i], true)?;
+        let earlier = renderer.apply_template(&chat[..=i], !system)?;
         let by_part = earlier.strip_prefix(anchor.0.as_str()).and_then(|part| {
             let part = renderer.tokenize(part);
             tokens[anchor.1..].starts_with(&part).then(|| anchor.1 + part.len())
@@ -332,7 +353,7 @@ mod tests {
             r.tokenized.get()
         );
         let before = r.tokenized.get();
-        turn_boundaries(&r, &fitted.chat, &fitted.tokens).unwrap();
+        turn_boundaries(&r, &fitted.chat, &fitted.tokens, true).unwrap();
         assert!(r.tokenized.get() - before <= 200, "{}", r.tokenized.get() - before);
     }
 
@@ -348,20 +369,27 @@ mod tests {
         ];
         let r = ByChars::default();
         let all = r.tokenize(&r.apply_template(&chat, true).unwrap());
-        assert_eq!(turn_boundaries(&r, &chat, &all).unwrap(), vec![3, 6]);
+        assert_eq!(turn_boundaries(&r, &chat, &all, false).unwrap(), vec![3, 6]);
+        // The system prompt's message is a chunk of its own when asked for.
+        assert_eq!(turn_boundaries(&r, &chat, &all, true).unwrap(), vec![1, 3, 6]);
         // A rendering that is not a prefix of the whole prompt is no boundary.
         let odd = ByChars {
             odd_pair: true,
             ..Default::default()
         };
-        assert_eq!(turn_boundaries(&odd, &chat, &all).unwrap(), vec![6]);
+        assert_eq!(turn_boundaries(&odd, &chat, &all, false).unwrap(), vec![6]);
         // A tokenizer that marks the start of every text gets its boundaries from whole renderings.
         let marked = ByChars {
             mark_start: true,
             ..Default::default()
         };
         let all = marked.tokenize(&marked.apply_template(&chat, true).unwrap());
-        assert_eq!(turn_boundaries(&marked, &chat, &all).unwrap(), vec![4, 7]);
+        assert_eq!(turn_boundaries(&marked, &chat, &all, false).unwrap(), vec![4, 7]);
+        assert_eq!(turn_boundaries(&marked, &chat, &all, true).unwrap(), vec![2, 4, 7]);
+        // Without a system prompt the first chunk is the first turn's, as before.
+        let no_system = &chat[1..];
+        let all = r.tokenize(&r.apply_template(no_system, true).unwrap());
+        assert_eq!(turn_boundaries(&r, no_system, &all, true).unwrap(), vec![2, 5]);
     }
 
     #[test]

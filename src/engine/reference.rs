@@ -21,6 +21,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
 use super::jobs::{self, Job, Loaded};
+use super::prompt::Chunking;
 use super::scheduler::{self, Backend, Running, Step, Stepped};
 use super::settings::EngineSettings;
 use super::vocab::{backend, ChatModel, Family};
@@ -45,7 +46,7 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
                     ready(Ok(Loaded {
                         info: worker.info.clone(),
                         chat: loaded.clone(),
-                        boundaries: false,
+                        chunking: Chunking::None,
                     }));
                     scheduler::run(
                         worker,

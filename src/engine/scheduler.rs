@@ -183,6 +183,7 @@ mod tests {
     use super::*;
     use crate::engine::jobs;
     use crate::engine::policy::{Schedule, Selection};
+    use crate::engine::prompt::Chunking;
     use crate::engine::vocab::Family;
     use crate::engine::{ChatTurn, DecodeOptions, Engine, EngineInfo, GenerateRequest, HistoryWindow};
 
@@ -279,7 +280,7 @@ mod tests {
                     history_window: None,
                 },
                 chat: chat.clone(),
-                boundaries: false,
+                chunking: Chunking::None,
             }));
             run(recorder, intake, &chat, "_", 4);
         })

@@ -168,9 +168,13 @@ pub struct EngineSettings {
     pub cache_mode: CacheMode,
     /// How far past the current block the canvas is computed (cached engine only).
     pub lookahead: Lookahead,
-    /// Extend an idle conversation cache whose tokens start the new prompt instead of prefilling
-    /// everything (cached engine only).
+    /// Start a prompt from the longest start of it a conversation cache holds instead of
+    /// prefilling everything: the conversation's history from its previous turn, or a shared
+    /// system prompt copied from another conversation's cache (cached engine only).
     pub reuse_history: bool,
+    /// Prefill the system prompt as a chunk of its own, which every conversation with that system
+    /// prompt then shares (cached engine only).
+    pub share_system_prompt: bool,
     /// Tokens per position the cached engine's graph returns (temperature sampling chooses among
     /// them).
     pub top_k: usize,
