@@ -306,6 +306,27 @@ fn appending_a_turn_equals_a_fresh_chunked_prefill() {
     assert_eq!(max_diff(&a, &b), 0.0);
 }
 
+/// With more than one thread the CPU backend keeps a pool of workers across evaluations; many
+/// evaluations through it (models made and dropped in turn) give one thread's results.
+#[test]
+fn evaluations_through_the_kept_thread_pool_equal_one_threads() {
+    let path = common::fixture_model();
+    let mut one = DiffusionModel::load(&path, config()).unwrap();
+    let mut cache = one.new_cache(64).unwrap();
+    one.prefill(&mut cache, &PREFIX).unwrap();
+    let expected = window_logits(&mut one, std::slice::from_mut(&mut cache), &[&WINDOW]).remove(0);
+    for _ in 0..3 {
+        let mut pooled = DiffusionModel::load(&path, RuntimeConfig { threads: 2, ..config() }).unwrap();
+        assert!(pooled.device_description().contains("2 threads"));
+        for _ in 0..20 {
+            let mut cache = pooled.new_cache(64).unwrap();
+            pooled.prefill(&mut cache, &PREFIX).unwrap();
+            let got = window_logits(&mut pooled, std::slice::from_mut(&mut cache), &[&WINDOW]).remove(0);
+            assert!(max_diff(&expected, &got) <= 1e-5, "{}", max_diff(&expected, &got));
+        }
+    }
+}
+
 #[test]
 fn a_copied_prefix_equals_its_own_prefill() {
     let mut model = DiffusionModel::load(&common::fixture_model(), config()).unwrap();

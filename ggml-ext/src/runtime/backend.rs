@@ -24,6 +24,8 @@ pub(crate) struct Backend {
     /// The CPU backend, also `primary` on CPU-only runs; last in the scheduler's list as ggml requires.
     cpu: sys::ggml_backend_t,
     sched: sys::ggml_backend_sched_t,
+    /// The CPU backend's worker threads, kept across evaluations; null with one thread.
+    threadpool: *mut sys::ggml_threadpool,
     graph_size: usize,
     description: String,
 }
@@ -42,6 +44,26 @@ impl Backend {
         }
         // SAFETY: `cpu` is a live CPU backend.
         unsafe { sys::ggml_backend_cpu_set_n_threads(cpu, threads.max(1) as i32) };
+        // Without a pool of its own the CPU backend starts and joins its worker threads at every
+        // evaluation: a denoising step of a few milliseconds is several evaluations, and each
+        // waits for a new thread to be scheduled (on two busy cores, at times far longer than
+        // the step's arithmetic).
+        let threadpool = if threads > 1 {
+            // SAFETY: plain constructors; a null pool is handled, and `cpu` uses the pool until
+            // it is freed in `drop`, after the backend.
+            unsafe {
+                let mut params = sys::ggml_threadpool_params_default(threads as i32);
+                let pool = sys::ggml_threadpool_new(&mut params);
+                if pool.is_null() {
+                    sys::ggml_backend_free(cpu);
+                    return Err(RuntimeError::Device("the CPU thread pool failed to start".into()));
+                }
+                sys::ggml_backend_cpu_set_threadpool(cpu, pool);
+                pool
+            }
+        } else {
+            std::ptr::null_mut()
+        };
         let primary = match device {
             Device::Cpu => cpu,
             Device::Gpu => {
@@ -54,8 +76,13 @@ impl Backend {
                     unsafe { sys::ggml_backend_dev_init(dev, std::ptr::null()) }
                 };
                 if gpu.is_null() {
-                    // SAFETY: `cpu` was created above and is not used afterwards.
-                    unsafe { sys::ggml_backend_free(cpu) };
+                    // SAFETY: `cpu` and the pool were created above and are not used afterwards.
+                    unsafe {
+                        sys::ggml_backend_free(cpu);
+                        if !threadpool.is_null() {
+                            sys::ggml_threadpool_free(threadpool);
+                        }
+                    }
                     return Err(RuntimeError::Device(
                         "no GPU backend is available (build with the `cuda` feature on a machine with a GPU)".into(),
                     ));
@@ -71,6 +98,7 @@ impl Backend {
             primary,
             cpu,
             sched: std::ptr::null_mut(),
+            threadpool,
             graph_size: 0,
             description: format!("{name} ({} threads)", threads.max(1)),
         })
@@ -121,7 +149,7 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         // SAFETY: each pointer was created in `new`, is freed exactly once here, and the scheduler
-        // goes before the backends it references.
+        // goes before the backends it references, the CPU backend before its thread pool.
         unsafe {
             if !self.sched.is_null() {
                 sys::ggml_backend_sched_free(self.sched);
@@ -130,6 +158,9 @@ impl Drop for Backend {
                 sys::ggml_backend_free(self.primary);
             }
             sys::ggml_backend_free(self.cpu);
+            if !self.threadpool.is_null() {
+                sys::ggml_threadpool_free(self.threadpool);
+            }
         }
     }
 }
