@@ -398,8 +398,9 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         },
         ..config.clone()
     };
-    // Only case (e) keeps conversation caches across turns; the others prefill every prompt. The
-    // dual cache is the service's default, so it also serves the concurrency and server runs.
+    // Only case (e) starts prompts from what a cache holds (the conversation's previous turn, or the
+    // system prompt another conversation cached); the others prefill every prompt. Case (e) is the
+    // service's default, so it also serves the concurrency and server runs.
     let reference = start_engine(&with_engine(EngineKind::Reference, CacheMode::Prefix, false)).await?;
     let prefix = start_engine(&with_engine(EngineKind::Cached, CacheMode::Prefix, false)).await?;
     let dual = start_engine(&with_engine(EngineKind::Cached, CacheMode::Dual, false)).await?;
@@ -499,10 +500,21 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     let adaptive = options(args.reply_tokens[0], Schedule::Threshold { tau });
     let replies = args.concurrent_replies.unwrap_or(most);
-    for engine in [&reference, &dual] {
+    // Every run below gets conversations no earlier run asked (while the pool lasts), so no prompt
+    // is found whole in a cache an earlier run left.
+    let mut asked = per_length * args.reply_tokens.len();
+    let mut unasked = |n: usize| {
+        let next: Vec<bench::Conversation> = (asked..asked + n).map(|i| pool[i % pool.len()].clone()).collect();
+        asked += n;
+        next
+    };
+    for engine in [&reference, &reused] {
         let mut levels = Vec::new();
         for &level in &args.concurrency {
-            levels.push(bench::run_concurrent(engine.as_ref(), &system, &pool, &adaptive, level, replies).await?);
+            let conversations = unasked(replies);
+            levels.push(
+                bench::run_concurrent(engine.as_ref(), &system, &conversations, &adaptive, level, replies).await?,
+            );
         }
         println!(
             "{} engine{}, threshold {tau}, {} tokens, {replies} replies N at a time (engine API):\n{}",
@@ -519,7 +531,10 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // The same through the real server: WebSocket clients, sessions and streamed revisions.
     let mut levels = Vec::new();
     for &level in &args.concurrency {
-        levels.push(bench::server::run_concurrent(&config, dual.clone(), &pool, &adaptive, level, replies).await?);
+        let conversations = unasked(replies);
+        levels.push(
+            bench::server::run_concurrent(&config, reused.clone(), &conversations, &adaptive, level, replies).await?,
+        );
     }
     println!(
         "cached engine (dual cache) through the server, {replies} replies N at a time (WebSocket clients, \
@@ -533,14 +548,16 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         let n_rounds = args.side_by_side_rounds.max(1);
         println!(
             "diffusion (cached, dual cache, threshold {tau}) and its autoregressive twin through the server, the same {most} \
-             single questions one at a time, up to {} tokens, {} alternating rounds (reply p50 ms, diffusion / twin):",
+             single questions one at a time (new ones each round), up to {} tokens, {} alternating rounds (reply p50 ms, diffusion / twin):",
             adaptive.max_tokens, n_rounds
         );
         let mut rounds = Vec::new();
         for _ in 0..n_rounds {
-            let mut pair = Vec::new();
-            for engine in [&dual, twin] {
-                pair.push(bench::server::run_concurrent(&config, engine.clone(), &pool, &adaptive, 1, most).await?);
+            let (mut pair, questions) = (Vec::new(), unasked(most));
+            for engine in [&reused, twin] {
+                pair.push(
+                    bench::server::run_concurrent(&config, engine.clone(), &questions, &adaptive, 1, most).await?,
+                );
             }
             let ratio = pair[0].reply_p50.as_secs_f64() / pair[1].reply_p50.as_secs_f64().max(1e-9);
             rounds.push((ratio, pair));
@@ -556,9 +573,23 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         println!("- rounds: {}", ratios.join("; "));
+        // Each round asks other questions, and some take a diffusion reply many more steps than
+        // others: the medians of all rounds' replies together say more than any one round.
+        let pooled = |k: usize| {
+            let mut all: Vec<std::time::Duration> =
+                rounds.iter().flat_map(|(_, pair)| pair[k].replies.clone()).collect();
+            all.sort();
+            bench::percentile(&all, 0.5).as_secs_f64() * 1e3
+        };
+        let (diffusion, autoregressive) = (pooled(0), pooled(1));
+        println!(
+            "- all {} replies of each: reply p50 {diffusion:.1} / {autoregressive:.1} ms = {:.2}x",
+            n_rounds * most,
+            diffusion / autoregressive.max(1e-9)
+        );
         rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (ratio, median) = &rounds[rounds.len() / 2];
-        for (name, r) in [dual.info().engine, twin.info().engine].iter().zip(median) {
+        for (name, r) in [reused.info().engine, twin.info().engine].iter().zip(median) {
             println!(
                 "- {name} (median round): first revision p50 {:.1} ms, reply p50 {:.1} ms / p99 {:.1} ms",
                 r.first_revision_p50.as_secs_f64() * 1e3,

@@ -55,6 +55,8 @@ pub struct ConcurrencyResult {
     pub first_revision_p99: Duration,
     pub reply_p50: Duration,
     pub reply_p99: Duration,
+    /// Every reply's latency, ascending.
+    pub replies: Vec<Duration>,
     /// Peak resident memory of the process so far, in MiB (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
 }
@@ -166,7 +168,8 @@ async fn measure(
     })
 }
 
-pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The value at fraction `p` of `sorted` (ascending); zero for none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -334,6 +337,7 @@ pub(crate) fn summarize(
         first_revision_p99: percentile(&first, 0.99),
         reply_p50: percentile(&replies, 0.5),
         reply_p99: percentile(&replies, 0.99),
+        replies,
         peak_rss_mib: peak_rss_mib(),
     }
 }
