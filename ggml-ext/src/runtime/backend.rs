@@ -53,6 +53,11 @@ impl Backend {
             // it is freed in `drop`, after the backend.
             unsafe {
                 let mut params = sys::ggml_threadpool_params_default(threads as i32);
+                // Idle workers sleep at once instead of spinning for the next evaluation: on two
+                // cores a spinning worker takes the core the server, the prompt thread or another
+                // engine needs (the bench's cases ran 2x slower after another engine's turn),
+                // and waking it costs no measurable time per step (`step_cost`).
+                params.poll = 0;
                 let pool = sys::ggml_threadpool_new(&mut params);
                 if pool.is_null() {
                     sys::ggml_backend_free(cpu);
