@@ -54,7 +54,7 @@ pub fn stratified_ratios(n: usize, rng: &mut impl Rng) -> Vec<f64> {
 /// Builds the diffusion batch of packed `examples`. Each reply is padded with end tokens to a length drawn
 /// between its own and `reply_len` (the model learns to stop wherever the canvas ends, and the batch carries
 /// less padding), draws its own `t` ([`stratified_ratios`]) and is masked. Attention groups rebuild what
-/// the cached engine computes at inference: the prompt is prefilled chunk by chunk (the system prompt and
+/// the cached engine computes at inference: the prompt is prefilled chunk by chunk (the system prompt, the
 /// first user turn, then each earlier reply with the user turn after it), every chunk seeing the ones
 /// before it, and the canvas sees them all. So a noisy reply is its own group that no later group sees,
 /// and the turns after it see a clean copy of the reply, grouped with the next prompt at the positions the
@@ -77,10 +77,12 @@ pub fn diffusion_batch(
             let mut placed: Vec<(u32, Place)> = Vec::new();
             let mut position = 0u32;
             for (k, turn) in e.turns.iter().enumerate() {
-                let group = 2 * k as u32;
+                // Group 0 is the system prompt's chunk; then each turn's prompt and its noisy reply.
+                let group = 2 * k as u32 + 2;
                 let clean_previous = k.checked_sub(1).map_or(&[][..], |p| e.turns[p].reply.as_slice());
-                for &tok in clean_previous.iter().chain(&turn.prompt) {
-                    placed.push((tok, Place::new(position, group, true)));
+                for (j, &tok) in clean_previous.iter().chain(&turn.prompt).enumerate() {
+                    let chunk = if k == 0 && j < e.system_len { 0 } else { group };
+                    placed.push((tok, Place::new(position, chunk, true)));
                     position += 1;
                 }
                 let padded_len = rng.random_range(turn.reply.len()..=reply_len.max(turn.reply.len()));
@@ -175,8 +177,9 @@ mod tests {
 
     use crate::train::example::TEST_IDS as IDS;
 
-    fn example(turns: &[(&[u32], &[u32])]) -> Example {
+    fn example(system_len: usize, turns: &[(&[u32], &[u32])]) -> Example {
         Example {
+            system_len,
             turns: turns
                 .iter()
                 .map(|(prompt, reply)| ReplyTurn {
@@ -222,15 +225,17 @@ mod tests {
     #[test]
     fn diffusion_batch_lays_out_replies_like_the_cached_prefill() {
         let mut rng = StdRng::seed_from_u64(4);
-        let a = example(&[(&[1, 7, 8, 9], &[20, 21, 2]), (&[10, 11], &[22, 2])]);
-        let b = example(&[(&[1, 7, 8, 9, 10, 11], &[23, 2])]);
+        // `a` starts with a system prompt of two tokens, `b` with none that tokenizes apart.
+        let a = example(2, &[(&[1, 7, 8, 9], &[20, 21, 2]), (&[10, 11], &[22, 2])]);
+        let b = example(0, &[(&[1, 7, 8, 9, 10, 11], &[23, 2])]);
         let reply_len = 8;
         let mut padded_lengths = std::collections::BTreeSet::new();
         for _ in 0..50 {
             let lb = diffusion_batch(&[&a, &b], reply_len, IDS, &mut rng, &Device::Cpu).unwrap();
             let tokens: Vec<Vec<u32>> = lb.batch.tokens.to_vec2().unwrap();
             let seq = tokens[0].len();
-            // Runs of (group, first position, length) of a: prompt, noisy reply, clean reply + prompt, noisy reply.
+            // Runs of (group, first position, length) of a: system prompt, prompt, noisy reply, clean reply +
+            // prompt, noisy reply.
             let places = &lb.batch.places[0];
             let valid = lb.batch.valid[0].iter().filter(|&&v| v).count();
             let mut runs: Vec<(u32, u32, usize, usize)> = Vec::new();
@@ -246,9 +251,10 @@ mod tests {
                 assert_eq!(p.visible_later, p.group % 2 == 0);
             }
             let groups: Vec<u32> = runs.iter().map(|r| r.0).collect();
-            assert_eq!(groups, [0, 1, 2, 3]);
-            let (first_reply, clean, second_reply) = (runs[1], runs[2], runs[3]);
-            assert_eq!((runs[0].1, runs[0].3), (0, 4));
+            assert_eq!(groups, [0, 2, 3, 4, 5]);
+            let (first_reply, clean, second_reply) = (runs[2], runs[3], runs[4]);
+            assert_eq!((runs[0].1, runs[0].3), (0, 2));
+            assert_eq!((runs[1].1, runs[1].3), (2, 2));
             assert!((3..=reply_len).contains(&first_reply.3) && (2..=reply_len).contains(&second_reply.3));
             padded_lengths.insert(first_reply.3);
             // The clean copy sits where the noisy reply starts; the next reply follows the unpadded one.
@@ -278,8 +284,8 @@ mod tests {
 
     #[test]
     fn autoregressive_batch_predicts_every_reply_token_from_the_one_before() {
-        let a = example(&[(&[1, 7, 8], &[20, 21, 2]), (&[9], &[24, 2])]);
-        let b = example(&[(&[1, 7], &[22, 2])]);
+        let a = example(0, &[(&[1, 7, 8], &[20, 21, 2]), (&[9], &[24, 2])]);
+        let b = example(0, &[(&[1, 7], &[22, 2])]);
         let lb = autoregressive_batch(&[&a, &b], IDS, &Device::Cpu).unwrap();
         // seq = 9; a: positions 2,3,4 predict 20,21,2 and 6,7 predict 24,2; b: 9+1, 9+2 predict 22, 2.
         assert_eq!(lb.positions, vec![2, 3, 4, 6, 7, 10, 11]);

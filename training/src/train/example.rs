@@ -65,6 +65,10 @@ impl ReplyTurn {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub turns: Vec<ReplyTurn>,
+    /// Tokens at the start of the first prompt that are the system prompt's message, which the
+    /// cached engine prefills as a chunk of its own (`model.share_system_prompt`); 0 where it does
+    /// not tokenize apart from the first user turn.
+    pub system_len: usize,
 }
 
 impl Example {
@@ -117,6 +121,7 @@ pub fn build_examples(
             .encode(text, false)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
     };
+    let system_ids = encode(&render_chatml(system, &[]))?.get_ids().to_vec();
     let mut examples = Vec::new();
     let mut skipped = 0;
     for dialog in dialogs {
@@ -168,7 +173,12 @@ pub fn build_examples(
         }
         skipped += replies - turns.len();
         if !turns.is_empty() {
-            examples.push(Example { turns });
+            let system_len = if turns[0].prompt.starts_with(&system_ids) && turns[0].prompt.len() > system_ids.len() {
+                system_ids.len()
+            } else {
+                0
+            };
+            examples.push(Example { turns, system_len });
         }
     }
     Ok((examples, skipped))
@@ -283,6 +293,9 @@ mod tests {
             }
             let rendered = render_chatml(system, &dialog.turns);
             assert_eq!(tok.decode(&tokens, false).unwrap(), rendered.trim_end_matches('\n'));
+            // The system prompt's chunk is its message, as the engine renders it alone.
+            let system_chunk = tok.decode(&ex.turns[0].prompt[..ex.system_len], false).unwrap();
+            assert_eq!(system_chunk, render_chatml(system, &[]));
         }
     }
 
