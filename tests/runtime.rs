@@ -23,13 +23,11 @@ const WINDOW: [i32; 10] = [265, 265, 70, 71, 265, 265, 265, 72, 265, 262];
 /// A prompt and a canvas of realistic sizes: 64 queries and more take ggml's tiled flash-attention
 /// kernel, in llama.cpp and in our graph alike.
 fn long_prefix() -> Vec<i32> {
-    (0..90).map(|i| (i * 37 % 262) as i32).collect()
+    (0..90).map(|i| i * 37 % 262).collect()
 }
 
 fn long_window() -> Vec<i32> {
-    (0..64)
-        .map(|i| if i % 3 == 0 { (i * 11 % 262) as i32 } else { 265 })
-        .collect()
+    (0..64).map(|i| if i % 3 == 0 { i * 11 % 262 } else { 265 }).collect()
 }
 
 fn config() -> RuntimeConfig {

@@ -15,7 +15,7 @@
 //! - `recovery`: ends the replies of dead or stalled replicas as `generator_lost`.
 //! - [`stats`]: the timing feed (a record per finished reply, a summary per replica each
 //!   second) across replicas, behind the live latency dashboard.
-//! - [`error`]: [`ChatError`].
+//! - [`error`]: the core's typed errors, [`ChatError`].
 
 pub mod error;
 pub mod events;

@@ -461,8 +461,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let pairs = x.reshape((b, h, t, d / 2, 2))?;
     let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
     let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-    let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-    let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+    let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
     Tensor::stack(&[r0, r1], 4)?.reshape((b, h, t, d))
 }
 
