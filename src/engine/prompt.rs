@@ -65,8 +65,12 @@ pub fn prepare(
     };
     let boundaries = match chunking {
         Chunking::None => Vec::new(),
-        Chunking::Turns => turn_boundaries(renderer, &fitted.chat, &fitted.tokens, false)?,
-        Chunking::SystemAndTurns => turn_boundaries(renderer, &fitted.chat, &fitted.tokens, true)?,
+        _ => turn_boundaries(
+            renderer,
+            &fitted.chat,
+            &fitted.tokens,
+            chunking == Chunking::SystemAndTurns,
+        )?,
     };
     Ok(Prompt {
         tokens: fitted.tokens,
