@@ -124,15 +124,17 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
+/// Applies `m` to `bytes`; a mutation with no room left (after an earlier truncation) does nothing.
 fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
     let n = bytes.len();
     match *m {
-        Mutation::Byte(p, b) => bytes[p % n] = b,
-        Mutation::Word(p, w) => {
+        Mutation::Byte(p, b) if n > 0 => bytes[p % n] = b,
+        Mutation::Word(p, w) if n > 8 => {
             let p = p % (n - 8);
             bytes[p..p + 8].copy_from_slice(&w.to_le_bytes());
         }
-        Mutation::Truncate(p) => bytes.truncate(p % n),
+        Mutation::Truncate(p) if n > 0 => bytes.truncate(p % n),
+        _ => {}
     }
 }
 
