@@ -132,6 +132,46 @@ async function observeReplies(page) {
   });
 }
 
+/** Waits until a running reply shows a revision with masked positions. */
+async function waitMidReply(page) {
+  await page.waitForFunction(() => document.querySelector("#dllm-chat-widget").shadowRoot.querySelector('.live [data-revision]:not([data-revision="0"]) .masked'));
+}
+
+/** Reloads the page while the reply caught by waitMidReply runs, and watches the reloaded
+ *  widget. The server process is stopped (SIGSTOP) except while it serves the page and the
+ *  widget's script, so the reply is still running when the widget resumes the session, however
+ *  fast this machine decodes. The page itself comes from the server: Chromium lets only a page
+ *  served from a local address open a socket to one. */
+async function reloadMidReply(page, child) {
+  const ours = (url) => url.pathname === "/" || url.pathname === "/widget.js";
+  child.kill("SIGSTOP");
+  await page.route(ours, async (route) => {
+    child.kill("SIGCONT");
+    if (route.request().resourceType() === "document") return route.continue();
+    const response = await route.fetch();
+    child.kill("SIGSTOP");
+    return route.fulfill({ response });
+  });
+  try {
+    await page.reload();
+    await observeReplies(page);
+  } finally {
+    child.kill("SIGCONT");
+    await page.unroute(ours);
+  }
+}
+
+/** Clicks the stop button with the server stopped, so the reply caught by waitMidReply is still
+ *  running when the cancel reaches the server. */
+async function stopMidReply(page, child) {
+  child.kill("SIGSTOP");
+  try {
+    await page.locator(`${W} .stop`).click();
+  } finally {
+    child.kill("SIGCONT");
+  }
+}
+
 async function conversation(page) {
   return page.evaluate(() => {
     const root = document.querySelector("#dllm-chat-widget").shadowRoot;
@@ -292,9 +332,8 @@ async function mechanics() {
 
   // 4. A reload while a reply runs: the reply continues after it.
   await ask(page, "Do gift cards expire?");
-  await page.waitForFunction(() => document.querySelector("#dllm-chat-widget").shadowRoot.querySelector('.live [data-revision]:not([data-revision="0"]) .masked'));
-  await page.reload();
-  await observeReplies(page);
+  await waitMidReply(page);
+  await reloadMidReply(page, child);
   await waitAnswers(page, 2);
   const resumed = await page.evaluate(() => window.__replies);
   check(resumed.some((s) => s.busy === "true" && s.revision > 0 && s.masked > 0),
@@ -305,7 +344,7 @@ async function mechanics() {
   // 5. Offline mid-reply: banner; a message typed meanwhile is queued; online again: all once.
   await observeReplies(page);
   await ask(page, "How do I return boots that don't fit?");
-  await page.waitForFunction(() => document.querySelector("#dllm-chat-widget").shadowRoot.querySelector('.live [data-revision]:not([data-revision="0"]) .masked'));
+  await waitMidReply(page);
   await context.setOffline(true);
   await page.locator(`${W} .banner`).waitFor({ state: "visible", timeout: 10_000 });
   check(true, "going offline shows the reconnecting banner");
@@ -325,8 +364,8 @@ async function mechanics() {
 
   // The stop button cancels the running reply.
   await ask(page, "Tell me about your tents");
-  await page.waitForFunction(() => document.querySelector("#dllm-chat-widget").shadowRoot.querySelector('.live [data-revision]:not([data-revision="0"]) .masked'));
-  await page.locator(`${W} .stop`).click();
+  await waitMidReply(page);
+  await stopMidReply(page, child);
   await waitAnswers(page, 5);
   const stopped = (await conversation(page)).log.at(-1);
   check(stopped.status === "cancelled" && (await page.locator(`${W} [role="log"] .msg.bot:last-child .meta`).textContent()) === "Stopped",
