@@ -34,6 +34,7 @@ fn options(max_tokens: usize, steps: usize, schedule: Schedule) -> DecodeOptions
         defer_repeats: false,
         temperature: 0.0,
         seed: 3,
+        fill_canvas: false,
     }
 }
 

@@ -259,6 +259,7 @@ impl Validator {
             defer_repeats: o.defer_repeats.unwrap_or(d.defer_repeats),
             temperature,
             seed: o.seed.unwrap_or(d.seed),
+            fill_canvas: false,
         })
     }
 }
@@ -315,6 +316,7 @@ mod tests {
                 defer_repeats: !crate::config::Config::defaults().decode.defer_repeats,
                 temperature: 0.5,
                 seed: 7,
+                fill_canvas: false,
             };
             assert_ne!(
                 resolve(MessageOptions::default()).unwrap(),

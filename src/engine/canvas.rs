@@ -26,6 +26,7 @@ pub struct Canvas {
     schedule: Schedule,
     selection: Selection,
     defer_repeats: bool,
+    fill_canvas: bool,
     /// Each token's bytes, for the repeat rule to read words ([`Repeats`]; empty: tokens only).
     pieces: Arc<[Vec<u8>]>,
     temperature: f32,
@@ -50,6 +51,7 @@ impl Canvas {
             schedule: options.schedule,
             selection: options.selection,
             defer_repeats: options.defer_repeats,
+            fill_canvas: options.fill_canvas,
             pieces: Arc::from(Vec::new()),
             temperature: options.temperature,
             rng: StdRng::seed_from_u64(options.seed),
@@ -93,13 +95,22 @@ impl Canvas {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.masked() == 0
+        self.tokens[..self.decoded_len()].iter().all(|t| *t != self.mask)
     }
 
-    /// The masked positions of the current block (the first block with a masked position inside
-    /// the reply): the positions whose logits the next step needs.
+    /// The positions that must be decided: the reply's, or with `fill_canvas` the whole canvas.
+    fn decoded_len(&self) -> usize {
+        if self.fill_canvas {
+            self.tokens.len()
+        } else {
+            self.reply_len()
+        }
+    }
+
+    /// The masked positions of the current block (the first block with a masked position among
+    /// those to decide): the positions whose logits the next step needs.
     pub fn active_positions(&self) -> Vec<usize> {
-        let len = self.reply_len();
+        let len = self.decoded_len();
         let Some(first) = self.tokens[..len].iter().position(|t| *t == self.mask) else {
             return Vec::new();
         };
@@ -145,13 +156,16 @@ impl Canvas {
         // are often the most confident guesses; committed early they squeeze the content into the few
         // positions left before them. An end token is therefore only committed at the first masked position,
         // once everything before it is decided (at most one step later than otherwise).
+        // `fill_canvas` is llama.cpp's algorithm, which has no such rule.
         let first_masked = active[0];
         let mut candidates: Vec<Candidate> = active
             .iter()
             .zip(rows)
             .map(|(&position, row)| sample(self, position, row))
             .collect();
-        candidates.retain(|c| c.position == first_masked || !self.end_tokens.contains(&c.token));
+        if !self.fill_canvas {
+            candidates.retain(|c| c.position == first_masked || !self.end_tokens.contains(&c.token));
+        }
         let block = active[0] / self.block_length;
         if block != self.block {
             self.block = block;
@@ -358,6 +372,7 @@ mod tests {
             defer_repeats: false,
             temperature: 0.0,
             seed: 1,
+            fill_canvas: false,
         }
     }
 
@@ -486,6 +501,47 @@ mod tests {
         assert_eq!(run_step(&mut c, rows), 1);
         assert_eq!(c.reply_len(), 1);
         assert!(c.is_complete());
+    }
+
+    #[test]
+    fn fill_canvas_takes_every_step_and_lets_an_end_token_go_anywhere() {
+        // Position 1 is sure the reply ends there; the others are unsure.
+        let rows = |p: usize| {
+            if p == 1 {
+                peaked(END as usize, 20.0)
+            } else {
+                peaked(p, 0.5)
+            }
+        };
+        let fill = DecodeOptions {
+            fill_canvas: true,
+            ..options(8, 8, 4, Schedule::Fixed)
+        };
+        let mut c = Canvas::new(&fill, MASK, vec![END]);
+        assert_eq!(run_step(&mut c, rows), 1);
+        assert_eq!(
+            c.tokens()[1],
+            END,
+            "the end token went first, before position 0 was decided"
+        );
+        assert_eq!(c.reply_len(), 1);
+        let mut steps = 1;
+        while !c.is_complete() {
+            assert_eq!(run_step(&mut c, rows), 1);
+            steps += 1;
+        }
+        assert_eq!(steps, 8, "every step of the budget, past the reply's end");
+        assert!(c.tokens().iter().all(|t| *t != MASK), "{:?}", c.tokens());
+        assert_eq!((c.reply_len(), c.masked()), (1, 0));
+
+        // Without it the end token waits for position 0 and decoding stops at the reply's end.
+        let mut c = Canvas::new(&options(8, 8, 4, Schedule::Fixed), MASK, vec![END]);
+        run_step(&mut c, rows);
+        assert_ne!(c.tokens()[1], END);
+        while !c.is_complete() {
+            run_step(&mut c, rows);
+        }
+        assert!(c.steps() < 8 && c.tokens().contains(&MASK), "{:?}", c.tokens());
     }
 
     #[test]

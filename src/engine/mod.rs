@@ -66,6 +66,11 @@ pub struct DecodeOptions {
     /// 0 is greedy.
     pub temperature: f32,
     pub seed: u64,
+    /// Decide every canvas position and take every step of the budget, as llama.cpp's diffusion
+    /// example does: no early stop at the reply's end, and an end token may be committed at any
+    /// position. The reply is still cut at the first end token. Only the bench's baseline (a)
+    /// sets it; the protocol has no such option.
+    pub fill_canvas: bool,
 }
 
 /// A reply to generate.

@@ -246,6 +246,7 @@ mod tests {
                 defer_repeats: false,
                 temperature: 0.0,
                 seed: 1,
+                fill_canvas: false,
             },
         }
     }

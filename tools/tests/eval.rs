@@ -45,6 +45,7 @@ async fn both_inference_paths_score_every_assistant_turn() {
         defer_repeats: false,
         temperature: 0.0,
         seed: 0,
+        fill_canvas: false,
     };
     let report = evaluate_engine(engine.as_ref(), "Be brief.", &dialogs, &classifier, &options)
         .await
