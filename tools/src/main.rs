@@ -426,6 +426,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         defer_repeats: config.decode.defer_repeats,
         temperature: 0.0,
         seed: 0,
+        fill_canvas: false,
     };
     let tau = args.threshold;
     println!(
@@ -439,23 +440,41 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     for (i, &tokens) in args.reply_tokens.iter().enumerate() {
         // Fresh conversations per reply length, so no engine has seen them.
         let conversations = &pool[i * per_length..(i + 1) * per_length];
-        let threshold = Schedule::Threshold { tau };
+        let threshold = options(tokens, Schedule::Threshold { tau });
+        // (a) is llama.cpp's diffusion example as it runs: every position decided, every step
+        // taken, none of our rules; (a') stops at the reply's end, as every engine here does.
+        let llama_cpp = DecodeOptions {
+            fill_canvas: true,
+            defer_repeats: false,
+            ..options(tokens, Schedule::Fixed)
+        };
         let cases = [
-            ("(a) reference, fixed 1 token/step", &reference, Schedule::Fixed, false),
-            ("(b) reference, threshold", &reference, threshold, false),
-            ("(c) cached: prefix cache, threshold", &prefix, threshold, false),
-            ("(d) cached: dual cache, threshold", &dual, threshold, false),
+            (
+                "(a) reference, fixed 1 token/step, all steps",
+                &reference,
+                llama_cpp,
+                false,
+            ),
+            (
+                "(a') reference, fixed 1 token/step, early stop",
+                &reference,
+                options(tokens, Schedule::Fixed),
+                false,
+            ),
+            ("(b) reference, threshold", &reference, threshold.clone(), false),
+            ("(c) cached: prefix cache, threshold", &prefix, threshold.clone(), false),
+            ("(d) cached: dual cache, threshold", &dual, threshold.clone(), false),
             (
                 "(e) cached: dual cache, threshold, history cached by the previous turn",
                 &reused,
-                threshold,
+                threshold.clone(),
                 true,
             ),
         ]
-        .map(|(name, engine, schedule, warm)| Case {
+        .map(|(name, engine, options, warm)| Case {
             name: format!("{name}, {tokens} tokens"),
             engine: engine.clone(),
-            options: options(tokens, schedule),
+            options,
             warm,
         });
         let mut cases = cases.to_vec();
@@ -471,7 +490,7 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 cases.push(Case {
                     name: format!("{name}, up to {tokens} tokens"),
                     engine: engine.clone(),
-                    options: options(tokens, threshold),
+                    options: threshold.clone(),
                     warm,
                 });
             }
