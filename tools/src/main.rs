@@ -552,7 +552,16 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     for &level in &args.concurrency {
         let conversations = unasked(replies);
         levels.push(
-            bench::server::run_concurrent(&config, reused.clone(), &conversations, &adaptive, level, replies).await?,
+            bench::server::run_concurrent(
+                &config,
+                reused.clone(),
+                &conversations,
+                &adaptive,
+                bench::server::Asked::LastMessage,
+                level,
+                replies,
+            )
+            .await?,
         );
     }
     println!(
@@ -562,63 +571,102 @@ async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         bench::concurrency_table(&levels)
     );
     if let Some((twin, _, _)) = &twin {
-        // Side by side through the server: the same single questions, one at a time, in
-        // alternating rounds; the median round is reported.
+        // Side by side through the server, one conversation at a time, in alternating rounds: the
+        // same single questions, then the same multi-turn conversations (every user turn in one
+        // session, each model answering its own history).
         let n_rounds = args.side_by_side_rounds.max(1);
-        println!(
-            "diffusion (cached, dual cache, threshold {tau}) and its autoregressive twin through the server, the same {most} \
-             single questions one at a time (new ones each round), up to {} tokens, {} alternating rounds (reply p50 ms, diffusion / twin):",
-            adaptive.max_tokens, n_rounds
-        );
-        let mut rounds = Vec::new();
-        for _ in 0..n_rounds {
-            let (mut pair, questions) = (Vec::new(), unasked(most));
-            for engine in [&reused, twin] {
-                pair.push(
-                    bench::server::run_concurrent(&config, engine.clone(), &questions, &adaptive, 1, most).await?,
-                );
-            }
-            let ratio = pair[0].reply_p50.as_secs_f64() / pair[1].reply_p50.as_secs_f64().max(1e-9);
-            rounds.push((ratio, pair));
-        }
-        let ratios: Vec<String> = rounds
-            .iter()
-            .map(|(ratio, pair)| {
+        let engines = [reused.clone(), twin.clone()];
+        for (asked, what) in [
+            (
+                bench::server::Asked::LastMessage,
+                format!("the same {most} single questions"),
+            ),
+            (
+                bench::server::Asked::EveryUserTurn,
                 format!(
-                    "{:.1} / {:.1} = {ratio:.2}x",
-                    pair[0].reply_p50.as_secs_f64() * 1e3,
-                    pair[1].reply_p50.as_secs_f64() * 1e3
-                )
-            })
-            .collect();
-        println!("- rounds: {}", ratios.join("; "));
-        // Each round asks other questions, and some take a diffusion reply many more steps than
-        // others: the medians of all rounds' replies together say more than any one round.
-        let pooled = |k: usize| {
-            let mut all: Vec<std::time::Duration> =
-                rounds.iter().flat_map(|(_, pair)| pair[k].replies.clone()).collect();
-            all.sort();
-            bench::percentile(&all, 0.5).as_secs_f64() * 1e3
-        };
-        let (diffusion, autoregressive) = (pooled(0), pooled(1));
-        println!(
-            "- all {} replies of each: reply p50 {diffusion:.1} / {autoregressive:.1} ms = {:.2}x",
-            n_rounds * most,
-            diffusion / autoregressive.max(1e-9)
-        );
-        rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (ratio, median) = &rounds[rounds.len() / 2];
-        for (name, r) in [reused.info().engine, twin.info().engine].iter().zip(median) {
+                    "the same {most} multi-turn conversations (every user turn, each model answering its own history)"
+                ),
+            ),
+        ] {
             println!(
-                "- {name} (median round): first revision p50 {:.1} ms, reply p50 {:.1} ms / p99 {:.1} ms",
-                r.first_revision_p50.as_secs_f64() * 1e3,
-                r.reply_p50.as_secs_f64() * 1e3,
-                r.reply_p99.as_secs_f64() * 1e3
+                "diffusion (cached, dual cache, threshold {tau}) and its autoregressive twin through the server, {what} \
+                 one at a time (new ones each round), up to {} tokens, {n_rounds} alternating rounds (reply p50 ms, diffusion / twin):",
+                adaptive.max_tokens
             );
+            let mut rounds = Vec::new();
+            for _ in 0..n_rounds {
+                let conversations = unasked(most);
+                let mut pair = Vec::new();
+                for engine in &engines {
+                    pair.push(
+                        bench::server::run_concurrent(
+                            &config,
+                            engine.clone(),
+                            &conversations,
+                            &adaptive,
+                            asked,
+                            1,
+                            most,
+                        )
+                        .await?,
+                    );
+                }
+                rounds.push(pair);
+            }
+            print_side_by_side(rounds, &engines);
         }
-        println!("- diffusion / twin median reply latency, median round: {ratio:.2}x\n");
     }
     Ok(())
+}
+
+/// Prints alternating rounds of diffusion / twin replies: each round's p50 ratio, the p50 of all
+/// rounds' replies together, and the median round's figures.
+fn print_side_by_side(
+    rounds: Vec<Vec<dllm_tools::bench::ConcurrencyResult>>,
+    engines: &[std::sync::Arc<dyn engine::Engine>; 2],
+) {
+    let p50_ms = |r: &dllm_tools::bench::ConcurrencyResult| r.reply_p50.as_secs_f64() * 1e3;
+    let ratio = |pair: &[dllm_tools::bench::ConcurrencyResult]| p50_ms(&pair[0]) / p50_ms(&pair[1]).max(1e-9);
+    let ratios: Vec<String> = rounds
+        .iter()
+        .map(|pair| {
+            format!(
+                "{:.1} / {:.1} = {:.2}x",
+                p50_ms(&pair[0]),
+                p50_ms(&pair[1]),
+                ratio(pair)
+            )
+        })
+        .collect();
+    println!("- rounds: {}", ratios.join("; "));
+    // Each round asks other questions, and some take a diffusion reply many more steps than
+    // others: the medians of all rounds' replies together say more than any one round.
+    let pooled = |k: usize| {
+        let mut all: Vec<std::time::Duration> = rounds.iter().flat_map(|pair| pair[k].replies.clone()).collect();
+        all.sort();
+        (all.len(), dllm_tools::bench::percentile(&all, 0.5).as_secs_f64() * 1e3)
+    };
+    let ((replies, diffusion), (_, autoregressive)) = (pooled(0), pooled(1));
+    println!(
+        "- all {replies} replies of each: reply p50 {diffusion:.1} / {autoregressive:.1} ms = {:.2}x",
+        diffusion / autoregressive.max(1e-9)
+    );
+    let mut rounds = rounds;
+    rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    let median = &rounds[rounds.len() / 2];
+    for (engine, r) in engines.iter().zip(median) {
+        println!(
+            "- {} (median round): first revision p50 {:.1} ms, reply p50 {:.1} ms / p99 {:.1} ms",
+            engine.info().engine,
+            r.first_revision_p50.as_secs_f64() * 1e3,
+            r.reply_p50.as_secs_f64() * 1e3,
+            r.reply_p99.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "- diffusion / twin median reply latency, median round: {:.2}x\n",
+        ratio(median)
+    );
 }
 
 async fn load(config: Config, args: LoadArgs) -> anyhow::Result<()> {

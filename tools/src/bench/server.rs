@@ -30,14 +30,25 @@ struct ClientRun {
     tokens: usize,
 }
 
+/// What a client sends of a conversation, in a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// The last user message alone: a single question.
+    LastMessage,
+    /// Every user message in order, each after the reply to the one before: the server keeps the
+    /// history, with the replies its own model gave.
+    EveryUserTurn,
+}
+
 /// Replies to the first `total` conversations, `level` WebSocket clients at a time: each client sends
-/// one conversation's last user message in a new session with `options`, reads until
-/// `response.done`, then takes the next conversation.
+/// what `asked` says of one conversation in a new session with `options`, reads each reply until
+/// `response.done`, then takes the next conversation. Every reply is one entry of the result.
 pub async fn run_concurrent(
     config: &Config,
     engine: Arc<dyn Engine>,
     conversations: &[Conversation],
     options: &DecodeOptions,
+    asked: Asked,
     level: usize,
     total: usize,
 ) -> Result<ConcurrencyResult, ServerBenchError> {
@@ -80,14 +91,16 @@ pub async fn run_concurrent(
                 return Ok::<_, ServerBenchError>(runs);
             }
             let c = &conversations[i % conversations.len()];
-            let content = c
+            let mut messages: Vec<String> = c
                 .turns
                 .iter()
-                .rev()
-                .find(|t| t.role == "user")
+                .filter(|t| t.role == "user")
                 .map(|t| t.content.clone())
-                .unwrap_or_default();
-            runs.push(one_client(&url, content, wire_options.clone(), options.max_tokens).await?);
+                .collect();
+            if asked == Asked::LastMessage {
+                messages = messages.split_off(messages.len().saturating_sub(1));
+            }
+            runs.extend(one_client(&url, messages, wire_options.clone(), options.max_tokens).await?);
         }
     });
     let runs = futures_util::future::try_join_all(clients).await;
@@ -102,8 +115,14 @@ pub async fn run_concurrent(
     ))
 }
 
-/// One conversation: connect, create a session, send the message, read until `response.done`.
-async fn one_client(url: &str, content: String, options: Value, canvas: usize) -> Result<ClientRun, ServerBenchError> {
+/// One conversation: connect, create a session, send each message once the reply to the one
+/// before is done, and time every reply.
+async fn one_client(
+    url: &str,
+    messages: Vec<String>,
+    options: Value,
+    canvas: usize,
+) -> Result<Vec<ClientRun>, ServerBenchError> {
     let fail = |e: String| ServerBenchError::Client(e);
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
@@ -117,33 +136,38 @@ async fn one_client(url: &str, content: String, options: Value, canvas: usize) -
         .as_str()
         .ok_or_else(|| fail(format!("expected session.created, got {created}")))?
         .to_owned();
-    let sent = Instant::now();
-    ws.send(send(
-        json!({"type": "message.create", "session_id": session, "content": content, "options": options}),
-    ))
-    .await
-    .map_err(|e| fail(e.to_string()))?;
-    let mut first_revision = None;
-    loop {
-        let event = next_event(&mut ws).await?;
-        match event["type"].as_str() {
-            Some("response.revision") => {
-                first_revision.get_or_insert_with(|| sent.elapsed());
+    let mut runs = Vec::with_capacity(messages.len());
+    for content in messages {
+        let sent = Instant::now();
+        ws.send(send(
+            json!({"type": "message.create", "session_id": session, "content": content, "options": options}),
+        ))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        let mut first_revision = None;
+        loop {
+            let event = next_event(&mut ws).await?;
+            match event["type"].as_str() {
+                Some("response.revision") => {
+                    first_revision.get_or_insert_with(|| sent.elapsed());
+                }
+                Some("response.done") if event["status"] == "completed" => {
+                    let total = sent.elapsed();
+                    runs.push(ClientRun {
+                        first_revision: first_revision.unwrap_or(total),
+                        total,
+                        // Every canvas position was decoded, end padding included (as in the engine table).
+                        tokens: canvas.max(event["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize),
+                    });
+                    break;
+                }
+                Some("response.done") | Some("error") => return Err(fail(format!("reply failed: {event}"))),
+                _ => {}
             }
-            Some("response.done") if event["status"] == "completed" => {
-                let total = sent.elapsed();
-                let _ = ws.close(None).await;
-                return Ok(ClientRun {
-                    first_revision: first_revision.unwrap_or(total),
-                    total,
-                    // Every canvas position was decoded, end padding included (as in the engine table).
-                    tokens: canvas.max(event["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize),
-                });
-            }
-            Some("response.done") | Some("error") => return Err(fail(format!("reply failed: {event}"))),
-            _ => {}
         }
     }
+    let _ = ws.close(None).await;
+    Ok(runs)
 }
 
 async fn next_event<S>(ws: &mut S) -> Result<Value, ServerBenchError>
