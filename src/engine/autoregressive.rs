@@ -49,7 +49,8 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
                         chat: loaded.clone(),
                         chunking: Chunking::None,
                     }));
-                    scheduler::run(worker, intake, &loaded, "", settings.max_running);
+                    // One token per reply a step: a step of every sequence is small, so it is never split.
+                    scheduler::run(worker, intake, &loaded, "", settings.max_running, 0);
                 }
                 Err(e) => ready(Err(e)),
             };

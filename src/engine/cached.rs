@@ -1,5 +1,6 @@
 //! The cached engine: our own ggml graph ([`ggml_ext::runtime`]) with a K/V cache per
-//! conversation and one batched graph evaluation per step for all running replies.
+//! conversation and one batched graph evaluation per step for the running replies (up to
+//! `limits.replies_per_evaluation` of them).
 //!
 //! Per reply:
 //! 1. *Prefill*: the prompt is committed to a cache chunk by chunk, one chunk per earlier turn
@@ -14,7 +15,7 @@
 //!    (Fast-dLLM's prefix and dual caches, the dual one shrinking as its block settles). Both are
 //!    approximations of the full recompute; `dllm-tools eval` measures what they cost.
 //!
-//! Every step of every running reply goes into one graph evaluation, whose head returns the top-k
+//! The steps of a pass of running replies go into one graph evaluation, whose head returns the top-k
 //! tokens, probabilities and entropy of each masked position of the current blocks.
 //!
 //! LLaDA and Dream files both run; Dream's logits are shifted by one position, so its prompt's last
@@ -63,9 +64,12 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
                             Chunking::Turns
                         },
                     }));
-                    let (placeholder, max_running) =
-                        (worker.settings.mask_placeholder.clone(), worker.settings.max_running);
-                    scheduler::run(worker, intake, &chat, &placeholder, max_running);
+                    let (placeholder, max_running, per_evaluation) = (
+                        worker.settings.mask_placeholder.clone(),
+                        worker.settings.max_running,
+                        worker.settings.per_evaluation,
+                    );
+                    scheduler::run(worker, intake, &chat, &placeholder, max_running, per_evaluation);
                 }
                 Err(e) => ready(Err(e)),
             }
@@ -193,7 +197,7 @@ impl Backend for Worker {
         Ok((reply, cached_tokens))
     }
 
-    /// One denoising step of every running reply, in one graph evaluation.
+    /// One denoising step of each reply of the pass, in one graph evaluation.
     fn step(&mut self, replies: &mut [Running<Reply>], stepped: &mut dyn FnMut(&mut Running<Reply>, Step)) {
         let started = Instant::now();
         let plans: Vec<Planned> = replies.iter_mut().map(|r| self.plan(r)).collect();

@@ -54,6 +54,7 @@ pub fn start(settings: &EngineSettings, model_path: PathBuf) -> Result<impl Engi
                         &loaded,
                         &settings.mask_placeholder,
                         settings.max_running,
+                        settings.per_evaluation,
                     );
                 }
                 Err(e) => ready(Err(e)),

@@ -1,11 +1,12 @@
 //! The one loop every engine thread runs: take jobs from the queue as running slots free up,
 //! admit them, sweep out replies nobody waits for any more (cancelled, or the receiver dropped),
-//! step every running reply and hand back what a finished one held.
+//! step the running replies, a pass of at most `limits.replies_per_evaluation` at a time, and
+//! hand back what a finished one held.
 //!
 //! Engines differ only in what a running reply holds and how a step is computed; that is the
-//! [`Backend`] trait. The cached engine computes a step for all running replies in one batched
-//! graph evaluation, the reference engine one decode after another; either way each reply's
-//! revision goes out as soon as its step is done.
+//! [`Backend`] trait. The cached engine computes a pass's steps in one batched graph evaluation,
+//! the reference engine one decode after another; either way each reply's revision goes out as
+//! soon as its step is done.
 
 use std::time::{Duration, Instant};
 
@@ -66,13 +67,15 @@ pub(crate) struct Running<S> {
 }
 
 /// Serves `intake` with `backend` until no replies run, none wait and no more can come.
-/// `chat` renders revisions; `placeholder` stands for each masked position in them.
+/// `chat` renders revisions; `placeholder` stands for each masked position in them. At most
+/// `per_evaluation` replies (0: all that run) step together; the others step in the next pass.
 pub(crate) fn run<B: Backend>(
     mut backend: B,
     mut intake: Intake,
     chat: &ChatModel,
     placeholder: &str,
     max_running: usize,
+    per_evaluation: usize,
 ) {
     let max_running = max_running.max(1);
     let placeholder = if B::SHOWS_MASKS { placeholder } else { "" };
@@ -85,8 +88,17 @@ pub(crate) fn run<B: Backend>(
             .collect();
         // A reply that arrives while others run takes its first step at once, on its own: its first
         // revision then waits for its prefill and one small step, not for a step of every reply.
-        if !replies.is_empty() && !arrived.is_empty() {
-            step_all(&mut backend, &mut arrived, chat, placeholder, every);
+        if !replies.is_empty() {
+            let chunk = if per_evaluation == 0 {
+                arrived.len()
+            } else {
+                per_evaluation
+            };
+            while !arrived.is_empty() {
+                let mut first: Vec<_> = arrived.drain(..chunk.min(arrived.len())).collect();
+                step_all(&mut backend, &mut first, chat, placeholder, every);
+                replies.extend(first);
+            }
         }
         replies.extend(arrived);
         let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut replies)
@@ -97,8 +109,17 @@ pub(crate) fn run<B: Backend>(
             backend.release(r.state);
         }
         replies = running;
-        if !replies.is_empty() {
-            step_all(&mut backend, &mut replies, chat, placeholder, every);
+        // Between two passes new replies are admitted and take their first step, so an arrival
+        // waits for one pass, not for a step of every running reply. The replies just stepped
+        // go to the back.
+        let batch = match per_evaluation {
+            0 => replies.len(),
+            n => n.min(replies.len()),
+        };
+        if batch > 0 {
+            let mut stepping: Vec<_> = replies.drain(..batch).collect();
+            step_all(&mut backend, &mut stepping, chat, placeholder, every);
+            replies.extend(stepping);
         }
     }
 }
@@ -262,12 +283,11 @@ mod tests {
         panic!("the engine stopped");
     }
 
-    #[test]
-    fn a_reply_arriving_while_others_run_takes_its_first_step_alone() {
+    /// A scheduler over the recording backend; `steps` receives what each evaluation held.
+    fn recorded(per_evaluation: usize, steps: Arc<Mutex<Vec<Vec<usize>>>>) -> impl Engine {
         let path = crate::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).unwrap();
-        let steps = Arc::new(Mutex::new(Vec::new()));
-        let recorder = Recorder { steps: steps.clone() };
-        let engine = jobs::spawn("scheduler-test", 8, HistoryWindow::Off, move |intake, ready| {
+        let recorder = Recorder { steps };
+        jobs::spawn("scheduler-test", 8, HistoryWindow::Off, move |intake, ready| {
             let chat = match ChatModel::load(&path, true, Family::Diffusion) {
                 Ok(chat) => Arc::new(chat),
                 Err(e) => return ready(Err(e)),
@@ -283,9 +303,15 @@ mod tests {
                 chat: chat.clone(),
                 chunking: Chunking::None,
             }));
-            run(recorder, intake, &chat, "_", 4);
+            run(recorder, intake, &chat, "_", 4, per_evaluation);
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reply_arriving_while_others_run_takes_its_first_step_alone() {
+        let steps = Arc::new(Mutex::new(Vec::new()));
+        let engine = recorded(0, steps.clone());
         // A long reply of 40 one-token steps, then a short one of 3 while it runs.
         let mut long = engine.submit(request(40)).unwrap();
         assert!(matches!(long.events.blocking_recv(), Some(EngineEvent::Started { .. })));
@@ -304,5 +330,33 @@ mod tests {
             steps[first + 2..].iter().any(|s| s == &vec![40]),
             "the long reply went on"
         );
+    }
+
+    #[test]
+    fn at_most_per_evaluation_replies_step_together_and_every_one_goes_on() {
+        for (per_evaluation, most) in [(2, 2), (0, 3)] {
+            let steps = Arc::new(Mutex::new(Vec::new()));
+            let engine = recorded(per_evaluation, steps.clone());
+            let mut first = engine.submit(request(30)).unwrap();
+            assert!(matches!(
+                first.events.blocking_recv(),
+                Some(EngineEvent::Started { .. })
+            ));
+            assert!(matches!(first.events.blocking_recv(), Some(EngineEvent::Revision(_))));
+            let mut others = [engine.submit(request(20)).unwrap(), engine.submit(request(10)).unwrap()];
+            for stream in others.iter_mut().chain([&mut first]) {
+                finished(stream);
+            }
+            let steps = steps.lock().unwrap();
+            let largest = steps.iter().map(Vec::len).max().unwrap();
+            assert_eq!(largest, most, "per_evaluation {per_evaluation}: {steps:?}");
+            for length in [30, 20, 10] {
+                let stepped = steps.iter().filter(|s| s.contains(&length)).count();
+                assert_eq!(
+                    stepped, length,
+                    "per_evaluation {per_evaluation}: reply {length} took every step"
+                );
+            }
+        }
     }
 }

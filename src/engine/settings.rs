@@ -187,6 +187,9 @@ pub struct EngineSettings {
     /// Replies denoised at once: batched into one graph evaluation per step (cached) or
     /// interleaved one step each (reference).
     pub max_running: usize,
+    /// Running replies stepped in one evaluation (0: all); replies arriving meanwhile wait for
+    /// one such pass, not for a step of every running reply (diffusion engines).
+    pub per_evaluation: usize,
     /// Replies allowed to wait for a running slot before `submit` fails fast.
     pub max_waiting: usize,
     /// Conversation caches kept, running ones included; idle ones wait for their next turn
