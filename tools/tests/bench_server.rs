@@ -1,8 +1,8 @@
 //! The bench's server runs: a real in-process server on loopback with the fixture engine and real
 //! WebSocket clients, asked single questions or whole conversations.
 
-use dllm_chat::config::Config;
-use dllm_chat::engine::{self, DecodeOptions, Schedule, Selection};
+mod common;
+
 use dllm_tools::bench::{self, server::Asked};
 use dllm_tools::eval::read_dialogs;
 
@@ -18,26 +18,9 @@ async fn a_conversation_run_sends_every_user_turn_and_times_every_reply() {
     let conversations = bench::conversations(&read_dialogs(&file).unwrap());
     assert_eq!(conversations.len(), 2);
 
-    let path = dllm_chat::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).expect("fixture model");
-    let mut config = Config::defaults();
-    config.model.path = path.display().to_string();
-    config.model.threads = 1;
-    let settings = config.engine_settings();
-    let engine = tokio::task::spawn_blocking(move || engine::start(&settings, path))
-        .await
-        .unwrap()
-        .expect("engine starts");
-    let options = DecodeOptions {
-        max_tokens: 8,
-        steps: 8,
-        block_length: 8,
-        schedule: Schedule::Fixed,
-        selection: Selection::Confidence,
-        defer_repeats: false,
-        temperature: 0.0,
-        seed: 0,
-        fill_canvas: false,
-    };
+    let config = common::fixture_config();
+    let engine = common::start_engine(&config).await;
+    let options = common::fixed_options(8);
     for (asked, replies) in [(Asked::LastMessage, 2), (Asked::EveryUserTurn, 3 + 2)] {
         let run = bench::server::run_concurrent(&config, engine.clone(), &conversations, &options, asked, 2, 2)
             .await

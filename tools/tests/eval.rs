@@ -1,29 +1,13 @@
 //! The evaluation paths run real GGUF files: the diffusion fixture through the default engine
 //! and its `llama` twin through llama.cpp's causal decode.
 
-use std::sync::Arc;
+mod common;
 
-use dllm_chat::config::Config;
-use dllm_chat::engine::{self, DecodeOptions, Engine, Schedule, Selection};
 use dllm_tools::eval::{evaluate_autoregressive, evaluate_engine, read_dialogs, IntentClassifier};
 
 const DIALOGS: &str = r#"{"id":"heldout-000000","split":"heldout","turns":[{"role":"user","content":"Where is NW-12345?","intent":"track","facts":["NW-12345"],"slots":{"order":"NW-12345"}},{"role":"assistant","content":"Order NW-12345 has shipped."},{"role":"user","content":"Thanks!","intent":"thanks","facts":[],"slots":{}},{"role":"assistant","content":"You're welcome."}]}
 {"id":"heldout-000001","split":"heldout","turns":[{"role":"user","content":"Return policy?","intent":"returns","facts":["30 days"],"slots":{}},{"role":"assistant","content":"Returns within 30 days."}]}
 "#;
-
-/// The default engine on the random-weight fixture model, with one ggml thread (tests run in parallel).
-async fn fixture_engine() -> Arc<dyn Engine> {
-    let path = dllm_chat::models::fixture_in(&std::env::temp_dir().join("dllm-chat-tests")).expect("fixture model");
-    let mut config = Config::defaults();
-    config.model.path = path.display().to_string();
-    config.model.context_length = 1024;
-    config.model.threads = 1;
-    let settings = config.engine_settings();
-    tokio::task::spawn_blocking(move || engine::start(&settings, path))
-        .await
-        .unwrap()
-        .expect("engine starts")
-}
 
 #[tokio::test]
 async fn both_inference_paths_score_every_assistant_turn() {
@@ -35,18 +19,8 @@ async fn both_inference_paths_score_every_assistant_turn() {
     assert!(classifier.matches("Returns within 30 days.", &Default::default(), "returns"));
     assert!(!classifier.matches("Returns within 30 days.", &Default::default(), "track"));
 
-    let engine = fixture_engine().await;
-    let options = DecodeOptions {
-        max_tokens: 8,
-        steps: 8,
-        block_length: 8,
-        schedule: Schedule::Fixed,
-        selection: Selection::Confidence,
-        defer_repeats: false,
-        temperature: 0.0,
-        seed: 0,
-        fill_canvas: false,
-    };
+    let engine = common::start_engine(&common::fixture_config()).await;
+    let options = common::fixed_options(8);
     let report = evaluate_engine(engine.as_ref(), "Be brief.", &dialogs, &classifier, &options)
         .await
         .unwrap();
