@@ -80,6 +80,10 @@ pub(crate) fn run<B: Backend>(
     let max_running = max_running.max(1);
     let placeholder = if B::SHOWS_MASKS { placeholder } else { "" };
     let every = backend.steps_per_revision().max(1);
+    let pass_len = |stepping: usize| match per_evaluation {
+        0 => stepping,
+        n => n.min(stepping),
+    };
     let mut replies: Vec<Running<B::State>> = Vec::new();
     while let Some(jobs) = intake.take(replies.len(), max_running - replies.len()) {
         let mut arrived: Vec<Running<B::State>> = jobs
@@ -89,13 +93,8 @@ pub(crate) fn run<B: Backend>(
         // A reply that arrives while others run takes its first step at once, on its own: its first
         // revision then waits for its prefill and one small step, not for a step of every reply.
         if !replies.is_empty() {
-            let chunk = if per_evaluation == 0 {
-                arrived.len()
-            } else {
-                per_evaluation
-            };
             while !arrived.is_empty() {
-                let mut first: Vec<_> = arrived.drain(..chunk.min(arrived.len())).collect();
+                let mut first: Vec<_> = arrived.drain(..pass_len(arrived.len())).collect();
                 step_all(&mut backend, &mut first, chat, placeholder, every);
                 replies.extend(first);
             }
@@ -112,12 +111,8 @@ pub(crate) fn run<B: Backend>(
         // Between two passes new replies are admitted and take their first step, so an arrival
         // waits for one pass, not for a step of every running reply. The replies just stepped
         // go to the back.
-        let batch = match per_evaluation {
-            0 => replies.len(),
-            n => n.min(replies.len()),
-        };
-        if batch > 0 {
-            let mut stepping: Vec<_> = replies.drain(..batch).collect();
+        if !replies.is_empty() {
+            let mut stepping: Vec<_> = replies.drain(..pass_len(replies.len())).collect();
             step_all(&mut backend, &mut stepping, chat, placeholder, every);
             replies.extend(stepping);
         }
